@@ -1,0 +1,38 @@
+"""fibrpc: a Fibonacci RPC compute server on RabbitMQ, and its pipelining client.
+
+Public API::
+
+    from fibrpc import Client
+    with Client("amqp://guest:guest@127.0.0.1:5672/%2F") as client:
+        client.call(30)                      # 832040
+        client.map(range(1000), algo="iter") # batched and pipelined
+"""
+
+from fibrpc.client import Client
+from fibrpc.errors import (
+    AccessRefusedError,
+    BrokerError,
+    BrokerUnreachableError,
+    CallTimeoutError,
+    ClientClosedError,
+    ConfigError,
+    ErrorCode,
+    FibrpcError,
+    NoServerError,
+    RequestError,
+)
+
+__all__ = [
+    "AccessRefusedError",
+    "BrokerError",
+    "BrokerUnreachableError",
+    "CallTimeoutError",
+    "Client",
+    "ClientClosedError",
+    "ConfigError",
+    "ErrorCode",
+    "FibrpcError",
+    "NoServerError",
+    "RequestError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""The only pika boundary: parsing URLs, connecting, declaring, translating pika's errors.
+
+Every other module that talks to RabbitMQ gets its connection from ``connect`` and lets
+``translate`` turn pika's exceptions into fibrpc's own (``fibrpc.errors``), so callers
+catch one tree and no message ever carries a password.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import urllib.parse
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from fibrpc.errors import AccessRefusedError, BrokerError, BrokerUnreachableError, ConfigError
+
+log = logging.getLogger(__name__)
+
+#: The pseudo-queue of RabbitMQ's direct reply-to: replies go straight to the consumer
+#: that published the request, with no reply queue to declare or delete.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+#: AMQP reply codes that mean "you are not allowed" rather than "something broke".
+_ACCESS_REFUSED_CODES = frozenset({403, 530})
+
+#: The pika exceptions that mean the connection (not just a channel) is gone.
+ConnectionLost = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ConnectionWrongStateError,
+    pika.exceptions.StreamLostError,
+    ConnectionError,
+    OSError,
+)
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``, safe for logs and messages."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None:
+        netloc += f":{port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def parameters(url: str, *, heartbeat: int | None = None, name: str = "fibrpc") -> Any:
+    """pika connection parameters for ``url``, or ``ConfigError`` naming the bad URL."""
+    try:
+        params = pika.URLParameters(url)
+    except Exception as exc:  # pika raises ValueError, TypeError, KeyError...
+        raise ConfigError(f"The broker URL {redact(url)} is not a valid AMQP URL: {exc}") from None
+    if heartbeat is not None:
+        params.heartbeat = heartbeat
+    params.client_properties = {"connection_name": name, "product": "fibrpc"}
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.blocked_connection_timeout = 60
+    return params
+
+
+def connect(url: str, *, heartbeat: int | None = None, name: str = "fibrpc") -> Any:
+    """Open a ``pika.BlockingConnection`` to ``url``.
+
+    Raises ``BrokerUnreachableError`` when nothing answers and ``AccessRefusedError`` when
+    the broker refuses the login, vhost or permission; both name the URL without password.
+    """
+    params = parameters(url, heartbeat=heartbeat, name=name)
+    try:
+        return pika.BlockingConnection(params)
+    except Exception as exc:
+        raise translate(exc, url) from None
+
+
+def translate(exc: BaseException, url: str) -> BrokerError:
+    """The fibrpc error for a pika (or socket) exception raised while talking to ``url``."""
+    where = redact(url)
+    if isinstance(
+        exc,
+        pika.exceptions.ProbableAuthenticationError
+        | pika.exceptions.AuthenticationError
+        | pika.exceptions.ProbableAccessDeniedError,
+    ):
+        return AccessRefusedError(
+            f"RabbitMQ at {where} refused the login or the virtual host: check the user, "
+            "password and vhost in the URL."
+        )
+    code = _reply_code(exc)
+    if code in _ACCESS_REFUSED_CODES:
+        return AccessRefusedError(
+            f"RabbitMQ at {where} refused access ({code}): {_reply_text(exc)}"
+        )
+    if isinstance(exc, pika.exceptions.AMQPConnectionError | OSError | socket.gaierror):
+        detail = _describe(exc)
+        return BrokerUnreachableError(
+            f"Cannot connect to RabbitMQ at {where}: {detail}. Is the broker running "
+            "(rabbitmq-server -detached) and is the URL right?"
+        )
+    return BrokerError(f"RabbitMQ at {where} failed: {_describe(exc)}")
+
+
+def _reply_code(exc: BaseException) -> int | None:
+    """The AMQP reply code carried by ``exc`` or by the error it wraps, if any."""
+    for candidate in (exc, *getattr(exc, "args", ())):
+        code = getattr(candidate, "reply_code", None)
+        if isinstance(code, int):
+            return code
+    return None
+
+
+def _reply_text(exc: BaseException) -> str:
+    for candidate in (exc, *getattr(exc, "args", ())):
+        text = getattr(candidate, "reply_text", None)
+        if isinstance(text, str):
+            return text
+    return _describe(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, password-free description of a pika error (pika's own texts hold none)."""
+    inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+    text = str(inner or exc) or type(exc).__name__
+    return f"{type(inner or exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def declare_request_queue(channel: Any, queue: str, *, queue_type: str = "classic") -> None:
+    """Declare the request queue the way the RabbitMQ tutorial does, or as a quorum queue.
+
+    ``classic`` is exactly the tutorial's ``queue_declare(queue='rpc_queue')``: a
+    non-durable classic queue, so the tutorial's own server can share it. ``quorum`` makes
+    it durable and replicated (the RabbitMQ cluster setting); the two cannot be mixed on
+    one queue name, and RabbitMQ says so with PRECONDITION_FAILED.
+    """
+    if queue_type == "quorum":
+        channel.queue_declare(queue=queue, durable=True, arguments={"x-queue-type": "quorum"})
+    else:
+        channel.queue_declare(queue=queue)
+
+
+def quiet_pika() -> None:
+    """Turn pika's own loggers down: they log every reconnect and close at ERROR."""
+    logging.getLogger("pika").setLevel(logging.CRITICAL)

@@ -1,0 +1,511 @@
+"""The client: many correlated calls in flight on one connection, singly or in batches.
+
+Design (after aio-pika's RPC pattern): a map from ``correlation_id`` to the call waiting
+for it. One I/O thread owns the pika connection (pika is not thread-safe); callers in any
+thread hand it calls through a locked outbox and wake it with ``add_callback_threadsafe``.
+Replies come back through RabbitMQ's direct reply-to, so there is no reply queue to
+declare, and a reply never outlives its client.
+
+A bounded window of calls in flight gives backpressure: ``submit`` blocks while the window
+is full. Every call has a deadline; calls past it fail with ``CallTimeoutError``. While
+calls wait, the I/O thread checks that some server consumes the queue, and fails them with
+``NoServerError`` after a short grace when none does. Unknown and duplicate replies are
+dropped and counted, never delivered.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import heapq
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, TypeVar
+
+import gmpy2
+import pika
+import pika.exceptions
+
+from fibrpc import amqp, protocol
+from fibrpc.config import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_QUEUE,
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    DEFAULT_WINDOW,
+    NO_SERVER_GRACE,
+)
+from fibrpc.errors import (
+    CallTimeoutError,
+    ClientClosedError,
+    ConfigError,
+    FibrpcError,
+    NoServerError,
+    RequestError,
+)
+from fibrpc.kernels import DEFAULT_ALGORITHM, estimate_digits
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: What a reply is turned into for the caller.
+_AS_INT: Final = 0
+_AS_TEXT: Final = 1
+_AS_INTS: Final = 2
+
+#: Automatic batches stop at this many values, or at this many estimated reply bytes.
+AUTO_BATCH_VALUES: Final = 1000
+AUTO_BATCH_BYTES: Final = 1 << 20
+_PROBE_INTERVAL: Final = 0.5
+_TICK: Final = 0.05
+_RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def to_int(text: str) -> int:
+    """An int from decimal text; GMP for long texts (``int()`` is quadratic past ~4,300)."""
+    return int(text) if len(text) < 4000 else int(gmpy2.mpz(text))
+
+
+class _Call:
+    """One request in flight: its message, its deadline and the future it resolves."""
+
+    __slots__ = (
+        "algo",
+        "as_",
+        "body",
+        "content_type",
+        "corr_id",
+        "deadline",
+        "future",
+        "msg_type",
+        "n",
+        "timeout",
+    )
+
+    def __init__(
+        self, corr_id: str, n: int | list[int], algo: str, as_: int, timeout: float
+    ) -> None:
+        self.corr_id = corr_id
+        self.n = n
+        self.algo = algo
+        self.as_ = as_
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.body, self.content_type, self.msg_type = protocol.encode_request(n, algo)
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def describe(self) -> str:
+        if isinstance(self.n, list):
+            return f"a batch of {len(self.n)} value(s) with {self.algo!r}"
+        return f"fib({self.n}) with {self.algo!r}"
+
+
+class Client:
+    """A thread-safe RPC client for fibrpc servers (a context manager).
+
+    ``call`` blocks for one result; ``submit`` returns a future; ``map`` and ``imap``
+    batch and pipeline many values of n. Raises ``BrokerError`` from the constructor when
+    the broker cannot be reached.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        timeout: float = DEFAULT_TIMEOUT,
+        window: int = DEFAULT_WINDOW,
+        heartbeat: int = DEFAULT_HEARTBEAT,
+    ) -> None:
+        if timeout <= 0 or window < 1:
+            raise ConfigError(f"timeout must be > 0 and window >= 1; got {timeout}, {window}.")
+        self.url = url
+        self.queue = queue
+        self.timeout = timeout
+        self.window = window
+        self.dropped_unknown = 0
+        self.dropped_duplicates = 0
+        self._heartbeat = heartbeat
+        self._prefix = uuid.uuid4().hex[:12] + "."
+        self._ids = itertools.count()
+        self._pending: dict[str, _Call] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._outbox: collections.deque[_Call] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake_scheduled = False
+        self._slots = threading.BoundedSemaphore(window)
+        self._closing = False
+        self._conn: Any = None
+        self._channel: Any = None
+        self._probe: Any = None
+        self._next_probe = 0.0
+        self._no_consumer_since: float | None = None
+        self._start_error: BaseException | None = None
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._io_main, args=(ready,), name="fibrpc-client-io", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    # -- public API -----------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def call(self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None) -> int:
+        """F(n) computed by a server with ``algo``.
+
+        Raises ``RequestError`` if the server refuses n, ``CallTimeoutError`` after
+        ``timeout`` seconds, ``NoServerError`` when no server consumes the queue.
+        """
+        return self._wait(self.submit(n, algo, timeout))
+
+    def call_text(self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None) -> str:
+        """F(n) as decimal text, exactly as the server sent it (no int conversion)."""
+        text: str = self._wait(self._submit(n, algo, timeout, _AS_TEXT, block=True))
+        return text
+
+    def submit(
+        self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None
+    ) -> concurrent.futures.Future[int]:
+        """Send one call now and return its future; blocks while the window is full."""
+        future: concurrent.futures.Future[int] = self._submit(n, algo, timeout, _AS_INT, block=True)
+        return future
+
+    def map(
+        self,
+        ns: Iterable[int],
+        algo: str = DEFAULT_ALGORITHM,
+        *,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """F(n) for every n, in order, batched and pipelined (see ``imap``)."""
+        return list(self.imap(ns, algo, batch_size=batch_size, timeout=timeout))
+
+    def imap(
+        self,
+        ns: Iterable[int],
+        algo: str = DEFAULT_ALGORITHM,
+        *,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[int]:
+        """Stream F(n) for every n of a (possibly endless) iterable, in order.
+
+        Values are packed ``batch_size`` to a message (by default up to 1,000, or fewer
+        when their results would pass about 1 MB), and up to ``window`` messages are in
+        flight at once. ``batch_size=1`` sends one message per call. The first refused
+        batch raises its ``RequestError``.
+        """
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size must be 1 or more; got {batch_size}.")
+        if batch_size == 1:
+            chunks: Iterator[int | list[int]] = iter(ns)
+        else:
+            chunks = _batches(ns, batch_size, algo)
+        as_ = _AS_INT if batch_size == 1 else _AS_INTS
+        in_flight: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        chunk = next(chunks, None)
+        while chunk is not None or in_flight:
+            while chunk is not None:
+                future = self._submit(chunk, algo, timeout, as_, block=not in_flight)
+                if future is None:
+                    break
+                in_flight.append(future)
+                chunk = next(chunks, None)
+            result = self._wait(in_flight.popleft())
+            if as_ == _AS_INT:
+                yield result
+            else:
+                yield from result
+
+    def close(self) -> None:
+        """Fail the calls still in flight with ``ClientClosedError`` and disconnect."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake()
+        self._thread.join(10)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered."""
+        return len(self._pending) + len(self._outbox)
+
+    # -- submitting (any thread) ----------------------------------------------------------
+
+    def _submit(
+        self, n: int | list[int], algo: str, timeout: float | None, as_: int, *, block: bool
+    ) -> Any:
+        if self._closing:
+            raise ClientClosedError("The client is closed.")
+        timeout = self.timeout if timeout is None else timeout
+        if not self._slots.acquire(blocking=block, timeout=timeout if block else None):
+            if not block:
+                return None
+            raise CallTimeoutError(
+                f"The client's window of {self.window} calls stayed full for {timeout} s."
+            )
+        call = _Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, timeout)
+        with self._lock:
+            self._outbox.append(call)
+            wake = not self._wake_scheduled
+            self._wake_scheduled = True
+        if wake:
+            self._wake()
+        return call.future
+
+    def _wake(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            # While reconnecting this fails; the I/O thread flushes the outbox once back.
+            with contextlib.suppress(Exception):
+                conn.add_callback_threadsafe(self._flush)
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> T:
+        # Every call has a deadline enforced by the I/O thread; the margin here only
+        # guards against that thread having died.
+        return future.result(self.timeout + 30.0)
+
+    # -- the I/O thread -------------------------------------------------------------------
+
+    def _io_main(self, ready: threading.Event) -> None:
+        try:
+            self._connect()
+        except BaseException as exc:
+            self._start_error = exc
+            ready.set()
+            return
+        ready.set()
+        while not self._closing:
+            try:
+                self._serve()
+            except amqp.ConnectionLost as exc:
+                if self._closing:
+                    break
+                log.warning(
+                    "lost the connection to %s (%s); reconnecting",
+                    amqp.redact(self.url),
+                    type(exc).__name__,
+                )
+                self._reconnect()
+        self._shutdown()
+
+    def _connect(self) -> None:
+        self._conn = amqp.connect(self.url, heartbeat=self._heartbeat, name="fibrpc-client")
+        self._channel = self._conn.channel()
+        self._channel.basic_consume(amqp.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+        self._channel.add_on_return_callback(self._on_return)
+        self._probe = None
+
+    def _reconnect(self) -> None:
+        """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
+        flight (Fibonacci is pure, so a retry is safe)."""
+        self._conn = None
+        for attempt in itertools.count():
+            if self._closing:
+                return
+            self._expire(time.monotonic())
+            try:
+                self._connect()
+            except FibrpcError as exc:
+                delay = _RECONNECT_BACKOFF[min(attempt, len(_RECONNECT_BACKOFF) - 1)]
+                log.info("reconnect failed (%s); retrying in %.2f s", exc, delay)
+                time.sleep(delay)
+                continue
+            log.info("reconnected; re-sending %d call(s)", len(self._pending))
+            for call in list(self._pending.values()):
+                self._publish(call)
+            return
+
+    def _serve(self) -> None:
+        while not self._closing:
+            self._flush()
+            self._conn.process_data_events(time_limit=_TICK)
+            now = time.monotonic()
+            if self._deadlines and self._deadlines[0][0] <= now:
+                self._expire(now)
+            if self._pending and now >= self._next_probe:
+                self._next_probe = now + _PROBE_INTERVAL
+                self._check_consumers(now)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._wake_scheduled = False
+            calls = list(self._outbox)
+            self._outbox.clear()
+        for call in calls:
+            self._pending[call.corr_id] = call
+            heapq.heappush(self._deadlines, (call.deadline, call.corr_id))
+            self._publish(call)
+
+    def _publish(self, call: _Call) -> None:
+        remaining_ms = max(1, int((call.deadline - time.monotonic()) * 1000))
+        self._channel.basic_publish(
+            "",
+            self.queue,
+            call.body,
+            pika.BasicProperties(
+                reply_to=amqp.DIRECT_REPLY_TO,
+                correlation_id=call.corr_id,
+                content_type=call.content_type,
+                type=call.msg_type,
+                expiration=str(remaining_ms),
+            ),
+            mandatory=True,
+        )
+
+    def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        call = self._pending.pop(props.correlation_id, None)
+        if call is None:
+            self._count_stray(props.correlation_id)
+            return
+        self._slots.release()
+        try:
+            value = protocol.decode_reply(body, props.content_type)
+            if call.as_ == _AS_INT:
+                result: Any = to_int(value)  # type: ignore[arg-type]
+            elif call.as_ == _AS_INTS:
+                result = [to_int(text) for text in value]
+            else:
+                result = value
+        except RequestError as exc:
+            _settle(call.future, exc)
+        except Exception as exc:
+            _settle(call.future, RequestError("malformed", f"Bad reply from the server: {exc}"))
+        else:
+            _settle(call.future, result, ok=True)
+
+    def _count_stray(self, corr_id: str | None) -> None:
+        """A reply to nothing waiting: a duplicate (one of ours, already settled) or an
+        unknown id. Dropped, counted, logged at debug."""
+        mine = corr_id is not None and corr_id.startswith(self._prefix)
+        if mine:
+            self.dropped_duplicates += 1
+        else:
+            self.dropped_unknown += 1
+        log.debug("dropped a %s reply %r", "duplicate" if mine else "unknown", corr_id)
+
+    def _on_return(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        """The broker returned a request: no queue of that name exists."""
+        self._fail(props.correlation_id, NoServerError(self._no_server_message(missing=True)))
+
+    def _fail(self, corr_id: str, error: BaseException) -> None:
+        call = self._pending.pop(corr_id, None)
+        if call is not None:
+            self._slots.release()
+            _settle(call.future, error)
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, corr_id = heapq.heappop(self._deadlines)
+            call = self._pending.get(corr_id)
+            if call is not None:
+                self._fail(
+                    corr_id,
+                    CallTimeoutError(
+                        f"No reply to {call.describe()} within {call.timeout} s from queue "
+                        f"{self.queue!r} at {amqp.redact(self.url)}."
+                    ),
+                )
+
+    def _check_consumers(self, now: float) -> None:
+        """Fail every waiting call with ``NoServerError`` once the queue has had no
+        consumer for ``NO_SERVER_GRACE`` seconds (or does not exist at all)."""
+        consumers = self._consumer_count()
+        if consumers:
+            self._no_consumer_since = None
+            return
+        if consumers is not None:
+            if self._no_consumer_since is None:
+                self._no_consumer_since = now
+                return
+            if now - self._no_consumer_since < NO_SERVER_GRACE:
+                return
+        message = self._no_server_message(missing=consumers is None)
+        for corr_id in list(self._pending):
+            self._fail(corr_id, NoServerError(message))
+
+    def _consumer_count(self) -> int | None:
+        """Consumers on the queue, or None when it does not exist (a passive declare on a
+        channel of its own, since a 404 closes the channel it happens on)."""
+        if self._probe is None or not self._probe.is_open:
+            self._probe = self._conn.channel()
+        try:
+            frame = self._probe.queue_declare(self.queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return None
+            raise
+        count: int = frame.method.consumer_count
+        return count
+
+    def _no_server_message(self, *, missing: bool) -> str:
+        state = "does not exist" if missing else "has no consumer"
+        return (
+            f"No fibrpc server is serving queue {self.queue!r} at {amqp.redact(self.url)} "
+            f"(the queue {state}). Start one with: fibrpc serve --url URL --queue "
+            f"{self.queue}"
+        )
+
+    def _shutdown(self) -> None:
+        closed = ClientClosedError("The client was closed with this call in flight.")
+        with self._lock:
+            waiting = list(self._outbox)
+            self._outbox.clear()
+        for call in waiting:
+            self._slots.release()
+            _settle(call.future, closed)
+        for corr_id in list(self._pending):
+            self._fail(corr_id, closed)
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception as exc:  # the broker went away as we left: nothing to do
+                log.debug("close failed: %s", exc)
+
+
+def _settle(future: concurrent.futures.Future[Any], value: Any, *, ok: bool = False) -> None:
+    """Resolve ``future`` unless the caller cancelled it."""
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _batches(ns: Iterable[int], size: int | None, algo: str) -> Iterator[list[int]]:
+    """Chunks of ``ns``: ``size`` values each, or sized automatically by reply bytes."""
+    it = iter(ns)
+    if size is not None:
+        while chunk := list(itertools.islice(it, size)):
+            yield chunk
+        return
+    limit = 1 if algo == "naive" else AUTO_BATCH_VALUES
+    chunk, budget = [], AUTO_BATCH_BYTES
+    for n in it:
+        cost = estimate_digits(n) if type(n) is int and n > 93 else 24
+        if chunk and (len(chunk) >= limit or cost > budget):
+            yield chunk
+            chunk, budget = [], AUTO_BATCH_BYTES
+        chunk.append(n)
+        budget -= cost
+    if chunk:
+        yield chunk

@@ -1,0 +1,79 @@
+"""Every default of fibrpc in one place, each with the environment variable that sets it.
+
+The CLI reads these through click's ``envvar=``; the library takes them as arguments with
+these defaults. README.md's configuration table is written from this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Final
+
+#: Broker URL (``FIBRPC_URL``): the local broker as guest, like the tutorial.
+DEFAULT_URL: Final = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+#: Request queue (``FIBRPC_QUEUE``): the tutorial's name, so its client works unchanged.
+DEFAULT_QUEUE: Final = "rpc_queue"
+
+#: Unacked messages one worker may hold (``FIBRPC_PREFETCH``). High enough to keep a
+#: worker busy while replies travel, low enough that a slow request does not strand many
+#: others behind it on one worker.
+DEFAULT_PREFETCH: Final = 64
+
+#: Largest n per algorithm (``FIBRPC_NAIVE_MAX_N``, ``FIBRPC_FAST_MAX_N``). ``naive`` is
+#: exponential: n=35 is about a second of pure Python. ``iter`` is fixed by uint64.
+DEFAULT_NAIVE_MAX_N: Final = 35
+ITER_MAX_N: Final = 93
+DEFAULT_FAST_MAX_N: Final = 10_000_000
+
+#: Largest request body in bytes (``FIBRPC_MAX_BODY_BYTES``).
+DEFAULT_MAX_BODY_BYTES: Final = 1 << 20
+
+#: Most values of n in one batch request (``FIBRPC_MAX_BATCH``).
+DEFAULT_MAX_BATCH: Final = 100_000
+
+#: Largest reply body in bytes (``FIBRPC_MAX_REPLY_BYTES``); estimated before computing,
+#: so a request for a reply too large costs nothing. F(10^7) is about 2.1 MB of digits.
+DEFAULT_MAX_REPLY_BYTES: Final = 64 << 20
+
+#: Bytes of recent large results ``fast`` keeps (``FIBRPC_MEMO_BYTES``).
+DEFAULT_MEMO_BYTES: Final = 64 << 20
+
+#: Seconds a call waits for its reply (``FIBRPC_TIMEOUT``).
+DEFAULT_TIMEOUT: Final = 30.0
+
+#: Seconds without a consumer on the queue before calls fail with ``NoServerError``.
+NO_SERVER_GRACE: Final = 1.0
+
+#: AMQP heartbeat in seconds (``FIBRPC_HEARTBEAT``).
+DEFAULT_HEARTBEAT: Final = 30
+
+#: Calls or batches one client keeps in flight (``FIBRPC_WINDOW``).
+DEFAULT_WINDOW: Final = 256
+
+ENV_PREFIX: Final = "FIBRPC_"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may ask of a worker; every bound is configurable."""
+
+    naive_max_n: int = DEFAULT_NAIVE_MAX_N
+    fast_max_n: int = DEFAULT_FAST_MAX_N
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+
+    def max_n(self, algo: str) -> int:
+        """The largest n ``algo`` accepts."""
+        if algo == "naive":
+            return self.naive_max_n
+        if algo == "iter":
+            return ITER_MAX_N
+        return self.fast_max_n
+
+
+def env(name: str, default: str) -> str:
+    """The value of ``FIBRPC_<name>``, or ``default``."""
+    return os.environ.get(ENV_PREFIX + name, default)

@@ -1,0 +1,93 @@
+"""Handling one request: a pure function from a body and its properties to a reply.
+
+The worker's consume loop only moves messages; everything a request means is decided here,
+so it is tested in milliseconds without a broker. Nothing a client sends raises out of
+``Handler``: refusals become error replies, and a bug becomes an ``internal`` error reply
+that is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from fibrpc import kernels, protocol
+from fibrpc.config import DEFAULT_MEMO_BYTES, Limits
+from fibrpc.errors import ErrorCode, RequestError
+
+log = logging.getLogger(__name__)
+
+#: Requests above these sizes are computed off the I/O thread so heartbeats keep flowing.
+_HEAVY_NAIVE_N = 22
+_HEAVY_FAST_N = 50_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply body, its content type, and the error code if it is a refusal."""
+
+    body: bytes
+    content_type: str
+    error: str | None = None
+
+
+class Handler:
+    """Decodes, bounds-checks and computes requests for one worker process."""
+
+    def __init__(self, limits: Limits | None = None, memo_bytes: int = DEFAULT_MEMO_BYTES):
+        self.limits = limits or Limits()
+        self.fast = kernels.FastFib(memo_bytes=memo_bytes)
+
+    def decode(
+        self, body: bytes, content_type: str | None, algo_hint: str | None
+    ) -> protocol.Request | Reply:
+        """The request in ``body``, or the error reply that refuses it."""
+        try:
+            return protocol.decode_request(body, content_type, algo_hint, self.limits)
+        except RequestError as exc:
+            return error_reply(exc)
+
+    def is_heavy(self, request: protocol.Request) -> bool:
+        """Whether computing ``request`` may take long enough to starve the I/O loop."""
+        if not request.ns:
+            return False
+        top = max(request.ns)
+        if request.algo == "naive":
+            return top > _HEAVY_NAIVE_N
+        if request.algo == "fast":
+            return top > _HEAVY_FAST_N and not all(self.fast.is_memoised(n) for n in request.ns)
+        return len(request.ns) > 100_000
+
+    def compute(self, request: protocol.Request) -> Reply:
+        """The reply to a decoded request; never raises."""
+        try:
+            texts = self._texts(request)
+        except RequestError as exc:
+            return error_reply(exc)
+        except Exception:
+            log.exception("computing %s for %d value(s) failed", request.algo, len(request.ns))
+            return error_reply(
+                RequestError(ErrorCode.INTERNAL, "The server failed to compute this request.")
+            )
+        if request.batch:
+            return Reply(protocol.encode_results(texts), protocol.JSON)
+        return Reply(protocol.encode_result(texts[0], request.form), request.form)
+
+    def handle(self, body: bytes, content_type: str | None, algo_hint: str | None) -> Reply:
+        """Decode and compute in one step (what a worker does for a light request)."""
+        request = self.decode(body, content_type, algo_hint)
+        if isinstance(request, Reply):
+            return request
+        return self.compute(request)
+
+    def _texts(self, request: protocol.Request) -> list[str]:
+        if request.algo == "fast":
+            return self.fast.texts(request.ns)
+        if request.algo == "iter":
+            return kernels.iter_texts(request.ns)
+        return kernels.naive_texts(request.ns)
+
+
+def error_reply(error: RequestError) -> Reply:
+    """The JSON error envelope replying to a refused request."""
+    return Reply(protocol.encode_error(error), protocol.JSON, error.code)

@@ -1,0 +1,399 @@
+"""The Fibonacci algorithms a request can name, and why there are three of them.
+
+A request chooses an algorithm with its ``algo`` field; each one exists for a reason:
+
+``naive``
+    The tutorial's recursion, ``F(n) = F(n-1) + F(n-2)``, in plain Python. It takes
+    exponential time and is here on purpose: it is the obviously correct oracle the other
+    algorithms are tested against, and a way to give a server deliberately slow work (to
+    exercise prefetch, heartbeats and timeouts). Callers must bound its n (about 30 is
+    already hundreds of milliseconds).
+
+``iter``
+    The loop ``a, b = b, a + b`` compiled by numba in unsigned 64-bit arithmetic, with one
+    call for a whole batch (``_iter_many``) so a batch costs one trip into machine code.
+    It is exact only while F(n) fits 64 bits, so it refuses ``n > ITER_MAX_N`` (93) with
+    ``ErrorCode.OUT_OF_RANGE`` instead of wrapping around silently. The kernels are
+    compiled with ``cache=True``: numba stores machine code in ``__pycache__`` next to
+    this file (or under ``NUMBA_CACHE_DIR`` when that is set), so only the first process
+    ever compiles and every worker after it starts in milliseconds; ``warm()`` lets a
+    server pay that cost before it starts consuming.
+
+``fast`` (the default)
+    GMP's Fibonacci (``gmpy2.fib``), which takes O(M(n) log n) time, with M the cost of a
+    multiplication; it is the only algorithm for large n. Most of the cost of a large
+    answer is not the number but its decimal text, so ``FastFib`` keeps an LRU memo of
+    *texts*, bounded in bytes (a memo bounded in entries could hold gigabytes), and
+    ``F(0..93)`` come from a table built at import.
+
+Decimal text is always produced by GMP (``decimal``), never by ``str(int)``: since Python
+3.11, ``str`` refuses integers past 4300 digits, and it is quadratic in the digit count.
+
+Nothing here checks a configured upper bound on n or on the size of a reply; the protocol
+does that before calling a kernel, using ``estimate_digits`` to refuse a reply that would
+be too large before computing it. This module imports no pika.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Final, NamedTuple
+
+import gmpy2
+import numpy as np
+import numpy.typing as npt
+
+from fibrpc.errors import ErrorCode, RequestError
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_ALGORITHM",
+    "FAST_TABLE",
+    "FAST_TABLE_TEXT",
+    "ITER_MAX_N",
+    "FastFib",
+    "decimal",
+    "estimate_digits",
+    "fib_iter",
+    "fib_iter_many",
+    "fib_naive",
+    "iter_texts",
+    "naive_texts",
+    "warm",
+]
+
+ALGORITHMS: tuple[str, ...] = ("naive", "iter", "fast")
+"""The algorithm names a request may give, in the order of the module docstring."""
+
+DEFAULT_ALGORITHM: Final = "fast"
+"""The algorithm used when a request names none: the only one without a small bound."""
+
+ITER_MAX_N: Final = 93
+"""The largest n whose F(n) fits unsigned 64 bits: F(93) = 12200160415121876738."""
+
+_SMALL_INT_BITS: Final = 3000
+"""Below this many bits (about 900 digits) ``str(int)`` is as fast as GMP and always allowed."""
+
+_LOG10_PHI_NUM: Final = 2089876402499787337692720892375554168225
+_LOG10_PHI_DEN: Final = 10**40
+"""log10 of the golden ratio, rounded *up* to 40 digits, so bounds built on it stay bounds."""
+
+
+def _build_table() -> tuple[int, ...]:
+    """Return F(0..ITER_MAX_N) by plain addition: 93 additions, cheap enough for import."""
+    table = [0, 1]
+    while len(table) <= ITER_MAX_N:
+        table.append(table[-1] + table[-2])
+    return tuple(table)
+
+
+FAST_TABLE: tuple[int, ...] = _build_table()
+"""F(0), ..., F(93): every Fibonacci number that fits 64 bits, for O(1) small answers."""
+
+FAST_TABLE_TEXT: tuple[str, ...] = tuple(str(f) for f in FAST_TABLE)
+"""The decimal texts of ``FAST_TABLE``: small replies are a tuple lookup, not a conversion."""
+
+
+def fib_naive(n: int) -> int:
+    """Return F(n) by the tutorial's doubly recursive definition: the oracle.
+
+    Exponential time and recursion depth n, on purpose (see the module docstring). It
+    checks nothing: the caller bounds n, and a negative n simply returns n.
+    """
+    return n if n < 2 else fib_naive(n - 1) + fib_naive(n - 2)
+
+
+# The kernels only ever see int64 inputs (the wrappers convert) and use np.uint64
+# constants throughout: numba types a mix of uint64 and int64 as float64, which would
+# silently lose precision above 2**53.
+
+
+def _iter_one(n: int) -> np.uint64:
+    """Return F(n) for 0 <= n <= 93 in uint64; the caller has checked n."""
+    if n == 0:
+        return np.uint64(0)
+    a = np.uint64(0)
+    b = np.uint64(1)
+    # n - 1 steps leave F(n) in b and never form F(n + 1), which overflows for n = 93.
+    for _ in range(n - 1):
+        a, b = b, a + b
+    return b
+
+
+def _iter_many(ns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """Return F(n) for every n of ``ns`` (each 0 <= n <= 93, checked by the caller).
+
+    The loop runs once, up to the largest n, into a table; every member is then an
+    index. A batch of any length costs at most 93 additions plus one lookup per member.
+    """
+    out = np.empty(ns.size, dtype=np.uint64)
+    if ns.size == 0:
+        return out
+    top = ns.max()
+    table = np.empty(top + 1, dtype=np.uint64)
+    table[0] = np.uint64(0)
+    if top >= 1:
+        table[1] = np.uint64(1)
+    for k in range(2, top + 1):
+        table[k] = table[k - 1] + table[k - 2]
+    for i in range(ns.size):
+        out[i] = table[ns[i]]
+    return out
+
+
+class _Compiled(NamedTuple):
+    one: Callable[[int], np.uint64]
+    many: Callable[[npt.NDArray[np.int64]], npt.NDArray[np.uint64]]
+
+
+_compiled: _Compiled | None = None
+_compile_lock = threading.Lock()
+
+
+def compiled() -> _Compiled:
+    """The numba-compiled ``iter`` kernels, compiled (or loaded from cache) on first use.
+
+    numba is imported here, not at module import: it costs about 0.3 s, which the
+    ``fibrpc call`` command and the client (which import the protocol, and so this
+    module) should not pay. ``nogil`` lets a long batch run beside the I/O thread.
+    """
+    global _compiled
+    if _compiled is None:
+        with _compile_lock:
+            if _compiled is None:
+                import numba  # noqa: PLC0415 - deliberately lazy, see above
+
+                jit = numba.njit(nogil=True, cache=True)
+                _compiled = _Compiled(jit(_iter_one), jit(_iter_many))
+    return _compiled
+
+
+def _iter_refusal(n: int, where: str = "") -> RequestError:
+    """Build the error for an n that ``iter`` cannot answer exactly."""
+    if n < 0:
+        return RequestError(
+            ErrorCode.NEGATIVE, f"n={n}{where} is negative; Fibonacci numbers start at n=0."
+        )
+    return RequestError(
+        ErrorCode.OUT_OF_RANGE,
+        f"n={n}{where} is above {ITER_MAX_N}, the largest n whose F(n) fits the 64 bits"
+        f" of algo 'iter'; use algo 'fast' for larger n.",
+    )
+
+
+def fib_iter(n: int) -> int:
+    """Return F(n) computed by the numba ``iter`` kernel, as a Python int.
+
+    Raises ``RequestError`` (``NEGATIVE`` or ``OUT_OF_RANGE``) unless 0 <= n <= 93, so it
+    never returns a number that wrapped around 2**64; ``TypeError`` for a non-integer n.
+    """
+    n = operator.index(n)
+    if not 0 <= n <= ITER_MAX_N:
+        raise _iter_refusal(n)
+    return int(compiled().one(n))
+
+
+def fib_iter_many(ns: Sequence[int] | npt.NDArray[np.integer]) -> list[int]:
+    """Return [F(n) for n in ns] with one call into the numba kernel.
+
+    Every member is checked first; the error names the first bad member and its index.
+    Raises ``RequestError`` (``NEGATIVE`` or ``OUT_OF_RANGE``) like ``fib_iter``, and
+    ``TypeError`` for members that are not integers.
+    """
+    result: list[int] = compiled().many(_checked_int64(ns)).tolist()
+    return result
+
+
+def _checked_int64(ns: Sequence[int] | npt.NDArray[np.integer]) -> npt.NDArray[np.int64]:
+    """Return ns as a contiguous int64 array after checking 0 <= n <= 93 for every member.
+
+    The check is vectorised: numpy converts a list of ints in one C loop, where a Python
+    loop over a batch of 1000 would cost more than the kernel itself. Anything numpy
+    cannot hold as integers (floats, ints past 64 bits, which numpy turns into floats or
+    objects) takes the slow path, which finds and names the offending member.
+    """
+    arr = np.asarray(ns) if len(ns) else np.empty(0, dtype=np.int64)
+    if arr.ndim != 1:
+        raise TypeError(f"expected a flat batch of integers, got a {arr.ndim}-d array.")
+    if arr.dtype.kind not in "iu":
+        for i, n in enumerate(ns):
+            if not 0 <= operator.index(n) <= ITER_MAX_N:
+                raise _iter_refusal(int(n), f" (member {i} of the batch)")
+        return np.array([operator.index(n) for n in ns], dtype=np.int64)
+    bad = np.flatnonzero((arr < 0) | (arr > ITER_MAX_N))
+    if bad.size:
+        first = int(bad[0])
+        raise _iter_refusal(int(arr[first]), f" (member {first} of the batch)")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def iter_texts(ns: list[int]) -> list[str]:
+    """Return the decimal texts of F(n) for a batch by the ``iter`` algorithm.
+
+    Raises what ``fib_iter_many`` raises. The numbers are below 2**64, so ``str`` is safe.
+    """
+    return [str(f) for f in fib_iter_many(ns)]
+
+
+def naive_texts(ns: list[int]) -> list[str]:
+    """Return the decimal texts of F(n) for a batch by the ``naive`` algorithm.
+
+    The caller bounds n; a negative n is refused here with ``ErrorCode.NEGATIVE``.
+    """
+    for i, n in enumerate(ns):
+        if n < 0:
+            raise RequestError(
+                ErrorCode.NEGATIVE,
+                f"n={n} (member {i} of the batch) is negative; Fibonacci numbers start at n=0.",
+            )
+    return [str(fib_naive(n)) for n in ns]
+
+
+def decimal(x: int) -> str:
+    """Return the decimal text of x, however large.
+
+    ``str(int)`` refuses more than 4300 digits (Python 3.11+) and takes quadratic time;
+    GMP's conversion is subquadratic and unlimited. Small ints still go through ``str``,
+    which is as fast there and saves building an mpz.
+    """
+    if x.bit_length() <= _SMALL_INT_BITS:
+        return str(x)
+    text: str = gmpy2.mpz(x).digits()
+    return text
+
+
+def estimate_digits(n: int) -> int:
+    """Return an upper bound on the number of decimal digits of F(n), for n >= 0.
+
+    It lets the protocol refuse a reply that would be too large before computing it.
+    F(n) < phi**n, so F(n) has at most floor(n * log10(phi)) + 1 digits; the bound uses
+    log10(phi) rounded up and integer arithmetic (exact for any n, unlike a float), and
+    adds 1 for safety. It exceeds the true count by 1 or 2.
+    """
+    if n < 0:
+        raise RequestError(
+            ErrorCode.NEGATIVE, f"n={n} is negative; Fibonacci numbers start at n=0."
+        )
+    return n * _LOG10_PHI_NUM // _LOG10_PHI_DEN + 2
+
+
+class FastFib:
+    """The ``fast`` algorithm: GMP's Fibonacci with an LRU memo of decimal texts.
+
+    Converting a large F(n) to decimal costs more than computing it, and a load of
+    repeated large requests (a benchmark, a retry storm) should not pay it twice. The memo
+    holds texts for n > ``memo_min_n`` only (smaller ones are cheap to recompute) and is
+    bounded by the total length of its texts, ``memo_bytes``, because the size of an
+    entry ranges over orders of magnitude; a text longer than the whole bound is not
+    stored. Safe to share between threads: the memo is guarded by a lock, computation
+    happens outside it.
+
+    ``hits`` counts memo-eligible lookups answered from the memo, ``misses`` those that
+    had to be computed.
+    """
+
+    def __init__(self, memo_bytes: int = 64 * 2**20, memo_min_n: int = 10_000) -> None:
+        if memo_bytes < 0:
+            raise ValueError(f"memo_bytes={memo_bytes} is negative; use 0 to disable the memo.")
+        self.memo_bytes = memo_bytes
+        self.memo_min_n = memo_min_n
+        self.hits = 0
+        self.misses = 0
+        self._memo: OrderedDict[int, str] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def memo_bytes_used(self) -> int:
+        """Total length of the texts in the memo; never above ``memo_bytes``."""
+        return self._used
+
+    @property
+    def memo_entries(self) -> int:
+        """Number of texts in the memo."""
+        return len(self._memo)
+
+    def is_memoised(self, n: int) -> bool:
+        """Whether ``text(n)`` would be answered without computing F(n): table or memo.
+
+        It lets a server answer cheap requests inline and hand only real work to a
+        thread. It neither counts as a hit nor refreshes n's place in the LRU order.
+        """
+        if 0 <= n <= ITER_MAX_N:
+            return True
+        with self._lock:
+            return n in self._memo
+
+    def text(self, n: int) -> str:
+        """Return the decimal text of F(n).
+
+        The configured upper bound on n is the caller's to check. Raises ``RequestError``
+        with ``ErrorCode.NEGATIVE`` for n < 0.
+        """
+        if n <= ITER_MAX_N:
+            if n < 0:
+                raise RequestError(
+                    ErrorCode.NEGATIVE, f"n={n} is negative; Fibonacci numbers start at n=0."
+                )
+            return FAST_TABLE_TEXT[n]
+        if n <= self.memo_min_n:
+            small: str = gmpy2.fib(n).digits()
+            return small
+        with self._lock:
+            cached = self._memo.get(n)
+            if cached is not None:
+                self._memo.move_to_end(n)
+                self.hits += 1
+                return cached
+            self.misses += 1
+        text: str = gmpy2.fib(n).digits()
+        self._remember(n, text)
+        return text
+
+    def _remember(self, n: int, text: str) -> None:
+        """Store text as F(n), evicting the least recently used texts to stay in bound."""
+        size = len(text)
+        if size > self.memo_bytes:
+            return
+        with self._lock:
+            if n in self._memo:  # another thread computed it meanwhile
+                return
+            while self._used + size > self.memo_bytes:
+                _, old = self._memo.popitem(last=False)
+                self._used -= len(old)
+            self._memo[n] = text
+            self._used += size
+
+    def texts(self, ns: list[int]) -> list[str]:
+        """Return the decimal texts of F(n) for a batch; raises like ``text``.
+
+        A batch of small n (all within the 64-bit table) is a list of tuple lookups.
+        """
+        if not ns:
+            return []
+        if min(ns) >= 0 and max(ns) <= ITER_MAX_N:
+            return [FAST_TABLE_TEXT[n] for n in ns]
+        return [self.text(n) for n in ns]
+
+    def value(self, n: int) -> int:
+        """Return F(n) as a Python int, for tests and client-side checks; no memo."""
+        if n < 0:
+            raise RequestError(
+                ErrorCode.NEGATIVE, f"n={n} is negative; Fibonacci numbers start at n=0."
+            )
+        return int(gmpy2.fib(n))
+
+
+def warm() -> None:
+    """Load (or, the first time, compile) every numba kernel, and touch GMP.
+
+    A server calls it before consuming, so that its first request does not wait for a
+    compilation; with numba's on-disk cache it costs milliseconds after the first run.
+    """
+    kernel = compiled()
+    kernel.one(ITER_MAX_N)
+    kernel.many(np.arange(ITER_MAX_N + 1, dtype=np.int64))
+    gmpy2.fib(ITER_MAX_N + 1)

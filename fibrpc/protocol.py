@@ -1,0 +1,275 @@
+"""The wire protocol: decoding and bounds-checking requests, encoding replies. No pika.
+
+Two request forms share ``rpc_queue`` (README.md, "Wire protocol", is the reference):
+
+* **text**, the RabbitMQ tutorial's: the body is n in ASCII decimal digits; the optional
+  AMQP ``type`` property names the algorithm (default ``fast``). The reply body is F(n)
+  in ASCII decimal, content type ``text/plain``.
+* **JSON**, content type ``application/json``: ``{"n": 30, "algo": "naive"}`` or a batch
+  ``{"n": [1, 2, 3], "algo": "iter"}``. The reply is ``{"result": "832040"}`` or
+  ``{"results": ["1", "1", "2"]}`` in request order. Results are decimal strings so that
+  any JSON parser keeps every digit of a 200,000-digit number.
+
+Every refusal is a reply too: ``{"error": {"code": "out_of_range", "message": "..."}}``
+with content type ``application/json``, whatever the request's form. A batch is answered
+whole or refused whole, naming its first bad member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Final
+
+from fibrpc.config import Limits
+from fibrpc.errors import ErrorCode, RequestError
+from fibrpc.kernels import ALGORITHMS, DEFAULT_ALGORITHM, FAST_TABLE, estimate_digits
+
+JSON: Final = "application/json"
+TEXT: Final = "text/plain"
+
+#: A text body longer than this many digits cannot be under any bound; it is refused
+#: without converting it to an int (which is quadratic and capped at 4,300 digits).
+_MAX_DIGITS: Final = 19
+_FLOAT_TEXT: Final = re.compile(rb"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.I)
+_SHOWN: Final = 40
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded, bounds-checked request: compute F(n) for each n with ``algo``."""
+
+    algo: str
+    ns: list[int]
+    batch: bool  # a JSON list of n, answered with "results"
+    form: str  # TEXT or JSON: how a single result is encoded
+
+
+def decode_request(
+    body: bytes, content_type: str | None, algo_hint: str | None, limits: Limits
+) -> Request:
+    """Decode and bounds-check a request body; raise ``RequestError`` if it is refused.
+
+    ``algo_hint`` is the AMQP ``type`` property, which names the algorithm of a text
+    request. Everything a client can send ends in a ``Request`` or a ``RequestError``.
+    """
+    if len(body) > limits.max_body_bytes:
+        raise RequestError(
+            ErrorCode.BODY_TOO_LARGE,
+            f"The request body has {len(body):,} bytes; the limit is "
+            f"{limits.max_body_bytes:,} bytes.",
+        )
+    if content_type is None or content_type == "" or content_type.startswith(TEXT):
+        algo = _check_algo(DEFAULT_ALGORITHM if algo_hint in (None, "") else algo_hint)
+        n = _parse_text(body, algo, limits)
+        return Request(algo, [n], batch=False, form=TEXT)
+    if content_type.startswith(JSON):
+        return _decode_json(body, limits)
+    raise RequestError(
+        ErrorCode.UNSUPPORTED_CONTENT_TYPE,
+        f"Content type {_show(content_type)} is not understood; send n as decimal text "
+        f"with no content type (or {TEXT}), or as JSON with content type {JSON}.",
+    )
+
+
+def _parse_text(body: bytes, algo: str, limits: Limits) -> int:
+    if body.isdigit():  # bytes.isdigit is ASCII-only: no Arabic-Indic or full-width digits
+        if len(body) > _MAX_DIGITS:
+            raise _out_of_range_digits(len(body), algo, limits)
+        return _check_n(int(body), algo, limits)
+    if body[:1] == b"-" and body[1:].isdigit():
+        raise RequestError(ErrorCode.NEGATIVE, f"n must be 0 or more; got {_show(body)}.")
+    if _FLOAT_TEXT.fullmatch(body):
+        raise RequestError(
+            ErrorCode.NOT_AN_INTEGER,
+            f"n must be a whole number written in decimal digits; got {_show(body)}.",
+        )
+    raise RequestError(
+        ErrorCode.MALFORMED,
+        f"The body {_show(body)} is not n in decimal digits (like b'30'), and the message "
+        f"has no content type {JSON}.",
+    )
+
+
+def _decode_json(body: bytes, limits: Limits) -> Request:
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        raise RequestError(ErrorCode.MALFORMED, "The JSON body is nested too deeply.") from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        if "digits" in str(exc) and "limit" in str(exc):
+            raise RequestError(
+                ErrorCode.OUT_OF_RANGE,
+                "The JSON body holds an integer of more than 4,300 digits; no algorithm "
+                "accepts an n that large.",
+            ) from None
+        raise RequestError(ErrorCode.MALFORMED, f"The body is not valid JSON: {exc}.") from None
+    if not isinstance(doc, dict) or "n" not in doc:
+        raise RequestError(
+            ErrorCode.MALFORMED,
+            'A JSON request is an object with a key "n", like {"n": 30, "algo": "fast"}; '
+            f"got {_show(doc)}.",
+        )
+    algo_value = doc.get("algo", DEFAULT_ALGORITHM)
+    algo = _check_algo(algo_value)
+    n = doc["n"]
+    if type(n) is list:
+        _check_batch(n, algo, limits)
+        return Request(algo, n, batch=True, form=JSON)
+    return Request(algo, [_check_json_n(n, algo, limits)], batch=False, form=JSON)
+
+
+def _check_algo(algo: Any) -> str:
+    if algo not in ALGORITHMS or type(algo) is not str:
+        raise RequestError(
+            ErrorCode.UNKNOWN_ALGORITHM,
+            f"Unknown algorithm {_show(algo)}; choose one of {', '.join(ALGORITHMS)}.",
+        )
+    return algo
+
+
+def _check_json_n(n: Any, algo: str, limits: Limits) -> int:
+    if type(n) is not int:
+        raise RequestError(
+            ErrorCode.NOT_AN_INTEGER,
+            f"n must be a JSON integer; got {_show(n)} ({_json_type(n)}).",
+        )
+    return _check_n(n, algo, limits)
+
+
+def _check_n(n: int, algo: str, limits: Limits) -> int:
+    if n < 0:
+        raise RequestError(ErrorCode.NEGATIVE, f"n must be 0 or more; got {n}.")
+    bound = limits.max_n(algo)
+    if n > bound:
+        hint = "; use algo 'fast' for large n" if algo != "fast" else ""
+        raise RequestError(
+            ErrorCode.OUT_OF_RANGE,
+            f"n = {n} is above the largest n for {algo!r}, which is {bound:,}{hint}.",
+        )
+    _check_reply_size(estimate_digits(n) + 16, limits)
+    return n
+
+
+def _check_batch(ns: list[Any], algo: str, limits: Limits) -> None:
+    if len(ns) > limits.max_batch:
+        raise RequestError(
+            ErrorCode.BATCH_TOO_LARGE,
+            f"The batch has {len(ns):,} values of n; the limit is {limits.max_batch:,}.",
+        )
+    if not ns:
+        return
+    bound = limits.max_n(algo)
+    # One pass over the common case (all small non-negative ints); only a batch that
+    # fails it is walked again to name its first bad member.
+    if all(type(n) is int for n in ns) and min(ns) >= 0 and max(ns) <= bound:
+        if max(ns) > 93:
+            _check_reply_size(sum(estimate_digits(n) + 3 for n in ns) + 16, limits)
+        if algo == "naive":
+            _check_naive_cost(ns, limits)
+        return
+    for i, n in enumerate(ns):
+        try:
+            _check_json_n(n, algo, limits)
+        except RequestError as exc:
+            raise RequestError(exc.code, f"Batch member {i}: {exc.message}") from None
+
+
+def _check_naive_cost(ns: list[int], limits: Limits) -> None:
+    """Refuse a naive batch that would cost more than two calls of naive(max_n)."""
+    budget = 2 * FAST_TABLE[limits.naive_max_n + 1]
+    cost = sum(FAST_TABLE[n + 1] for n in ns)
+    if cost > budget:
+        raise RequestError(
+            ErrorCode.OUT_OF_RANGE,
+            f"This naive batch would make about {cost:,} recursive calls; the limit per "
+            f"request is {budget:,} (two calls of naive({limits.naive_max_n})). Split the "
+            "batch or use algo 'iter' or 'fast'.",
+        )
+
+
+def _check_reply_size(estimate: int, limits: Limits) -> None:
+    if estimate > limits.max_reply_bytes:
+        raise RequestError(
+            ErrorCode.REPLY_TOO_LARGE,
+            f"The reply would be about {estimate:,} bytes; the limit is "
+            f"{limits.max_reply_bytes:,} bytes.",
+        )
+
+
+def _out_of_range_digits(digits: int, algo: str, limits: Limits) -> RequestError:
+    return RequestError(
+        ErrorCode.OUT_OF_RANGE,
+        f"n has {digits:,} digits, above the largest n for {algo!r}, which is "
+        f"{limits.max_n(algo):,}.",
+    )
+
+
+def _show(value: Any) -> str:
+    """A short repr of a client's value for an error message."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", float: "a number with a fraction", str: "a string"}
+    names |= {type(None): "null", dict: "an object", list: "a list"}
+    return names.get(type(value), type(value).__name__)
+
+
+# -- replies ---------------------------------------------------------------------------
+
+
+def encode_result(text: str, form: str) -> bytes:
+    """The reply body for one result, given its decimal text."""
+    if form == TEXT:
+        return text.encode("ascii")
+    return b'{"result":"' + text.encode("ascii") + b'"}'
+
+
+def encode_results(texts: list[str]) -> bytes:
+    """The reply body for a batch: decimal strings in request order."""
+    if not texts:
+        return b'{"results":[]}'
+    return ('{"results":["' + '","'.join(texts) + '"]}').encode("ascii")
+
+
+def encode_error(error: RequestError) -> bytes:
+    """The JSON error envelope for a refused request."""
+    return json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+
+
+def decode_reply(body: bytes, content_type: str | None) -> str | list[str]:
+    """A reply's decimal text (or list of texts, for a batch).
+
+    Raises ``RequestError`` for an error envelope, with the server's code and message.
+    """
+    if content_type != JSON:
+        return body.decode("ascii")
+    try:
+        doc = json.loads(body)
+        if "results" in doc:
+            results: list[str] = doc["results"]
+            return results
+        if "result" in doc:
+            result: str = doc["result"]
+            return result
+        error = doc["error"]
+        code, message = error["code"], error["message"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RequestError(
+            ErrorCode.MALFORMED, f"The server's reply could not be decoded: {exc}"
+        ) from None
+    raise RequestError(str(code), str(message))
+
+
+def encode_request(n: int | list[int], algo: str) -> tuple[bytes, str | None, str | None]:
+    """A request's body, content type and AMQP ``type``.
+
+    One n travels in the text form (the smallest and quickest to parse), with the
+    algorithm in ``type`` unless it is the default; a batch travels as JSON.
+    """
+    if type(n) is int:
+        return str(n).encode("ascii"), None, None if algo == DEFAULT_ALGORITHM else algo
+    return json.dumps({"n": n, "algo": algo}, separators=(",", ":")).encode(), JSON, None

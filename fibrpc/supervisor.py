@@ -1,0 +1,252 @@
+"""The supervisor: one worker process per core, watched, restarted and drained.
+
+Shaped after dramatiq's and rq's: the supervisor warms the kernels once, then forks the
+workers with SIGTERM and SIGINT blocked (so no child dies before it has its own
+handlers); each child reports "ready" over a pipe once it consumes. Dead children are
+reaped and respawned in a small step of their own (``reap``), and a worker that dies
+before it is ready, again and again, ends the supervisor with ``ExitCode.CRASH_LOOP``
+instead of spinning.
+
+Stopping is two-staged: the first SIGTERM or Ctrl-C asks every worker to drain (finish
+and answer what it holds, requeue the rest); a second one kills them and exits with
+``ExitCode.FORCED_STOP``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from fibrpc import amqp, kernels
+from fibrpc.errors import AccessRefusedError, BrokerError
+from fibrpc.exitcodes import ExitCode
+from fibrpc.server import Worker, WorkerSettings, die_with_parent, install_stop_handlers
+
+log = logging.getLogger(__name__)
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+#: Boot failures in a row (across all slots) before the supervisor gives up.
+MAX_BOOT_FAILURES = 5
+_BACKOFF_FIRST = 0.25
+_BACKOFF_MAX = 5.0
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (``--workers auto``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(slots=True)
+class Slot:
+    """One worker position: the process in it and how it has fared."""
+
+    index: int
+    process: Any = None
+    ready_pipe: Any = None
+    ready: bool = False
+    started_at: float = 0.0
+    restarts: int = 0
+    not_before: float = 0.0  # backoff: do not respawn before this monotonic time
+
+
+class Supervisor:
+    """Spawns ``workers`` worker processes and keeps them running until stopped."""
+
+    def __init__(self, settings: WorkerSettings, workers: int) -> None:
+        self.settings = settings
+        self.slots = [Slot(i) for i in range(workers)]
+        self.boot_failures = 0
+        self._ctx = multiprocessing.get_context("fork")
+        self._signals = 0
+        self._all_ready_logged = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until a signal; return the exit code."""
+        started = time.monotonic()
+        kernels.warm()  # once, before forking: the workers share the compiled code
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info(
+            "starting %d worker(s) for %r at %s",
+            len(self.slots),
+            self.settings.queue,
+            amqp.redact(self.settings.url),
+        )
+        for slot in self.slots:
+            self._spawn(slot)
+        code = ExitCode.OK
+        while not self._signals:
+            self._wait(0.5)
+            self._collect_ready(started)
+            failure = self.reap(respawn=True)
+            if failure is not None:
+                code = failure
+                break
+        return int(self._stop(code))
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info(
+                "received %s: draining (send it again to stop at once)", signal.Signals(signum).name
+            )
+        else:
+            log.warning("received %s again: killing the workers", signal.Signals(signum).name)
+            self._kill_all()
+            sys.exit(int(ExitCode.FORCED_STOP))
+
+    def _stop(self, code: ExitCode) -> ExitCode:
+        """Drain every worker (SIGTERM), then kill any that outlive the drain timeout."""
+        for slot in self.slots:
+            if slot.process is not None and slot.process.is_alive():
+                os.kill(slot.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.drain_timeout + 5.0
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+        if self._kill_all():
+            log.warning("some workers outlived the drain timeout and were killed")
+        log.info("stopped")
+        return code
+
+    def _kill_all(self) -> bool:
+        killed = False
+        for slot in self.slots:
+            if slot.process is not None and slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join(5)
+                killed = True
+        return killed
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _spawn(self, slot: Slot) -> None:
+        receive, send = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=_worker_main,
+            args=(self.settings, send),
+            name=f"fibrpc-worker-{slot.index}",
+            daemon=False,
+        )
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        send.close()
+        slot.process, slot.ready_pipe, slot.ready = process, receive, False
+        slot.started_at = time.monotonic()
+        log.debug("spawned worker %d (pid %d)", slot.index, process.pid)
+
+    def _wait(self, timeout: float) -> None:
+        waitables: list[Any] = []
+        for slot in self.slots:
+            if slot.process is not None:
+                waitables.append(slot.process.sentinel)
+                if not slot.ready:
+                    waitables.append(slot.ready_pipe)
+        if waitables:
+            multiprocessing.connection.wait(waitables, timeout)
+        else:
+            time.sleep(timeout)
+
+    def _collect_ready(self, started: float) -> None:
+        for slot in self.slots:
+            if slot.process is None or slot.ready or not slot.ready_pipe.poll():
+                continue
+            try:
+                slot.ready_pipe.recv_bytes()
+            except (EOFError, OSError):
+                continue  # died before ready: reap() sees it
+            slot.ready = True
+            self.boot_failures = 0
+            log.debug("worker %d (pid %d) ready", slot.index, slot.process.pid)
+        if not self._all_ready_logged and all(s.ready for s in self.slots):
+            self._all_ready_logged = True
+            log.info(
+                "ready: %d worker(s) consuming %r in %.2f s (pids %s)",
+                len(self.slots),
+                self.settings.queue,
+                time.monotonic() - started,
+                " ".join(str(s.process.pid) for s in self.slots),
+            )
+
+    def reap(self, *, respawn: bool) -> ExitCode | None:
+        """Collect dead workers and, if ``respawn``, start new ones after a backoff.
+
+        Returns ``ExitCode.CRASH_LOOP`` when workers keep dying before they are ready.
+        """
+        now = time.monotonic()
+        for slot in self.slots:
+            process = slot.process
+            if process is None:
+                if respawn and now >= slot.not_before:
+                    self._spawn(slot)
+                continue
+            if process.is_alive():
+                continue
+            process.join()
+            code = process.exitcode
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            slot.ready_pipe.close()
+            slot.process = None
+            if not slot.ready:
+                self.boot_failures += 1
+                delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
+                log.error(
+                    "worker %d (pid %d) died while booting (%s); %d boot failure(s) in a row",
+                    slot.index,
+                    process.pid,
+                    how,
+                    self.boot_failures,
+                )
+                if self.boot_failures >= MAX_BOOT_FAILURES:
+                    log.error(
+                        "workers died %d times in a row before serving; giving up. "
+                        "The worker log above says why.",
+                        self.boot_failures,
+                    )
+                    return ExitCode.CRASH_LOOP
+            else:
+                delay = 0.0
+                log.warning(
+                    "worker %d (pid %d) died (%s); restarting", slot.index, process.pid, how
+                )
+            slot.restarts += 1
+            slot.not_before = now + delay
+            if respawn and delay == 0.0:
+                self._spawn(slot)
+        return None
+
+
+def _worker_main(settings: WorkerSettings, ready: Any) -> None:
+    """The body of a worker process (forked: it inherits the warmed kernels)."""
+    die_with_parent()
+    worker = Worker(settings)
+    install_stop_handlers(worker)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def report_ready() -> None:
+        ready.send_bytes(b"ready")
+        ready.close()
+
+    try:
+        worker.run(on_ready=report_ready)
+    except AccessRefusedError as exc:
+        log.error("%s", exc)
+        sys.exit(int(ExitCode.ACCESS_REFUSED))
+    except BrokerError as exc:
+        log.error("%s", exc)
+        sys.exit(int(ExitCode.BROKER_UNREACHABLE))
