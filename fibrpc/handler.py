@@ -46,6 +46,11 @@ class Handler:
             return protocol.decode_request(body, content_type, algo_hint, self.limits)
         except RequestError as exc:
             return error_reply(exc)
+        except Exception:
+            log.exception("decoding a request of %d bytes failed", len(body))
+            return error_reply(
+                RequestError(ErrorCode.INTERNAL, "The server failed to decode this request.")
+            )
 
     def is_heavy(self, request: protocol.Request) -> bool:
         """Whether computing ``request`` may take long enough to starve the I/O loop."""
@@ -53,9 +58,17 @@ class Handler:
             return False
         top = max(request.ns)
         if request.algo == "naive":
-            return top > _HEAVY_NAIVE_N
+            # A batch is as heavy as its total work: naive(n) makes about F(n + 1) calls,
+            # and the lightest heavy request is naive(_HEAVY_NAIVE_N + 1).
+            if top > _HEAVY_NAIVE_N:
+                return True
+            cost = sum(kernels.FAST_TABLE[n + 1] for n in request.ns)
+            return cost >= kernels.FAST_TABLE[_HEAVY_NAIVE_N + 2]
         if request.algo == "fast":
-            return top > _HEAVY_FAST_N and not all(self.fast.is_memoised(n) for n in request.ns)
+            # The work of F(n) grows with n; the sum of the n not memoised is the batch's.
+            if sum(request.ns) <= _HEAVY_FAST_N:
+                return False
+            return sum(n for n in request.ns if not self.fast.is_memoised(n)) > _HEAVY_FAST_N
         return len(request.ns) > 100_000
 
     def compute(self, request: protocol.Request) -> Reply:

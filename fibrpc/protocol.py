@@ -24,13 +24,14 @@ from typing import Any, Final
 
 from fibrpc.config import Limits
 from fibrpc.errors import ErrorCode, RequestError
-from fibrpc.kernels import ALGORITHMS, DEFAULT_ALGORITHM, FAST_TABLE, estimate_digits
+from fibrpc.kernels import ALGORITHMS, DEFAULT_ALGORITHM, FAST_TABLE, ITER_MAX_N, estimate_digits
 
 JSON: Final = "application/json"
 TEXT: Final = "text/plain"
 
-#: A text body longer than this many digits cannot be under any bound; it is refused
-#: without converting it to an int (which is quadratic and capped at 4,300 digits).
+#: A text n of more digits than this (leading zeros aside) cannot be under any bound; it
+#: is refused without converting it to an int (which is quadratic and capped at 4,300
+#: digits).
 _MAX_DIGITS: Final = 19
 _FLOAT_TEXT: Final = re.compile(rb"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.I)
 _SHOWN: Final = 40
@@ -60,11 +61,12 @@ def decode_request(
             f"The request body has {len(body):,} bytes; the limit is "
             f"{limits.max_body_bytes:,} bytes.",
         )
-    if content_type is None or content_type == "" or content_type.startswith(TEXT):
+    media = media_type(content_type)
+    if media in ("", TEXT):
         algo = _check_algo(DEFAULT_ALGORITHM if algo_hint in (None, "") else algo_hint)
         n = _parse_text(body, algo, limits)
         return Request(algo, [n], batch=False, form=TEXT)
-    if content_type.startswith(JSON):
+    if media == JSON:
         return _decode_json(body, limits)
     raise RequestError(
         ErrorCode.UNSUPPORTED_CONTENT_TYPE,
@@ -73,13 +75,25 @@ def decode_request(
     )
 
 
+def media_type(content_type: str | None) -> str:
+    """The media type of a content type, without parameters, in lower case
+    (``"Application/JSON; charset=utf-8"`` is ``"application/json"``)."""
+    if not content_type:
+        return ""
+    return content_type.partition(";")[0].strip().lower()
+
+
 def _parse_text(body: bytes, algo: str, limits: Limits) -> int:
     if body.isdigit():  # bytes.isdigit is ASCII-only: no Arabic-Indic or full-width digits
-        if len(body) > _MAX_DIGITS:
-            raise _out_of_range_digits(len(body), algo, limits)
-        return _check_n(int(body), algo, limits)
+        digits = body.lstrip(b"0") or b"0"  # leading zeros do not make n larger
+        if len(digits) > _MAX_DIGITS:
+            raise _out_of_range_digits(len(digits), algo, limits)
+        return _check_n(int(digits), algo, limits)
     if body[:1] == b"-" and body[1:].isdigit():
-        raise RequestError(ErrorCode.NEGATIVE, f"n must be 0 or more; got {_show(body)}.")
+        raise RequestError(
+            ErrorCode.NEGATIVE,
+            f"n must be 0 or more, in digits with no sign; got {_show(body)}.",
+        )
     if _FLOAT_TEXT.fullmatch(body):
         raise RequestError(
             ErrorCode.NOT_AN_INTEGER,
@@ -144,9 +158,10 @@ def _check_n(n: int, algo: str, limits: Limits) -> int:
     bound = limits.max_n(algo)
     if n > bound:
         hint = "; use algo 'fast' for large n" if algo != "fast" else ""
+        shown = f"n = {n}" if n.bit_length() <= 64 else f"n of {n.bit_length():,} bits"
         raise RequestError(
             ErrorCode.OUT_OF_RANGE,
-            f"n = {n} is above the largest n for {algo!r}, which is {bound:,}{hint}.",
+            f"{shown} is above the largest n for {algo!r}, which is {bound:,}{hint}.",
         )
     _check_reply_size(estimate_digits(n) + 16, limits)
     return n
@@ -164,7 +179,9 @@ def _check_batch(ns: list[Any], algo: str, limits: Limits) -> None:
     # One pass over the common case (all small non-negative ints); only a batch that
     # fails it is walked again to name its first bad member.
     if all(type(n) is int for n in ns) and min(ns) >= 0 and max(ns) <= bound:
-        if max(ns) > 93:
+        # len * (digits of the largest) bounds the reply; only if that is too much is the
+        # exact estimate summed, so a batch of small n under a small limit is checked too.
+        if len(ns) * (estimate_digits(max(ns)) + 3) + 16 > limits.max_reply_bytes:
             _check_reply_size(sum(estimate_digits(n) + 3 for n in ns) + 16, limits)
         if algo == "naive":
             _check_naive_cost(ns, limits)
@@ -178,8 +195,8 @@ def _check_batch(ns: list[Any], algo: str, limits: Limits) -> None:
 
 def _check_naive_cost(ns: list[int], limits: Limits) -> None:
     """Refuse a naive batch that would cost more than two calls of naive(max_n)."""
-    budget = 2 * FAST_TABLE[limits.naive_max_n + 1]
-    cost = sum(FAST_TABLE[n + 1] for n in ns)
+    budget = 2 * _naive_calls(limits.naive_max_n)
+    cost = sum(_naive_calls(n) for n in ns)
     if cost > budget:
         raise RequestError(
             ErrorCode.OUT_OF_RANGE,
@@ -187,6 +204,12 @@ def _check_naive_cost(ns: list[int], limits: Limits) -> None:
             f"request is {budget:,} (two calls of naive({limits.naive_max_n})). Split the "
             "batch or use algo 'iter' or 'fast'.",
         )
+
+
+def _naive_calls(n: int) -> int:
+    """About how many calls naive(n) makes, F(n + 1); saturating at F(93) (about 1.2e19),
+    so a configured ``naive_max_n`` of 93 or more is not an IndexError."""
+    return FAST_TABLE[min(n + 1, ITER_MAX_N)]
 
 
 def _check_reply_size(estimate: int, limits: Limits) -> None:
@@ -245,7 +268,7 @@ def decode_reply(body: bytes, content_type: str | None) -> str | list[str]:
 
     Raises ``RequestError`` for an error envelope, with the server's code and message.
     """
-    if content_type != JSON:
+    if media_type(content_type) != JSON:
         return body.decode("ascii")
     try:
         doc = json.loads(body)
