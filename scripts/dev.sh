@@ -29,8 +29,8 @@ case "$cmd" in
   test)
     install "[test]"
     scripts/ensure-broker.sh
-    "$venv/bin/ruff" check fibrpc tests bench
-    "$venv/bin/ruff" format --check fibrpc tests bench
+    "$venv/bin/ruff" check .
+    "$venv/bin/ruff" format --check .
     "$venv/bin/mypy"
     exec "$venv/bin/pytest" "$@"
     ;;
