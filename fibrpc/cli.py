@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -51,7 +51,7 @@ def broker_options(func: F) -> F:
     return func
 
 
-def _fail(error: BaseException) -> None:
+def _fail(error: BaseException) -> NoReturn:
     """Print ``error`` as one line on stderr and exit with its code."""
     click.echo(f"fibrpc: {error}", err=True)
     sys.exit(int(for_error(error)))
@@ -165,10 +165,18 @@ Examples:
     "--drain-timeout",
     envvar="FIBRPC_DRAIN_TIMEOUT",
     type=click.FloatRange(0),
-    default=30.0,
+    default=config.DEFAULT_DRAIN_TIMEOUT,
     show_default=True,
     help="Seconds a worker may take to finish its requests on SIGTERM.  "
     "[env: FIBRPC_DRAIN_TIMEOUT]",
+)
+@click.option(
+    "--max-deliveries",
+    envvar="FIBRPC_MAX_DELIVERIES",
+    type=click.IntRange(1),
+    default=config.DEFAULT_MAX_DELIVERIES,
+    show_default=True,
+    help="Deliveries of one request before it is refused as poison.  [env: FIBRPC_MAX_DELIVERIES]",
 )
 @click.option(
     "--log-level",
@@ -192,6 +200,7 @@ def serve(
     max_reply_bytes: int,
     memo_bytes: int,
     drain_timeout: float,
+    max_deliveries: int,
     log_level: str,
 ) -> None:
     """Serve Fibonacci requests from QUEUE with a supervised pool of workers.
@@ -204,10 +213,6 @@ def serve(
 
     setup_logging(log_level)
     count = _parse_workers(workers, cpu_count())
-    try:
-        amqp.parameters(url)
-    except FibrpcError as exc:
-        _fail(exc)
     limits = config.Limits(
         naive_max_n=naive_max_n,
         fast_max_n=fast_max_n,
@@ -223,9 +228,14 @@ def serve(
         heartbeat=heartbeat,
         memo_bytes=memo_bytes,
         drain_timeout=drain_timeout,
+        max_deliveries=max_deliveries,
         limits=limits,
     )
-    sys.exit(Supervisor(settings, count).run())
+    try:
+        code = Supervisor(settings, count).run()
+    except FibrpcError as exc:
+        _fail(exc)
+    sys.exit(code)
 
 
 def _parse_workers(value: str, cpus: int) -> int:
@@ -295,3 +305,169 @@ def call(n: int, url: str, queue: str, algo: str, timeout: float, as_json: bool)
         click.echo(json.dumps({"n": n, "algo": algo, "result": text, "seconds": seconds}))
     else:
         click.echo(text)
+
+
+# -- fibrpc bench --------------------------------------------------------------------------
+
+from fibrpc import bench as _bench  # noqa: E402 - appended with the command it serves
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  fibrpc bench --spawn 2                         # all three scenarios on a private server
+  fibrpc bench --scenario pipelined --window 64  # against the server on rpc_queue
+  fibrpc bench --spawn 2 --json > run.json       # machine-readable
+  fibrpc bench --spawn 1 --calls 200 --algo iter # a quick smoke run
+  FIBRPC_BENCH_CALLS=100000 fibrpc bench --scenario batched --batch-size 10000
+"""
+)
+@broker_options
+@click.option(
+    "--scenario",
+    "scenarios",
+    envvar="FIBRPC_BENCH_SCENARIO",
+    multiple=True,
+    type=click.Choice(_bench.SCENARIOS),
+    help="Scenario to run; repeat for several (default: all three, in this order: "
+    "sequential, pipelined, batched).  [env: FIBRPC_BENCH_SCENARIO, space-separated]",
+)
+@click.option(
+    "--calls",
+    envvar="FIBRPC_BENCH_CALLS",
+    type=click.IntRange(1),
+    default=None,
+    help="Calls per scenario (default: sequential 3,000, pipelined 20,000, batched "
+    "2,000,000).  [env: FIBRPC_BENCH_CALLS]",
+)
+@click.option(
+    "--algo",
+    envvar="FIBRPC_BENCH_ALGO",
+    type=click.Choice(ALGORITHMS),
+    default=DEFAULT_ALGORITHM,
+    show_default=True,
+    help="Algorithm.  [env: FIBRPC_BENCH_ALGO]",
+)
+@click.option(
+    "--max-n",
+    envvar="FIBRPC_BENCH_MAX_N",
+    type=click.IntRange(0),
+    default=_bench.DEFAULT_MAX_N,
+    show_default=True,
+    help="n is drawn uniformly from 0..MAX_N.  [env: FIBRPC_BENCH_MAX_N]",
+)
+@click.option(
+    "--seed",
+    envvar="FIBRPC_BENCH_SEED",
+    type=int,
+    default=_bench.DEFAULT_SEED,
+    show_default=True,
+    help="Seed of the values of n.  [env: FIBRPC_BENCH_SEED]",
+)
+@click.option(
+    "--window",
+    envvar="FIBRPC_BENCH_WINDOW",
+    type=click.IntRange(1),
+    default=_bench.DEFAULT_WINDOW,
+    show_default=True,
+    help="Calls in flight in 'pipelined'.  [env: FIBRPC_BENCH_WINDOW]",
+)
+@click.option(
+    "--batch-window",
+    envvar="FIBRPC_BENCH_BATCH_WINDOW",
+    type=click.IntRange(1),
+    default=_bench.DEFAULT_BATCH_WINDOW,
+    show_default=True,
+    help="Batch messages in flight in 'batched'.  [env: FIBRPC_BENCH_BATCH_WINDOW]",
+)
+@click.option(
+    "--batch-size",
+    envvar="FIBRPC_BENCH_BATCH_SIZE",
+    type=click.IntRange(1),
+    default=_bench.DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Values of n per message in 'batched'.  [env: FIBRPC_BENCH_BATCH_SIZE]",
+)
+@click.option(
+    "--timeout",
+    envvar="FIBRPC_BENCH_TIMEOUT",
+    type=click.FloatRange(0, min_open=True),
+    default=config.DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds each call may wait for its reply.  [env: FIBRPC_BENCH_TIMEOUT]",
+)
+@click.option(
+    "--spawn",
+    envvar="FIBRPC_BENCH_SPAWN",
+    type=click.IntRange(1),
+    default=None,
+    help="Start 'fibrpc serve --workers SPAWN' on a private queue (--queue is then "
+    "ignored), and stop it afterwards.  [env: FIBRPC_BENCH_SPAWN]",
+)
+@click.option(
+    "--json",
+    "as_json",
+    envvar="FIBRPC_BENCH_JSON",
+    is_flag=True,
+    help='Print {"scenarios": [{"name", "calls", "seconds", "calls_per_s", "p50_ms", '
+    '"p99_ms", "errors"}, ...], ...} instead of a table.  [env: FIBRPC_BENCH_JSON]',
+)
+@click.option(
+    "--progress/--no-progress",
+    envvar="FIBRPC_BENCH_PROGRESS",
+    default=None,
+    help="Draw a counter on stderr while running (default: when stderr is a terminal).  "
+    "[env: FIBRPC_BENCH_PROGRESS]",
+)
+def bench(
+    url: str,
+    queue: str,
+    scenarios: tuple[str, ...],
+    calls: int | None,
+    algo: str,
+    max_n: int,
+    seed: int,
+    window: int,
+    batch_window: int,
+    batch_size: int,
+    timeout: float,
+    spawn: int | None,
+    as_json: bool,
+    progress: bool | None,
+) -> None:
+    """Measure calls/s and latency of a fibrpc server, with every result checked.
+
+    Scenarios: 'sequential' (one call at a time, like the tutorial), 'pipelined' (one
+    message per call, WINDOW in flight), 'batched' (BATCH_SIZE values per message,
+    BATCH_WINDOW in flight). Exit code 1 when any call failed or gave a wrong result.
+    """
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    amqp.quiet_pika()
+    settings = _bench.BenchSettings(
+        url=url,
+        queue=queue,
+        scenarios=tuple(dict.fromkeys(scenarios)) or _bench.SCENARIOS,
+        calls=calls,
+        algo=algo,
+        max_n=max_n,
+        seed=seed,
+        window=window,
+        batch_window=batch_window,
+        batch_size=batch_size,
+        timeout=timeout,
+    )
+    if progress is None:
+        progress = sys.stderr.isatty()
+    try:
+        report = _bench.run(settings, spawn=spawn, progress=progress)
+    except FibrpcError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        sys.exit(int(ExitCode.INTERRUPTED))
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        click.echo(report.table())
+    if report.errors:
+        click.echo(f"fibrpc: {report.errors:,} call(s) failed or were wrong.", err=True)
+        sys.exit(int(ExitCode.FAILURE))

@@ -63,6 +63,10 @@ _AS_INTS: Final = 2
 AUTO_BATCH_VALUES: Final = 1000
 AUTO_BATCH_BYTES: Final = 1 << 20
 _PROBE_INTERVAL: Final = 0.5
+#: After a reconnect, seconds before an empty queue counts as "no server": the servers
+#: are reconnecting to the same broker at the same time.
+RECONNECT_GRACE: Final = 10.0
+_RETURN_RETRY: Final = 0.2
 _TICK: Final = 0.05
 _RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
 
@@ -146,6 +150,8 @@ class Client:
         self._probe: Any = None
         self._next_probe = 0.0
         self._no_consumer_since: float | None = None
+        self._grace_until = 0.0
+        self._returned: collections.deque[tuple[float, str]] = collections.deque()
         self._start_error: BaseException | None = None
         ready = threading.Event()
         self._thread = threading.Thread(
@@ -303,6 +309,10 @@ class Client:
                     type(exc).__name__,
                 )
                 self._reconnect()
+            except Exception:
+                # A bug must not leave callers waiting forever: fail them all, loudly.
+                log.exception("the client's I/O thread failed; closing the client")
+                self._closing = True
         self._shutdown()
 
     def _connect(self) -> None:
@@ -325,18 +335,32 @@ class Client:
             except FibrpcError as exc:
                 delay = _RECONNECT_BACKOFF[min(attempt, len(_RECONNECT_BACKOFF) - 1)]
                 log.info("reconnect failed (%s); retrying in %.2f s", exc, delay)
-                time.sleep(delay)
+                self._pause(delay)
                 continue
             log.info("reconnected; re-sending %d call(s)", len(self._pending))
+            # Servers reconnect too (and redeclare the queue, which a broker restart may
+            # have deleted): give them time before calling the queue unserved.
+            self._grace_until = time.monotonic() + RECONNECT_GRACE
+            self._next_probe = self._grace_until
+            self._no_consumer_since = None
             for call in list(self._pending.values()):
                 self._publish(call)
             return
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep while reconnecting, still expiring calls on time."""
+        until = time.monotonic() + seconds
+        while not self._closing and (now := time.monotonic()) < until:
+            self._expire(now)
+            time.sleep(min(_TICK, until - now))
 
     def _serve(self) -> None:
         while not self._closing:
             self._flush()
             self._conn.process_data_events(time_limit=_TICK)
             now = time.monotonic()
+            if self._returned and now >= self._returned[0][0]:
+                self._resend_returned(now)
             if self._deadlines and self._deadlines[0][0] <= now:
                 self._expire(now)
             if self._pending and now >= self._next_probe:
@@ -351,7 +375,12 @@ class Client:
         for call in calls:
             self._pending[call.corr_id] = call
             heapq.heappush(self._deadlines, (call.deadline, call.corr_id))
-            self._publish(call)
+            try:
+                self._publish(call)
+            except amqp.ConnectionLost:
+                raise  # the call stays pending and is re-sent after the reconnect
+            except Exception as exc:  # this call cannot be sent; the others can
+                self._fail(call.corr_id, ClientClosedError(f"The call could not be sent: {exc}"))
 
     def _publish(self, call: _Call) -> None:
         remaining_ms = max(1, int((call.deadline - time.monotonic()) * 1000))
@@ -365,6 +394,7 @@ class Client:
                 content_type=call.content_type,
                 type=call.msg_type,
                 expiration=str(remaining_ms),
+                headers={protocol.DEADLINE_HEADER: int(time.time() * 1000) + remaining_ms},
             ),
             mandatory=True,
         )
@@ -401,8 +431,21 @@ class Client:
         log.debug("dropped a %s reply %r", "duplicate" if mine else "unknown", corr_id)
 
     def _on_return(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        """The broker returned a request: no queue of that name exists."""
+        """The broker returned a request: no queue of that name exists. Just after a
+        reconnect the servers may not have redeclared it yet, so it is sent again a
+        little later; otherwise the call fails with ``NoServerError``."""
+        now = time.monotonic()
+        if now < self._grace_until and props.correlation_id in self._pending:
+            self._returned.append((now + _RETURN_RETRY, props.correlation_id))
+            return
         self._fail(props.correlation_id, NoServerError(self._no_server_message(missing=True)))
+
+    def _resend_returned(self, now: float) -> None:
+        while self._returned and now >= self._returned[0][0]:
+            _, corr_id = self._returned.popleft()
+            call = self._pending.get(corr_id)
+            if call is not None:
+                self._publish(call)
 
     def _fail(self, corr_id: str, error: BaseException) -> None:
         call = self._pending.pop(corr_id, None)

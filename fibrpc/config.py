@@ -40,6 +40,13 @@ DEFAULT_MAX_REPLY_BYTES: Final = 64 << 20
 #: Bytes of recent large results ``fast`` keeps (``FIBRPC_MEMO_BYTES``).
 DEFAULT_MEMO_BYTES: Final = 64 << 20
 
+#: Deliveries of one request before it is refused as poison (``FIBRPC_MAX_DELIVERIES``):
+#: a request that crashed the worker computing it this many times is not tried again.
+DEFAULT_MAX_DELIVERIES: Final = 3
+
+#: Seconds a worker may take to answer what it holds on SIGTERM (``FIBRPC_DRAIN_TIMEOUT``).
+DEFAULT_DRAIN_TIMEOUT: Final = 30.0
+
 #: Seconds a call waits for its reply (``FIBRPC_TIMEOUT``).
 DEFAULT_TIMEOUT: Final = 30.0
 

@@ -28,6 +28,11 @@ from fibrpc.kernels import ALGORITHMS, DEFAULT_ALGORITHM, FAST_TABLE, ITER_MAX_N
 
 JSON: Final = "application/json"
 TEXT: Final = "text/plain"
+#: Header carrying a request's absolute deadline (Unix time in milliseconds, an integer),
+#: set by fibrpc's client: a worker skips a request whose deadline has passed.
+DEADLINE_HEADER: Final = "x-fibrpc-deadline"
+#: Header counting the deliveries of a request re-published by a worker (classic queues).
+DELIVERIES_HEADER: Final = "x-fibrpc-deliveries"
 
 #: A text n of more digits than this (leading zeros aside) cannot be under any bound; it
 #: is refused without converting it to an int (which is quadratic and capped at 4,300

@@ -6,6 +6,15 @@ A light request (almost all of them) is answered inside the pika callback. A hea
 keeps turning, so heartbeats flow and the connection survives; its reply is handed back
 to the I/O thread with ``add_callback_threadsafe``, the one pika method that is safe to
 call from another thread.
+
+Faults a worker absorbs by itself, without dying:
+
+* the broker goes away: it reconnects with backoff and consumes again;
+* a request whose caller has given up (its deadline has passed): skipped, not computed;
+* a request delivered more than ``max_deliveries`` times (it may be what killed the
+  workers before): refused with an ``ErrorCode.POISON`` reply instead of computed again.
+  Quorum queues count deliveries themselves (``x-delivery-count``); on a classic queue a
+  redelivered request is re-published with its count in a header and the original acked.
 """
 
 from __future__ import annotations
@@ -14,29 +23,36 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import pika
 
 from fibrpc import amqp
 from fibrpc.config import (
+    DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_DELIVERIES,
     DEFAULT_MEMO_BYTES,
     DEFAULT_PREFETCH,
     DEFAULT_QUEUE,
     DEFAULT_URL,
     Limits,
 )
-from fibrpc.handler import Handler, Reply
+from fibrpc.errors import BrokerUnreachableError, ErrorCode, RequestError
+from fibrpc.handler import Handler, Reply, error_reply
+from fibrpc.protocol import DEADLINE_HEADER, DELIVERIES_HEADER
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
+_PR_SET_PDEATHSIG: Final = 1
+_QUORUM_DELIVERIES: Final = "x-delivery-count"
+_RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,21 +65,26 @@ class WorkerSettings:
     prefetch: int = DEFAULT_PREFETCH
     heartbeat: int = DEFAULT_HEARTBEAT
     memo_bytes: int = DEFAULT_MEMO_BYTES
-    drain_timeout: float = 30.0
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
     limits: Limits = dataclasses.field(default_factory=Limits)
 
 
 @dataclasses.dataclass(slots=True)
 class WorkerStats:
-    """Counters of one worker, reported to the supervisor and by ``fibrpc status``."""
+    """Counters of one worker, reported in its log and by ``fibrpc status``."""
 
     served: int = 0
     errors: int = 0
     dropped: int = 0  # no reply_to: nowhere to answer
+    expired: int = 0  # deadline passed before it was computed: skipped
+    poison: int = 0  # delivered too often: refused
+    redelivered: int = 0  # came back after a worker died or a connection dropped
+    reconnects: int = 0
 
 
 class Worker:
-    """Consumes requests on one connection until asked to stop, then drains."""
+    """Consumes requests until asked to stop, reconnecting as needed, then drains."""
 
     def __init__(self, settings: WorkerSettings, handler: Handler | None = None) -> None:
         self.settings = settings
@@ -71,44 +92,80 @@ class Worker:
         self.stats = WorkerStats()
         self._stopping = False
         self._in_flight = 0
+        self._generation = 0  # bumped per connection: stale compute results are dropped
         self._compute = concurrent.futures.ThreadPoolExecutor(1, "fibrpc-compute")
         self._conn: Any = None
         self._channel: Any = None
         self._consumer_tag: str | None = None
+        self._logged_expired = 0
 
     def request_stop(self) -> None:
         """Stop taking requests and drain (safe from a signal handler)."""
         self._stopping = True
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Connect, consume until ``request_stop``, answer what is held, close.
+        """Consume until ``request_stop``, answer what is held, close.
 
-        Raises ``BrokerError`` (translated from pika) when the connection fails.
+        Reconnects (with backoff) whenever the broker is unreachable or drops the
+        connection. Raises ``AccessRefusedError`` (and ``ConfigError``) at once: retrying
+        a refused login cannot help, and the supervisor must hear of it.
         """
+        parent = os.getppid()
+        try:
+            for attempt in itertools.count():
+                if self._stopping or os.getppid() != parent:
+                    break
+                try:
+                    self._connect()
+                except BrokerUnreachableError as exc:
+                    delay = _RECONNECT_BACKOFF[min(attempt, len(_RECONNECT_BACKOFF) - 1)]
+                    log.warning("%s Retrying in %.2f s.", exc, delay)
+                    self._sleep(delay)
+                    continue
+                if on_ready is not None:
+                    on_ready()
+                    on_ready = None
+                try:
+                    self._consume(parent)
+                    self._drain()
+                    break
+                except amqp.ConnectionLost as exc:
+                    if self._stopping:
+                        break
+                    self.stats.reconnects += 1
+                    log.warning(
+                        "lost the connection to %s (%s); reconnecting",
+                        amqp.redact(self.settings.url),
+                        type(exc).__name__,
+                    )
+        finally:
+            self._compute.shutdown(wait=False, cancel_futures=True)
+            self._close()
+            log.info("stopped: %s", self.stats)
+
+    def _connect(self) -> None:
         s = self.settings
+        self._close()
         self._conn = amqp.connect(s.url, heartbeat=s.heartbeat, name=f"fibrpc-worker-{os.getpid()}")
         try:
             self._channel = self._conn.channel()
             amqp.declare_request_queue(self._channel, s.queue, queue_type=s.queue_type)
             self._channel.basic_qos(prefetch_count=s.prefetch)
             self._consumer_tag = self._channel.basic_consume(s.queue, self._on_request)
-            log.info("consuming %r at %s", s.queue, amqp.redact(s.url))
-            if on_ready is not None:
-                on_ready()
-            parent = os.getppid()
-            while not self._stopping:
-                self._conn.process_data_events(time_limit=0.25)
-                if os.getppid() != parent:
-                    log.warning("supervisor %d is gone; stopping", parent)
-                    break
-            self._drain()
-        except amqp.ConnectionLost as exc:
+        except Exception as exc:
+            self._close()
             raise amqp.translate(exc, s.url) from None
-        finally:
-            self._compute.shutdown(wait=False, cancel_futures=True)
-            with contextlib.suppress(Exception):
-                if self._conn.is_open:
-                    self._conn.close()
+        self._generation += 1
+        self._in_flight = 0
+        log.info("consuming %r at %s", s.queue, amqp.redact(s.url))
+
+    def _consume(self, parent: int) -> None:
+        while not self._stopping:
+            self._conn.process_data_events(time_limit=0.25)
+            self._log_expired()
+            if os.getppid() != parent:
+                log.warning("supervisor %d is gone; stopping", parent)
+                self._stopping = True
 
     def _drain(self) -> None:
         """Cancel the consumer (pika requeues what it had not yet handed us), then
@@ -119,39 +176,126 @@ class Worker:
             self._conn.process_data_events(time_limit=0.1)
         if self._in_flight:
             log.warning(
-                "drain timed out with %d request(s) unanswered; they are requeued", self._in_flight
+                "drain timed out with %d request(s) unanswered; the broker requeues them",
+                self._in_flight,
             )
-        log.info("drained: served %d, errors %d", self.stats.served, self.stats.errors)
+        self._log_expired()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                if conn.is_open:
+                    conn.close()
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, seconds))
+
+    def _log_expired(self) -> None:
+        if self.stats.expired > self._logged_expired:
+            log.info(
+                "skipped %d request(s) whose deadline had passed (%d in all)",
+                self.stats.expired - self._logged_expired,
+                self.stats.expired,
+            )
+            self._logged_expired = self.stats.expired
+
+    # -- one request ----------------------------------------------------------------------
 
     def _on_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        tag = method.delivery_tag
         if not props.reply_to:
             self.stats.dropped += 1
             log.warning(
                 "dropped a message with no reply_to (correlation_id=%r)", props.correlation_id
             )
-            channel.basic_ack(method.delivery_tag)
+            channel.basic_ack(tag)
+            return
+        headers = props.headers if isinstance(props.headers, dict) else {}
+        if headers and _expired(headers):
+            self.stats.expired += 1
+            channel.basic_ack(tag)
+            return
+        redelivered = method.redelivered or _QUORUM_DELIVERIES in headers
+        if redelivered and self._held_back(channel, method, props, headers, body):
             return
         request = self.handler.decode(body, props.content_type, props.type)
         if isinstance(request, Reply):
-            self._reply(channel, method.delivery_tag, props, request)
+            self._reply(channel, tag, props, request)
         elif self.handler.is_heavy(request):
             self._in_flight += 1
-            future = self._compute.submit(self.handler.compute, request)
-            tag = method.delivery_tag
+            conn, generation = self._conn, self._generation
+            future = self._compute.submit(self._compute_unless_expired, request, headers)
 
-            def done(f: concurrent.futures.Future[Reply]) -> None:
-                if not f.cancelled():
-                    self._conn.add_callback_threadsafe(
-                        lambda: self._finish_heavy(channel, tag, props, f.result())
+            def done(f: concurrent.futures.Future[Reply | None]) -> None:
+                if f.cancelled():
+                    return
+                reply = f.result()
+                with contextlib.suppress(Exception):  # the connection may be gone
+                    conn.add_callback_threadsafe(
+                        lambda: self._finish_heavy(generation, channel, tag, props, reply)
                     )
 
             future.add_done_callback(done)
         else:
-            self._reply(channel, method.delivery_tag, props, self.handler.compute(request))
+            self._reply(channel, tag, props, self.handler.compute(request))
 
-    def _finish_heavy(self, channel: Any, tag: int, props: Any, reply: Reply) -> None:
+    def _held_back(
+        self, channel: Any, method: Any, props: Any, headers: dict[str, Any], body: bytes
+    ) -> bool:
+        """Handle a request that has been delivered before. Returns True when it is taken
+        care of here (refused as poison, or re-published with its count)."""
+        self.stats.redelivered += 1
+        if _QUORUM_DELIVERIES in headers:
+            deliveries = _as_int(headers.get(_QUORUM_DELIVERIES)) + 1
+        else:
+            deliveries = max(1, _as_int(headers.get(DELIVERIES_HEADER))) + 1
+        if deliveries > self.settings.max_deliveries:
+            self.stats.poison += 1
+            log.error(
+                "refusing %r: delivered %d times without an answer (limit %d)",
+                props.correlation_id,
+                deliveries,
+                self.settings.max_deliveries,
+            )
+            error = RequestError(
+                ErrorCode.POISON,
+                f"This request was delivered {deliveries} times without being answered "
+                f"(the limit is {self.settings.max_deliveries}); it may be what crashed "
+                "the workers, so it is not computed again.",
+            )
+            self._reply(channel, method.delivery_tag, props, error_reply(error))
+            return True
+        if _QUORUM_DELIVERIES in headers:
+            return False  # the queue counts for us
+        # A classic queue only says "redelivered": carry the count in a copy.
+        channel.basic_publish(
+            "",
+            method.routing_key,
+            body,
+            _copy_properties(props, {**headers, DELIVERIES_HEADER: deliveries}),
+        )
+        channel.basic_ack(method.delivery_tag)
+        return True
+
+    def _compute_unless_expired(self, request: Any, headers: dict[str, Any]) -> Reply | None:
+        """On the compute thread: skip a request whose deadline passed while it waited."""
+        if headers and _expired(headers):
+            return None
+        return self.handler.compute(request)
+
+    def _finish_heavy(
+        self, generation: int, channel: Any, tag: int, props: Any, reply: Reply | None
+    ) -> None:
+        if generation != self._generation or not channel.is_open:
+            return  # computed for a connection that is gone: the broker requeued it
         self._in_flight -= 1
-        if channel.is_open:
+        if reply is None:
+            self.stats.expired += 1
+            channel.basic_ack(tag)
+        else:
             self._reply(channel, tag, props, reply)
 
     def _reply(self, channel: Any, tag: int, props: Any, reply: Reply) -> None:
@@ -171,6 +315,26 @@ class Worker:
             ),
         )
         channel.basic_ack(tag)
+
+
+def _expired(headers: dict[str, Any]) -> bool:
+    deadline = headers.get(DEADLINE_HEADER)
+    return type(deadline) is int and time.time() * 1000 > deadline
+
+
+def _as_int(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+def _copy_properties(props: Any, headers: dict[str, Any]) -> Any:
+    return pika.BasicProperties(
+        content_type=props.content_type,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        expiration=props.expiration,
+        type=props.type,
+        headers=headers,
+    )
 
 
 def die_with_parent() -> None:

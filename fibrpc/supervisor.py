@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from fibrpc import amqp, kernels
-from fibrpc.errors import AccessRefusedError, BrokerError
+from fibrpc.errors import AccessRefusedError, BrokerError, BrokerUnreachableError, ConfigError
 from fibrpc.exitcodes import ExitCode
 from fibrpc.server import Worker, WorkerSettings, die_with_parent, install_stop_handlers
 
@@ -73,8 +73,14 @@ class Supervisor:
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until a signal; return the exit code."""
+        """Serve until a signal; return the exit code.
+
+        Raises ``AccessRefusedError`` or ``ConfigError`` before forking anything when the
+        broker refuses the login or the URL cannot work. An unreachable broker is only a
+        warning: the workers keep retrying until it answers.
+        """
         started = time.monotonic()
+        self._preflight()
         kernels.warm()  # once, before forking: the workers share the compiled code
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -95,6 +101,12 @@ class Supervisor:
                 code = failure
                 break
         return int(self._stop(code))
+
+    def _preflight(self) -> None:
+        try:
+            amqp.connect(self.settings.url, name="fibrpc-supervisor").close()
+        except BrokerUnreachableError as exc:
+            log.warning("%s The workers will keep trying.", exc)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -214,9 +226,11 @@ class Supervisor:
                 )
                 if self.boot_failures >= MAX_BOOT_FAILURES:
                     log.error(
-                        "workers died %d times in a row before serving; giving up. "
-                        "The worker log above says why.",
+                        "workers died %d times in a row before serving (last: %s, %s); "
+                        "giving up. The worker log above says why.",
                         self.boot_failures,
+                        how,
+                        _explain(code),
                     )
                     return ExitCode.CRASH_LOOP
             else:
@@ -229,6 +243,14 @@ class Supervisor:
             if respawn and delay == 0.0:
                 self._spawn(slot)
         return None
+
+
+def _explain(code: int) -> str:
+    """What a worker's exit code means, for the crash-loop message."""
+    try:
+        return ExitCode(code).name
+    except ValueError:
+        return "a crash"
 
 
 def _worker_main(settings: WorkerSettings, ready: Any) -> None:
@@ -247,6 +269,9 @@ def _worker_main(settings: WorkerSettings, ready: Any) -> None:
     except AccessRefusedError as exc:
         log.error("%s", exc)
         sys.exit(int(ExitCode.ACCESS_REFUSED))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(int(ExitCode.CONFIG))
     except BrokerError as exc:
         log.error("%s", exc)
-        sys.exit(int(ExitCode.BROKER_UNREACHABLE))
+        sys.exit(int(ExitCode.FAILURE))
