@@ -372,9 +372,12 @@ class Client:
             self._wake_scheduled = False
             calls = list(self._outbox)
             self._outbox.clear()
+        # Every call is pending before any is published: if the connection drops midway,
+        # the unpublished ones are re-sent with the rest after the reconnect.
         for call in calls:
             self._pending[call.corr_id] = call
             heapq.heappush(self._deadlines, (call.deadline, call.corr_id))
+        for call in calls:
             try:
                 self._publish(call)
             except amqp.ConnectionLost:

@@ -319,11 +319,20 @@ class Worker:
 
 def _expired(headers: dict[str, Any]) -> bool:
     deadline = headers.get(DEADLINE_HEADER)
-    return type(deadline) is int and time.time() * 1000 > deadline
+    # pika decodes 64-bit table integers as its own int subclass: no ``type() is int``.
+    return (
+        isinstance(deadline, int)
+        and not isinstance(deadline, bool)
+        and (time.time() * 1000 > deadline)
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _as_int(value: Any) -> int:
-    return value if type(value) is int else 0
+    return int(value) if _is_int(value) else 0
 
 
 def _copy_properties(props: Any, headers: dict[str, Any]) -> Any:

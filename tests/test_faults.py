@@ -1,0 +1,265 @@
+"""Supervision and fault tolerance, with real faults: ``kill -9``, real signals, a real
+broker restart. Each test says in its name what must hold; none loses or doubles a call."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import URL, run_cli, start_server
+from rawclient import RawClient
+
+from fibrpc import CallTimeoutError, Client, RequestError
+from fibrpc.exitcodes import ExitCode
+from fibrpc.kernels import FAST_TABLE, fib_naive
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- 1. a worker that dies is replaced --------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_killed_worker_is_replaced_within_a_second_and_its_request_answered(serve, queue, signum):
+    server = serve("--naive-max-n", "36", workers=1)
+    [worker] = server.worker_pids()
+    with Client(URL, queue=queue, timeout=60) as client:
+        future = client.submit(33, algo="naive")  # ~0.5 s of pure Python: held by the worker
+        time.sleep(0.2)
+        killed_at = time.monotonic()
+        os.kill(worker, signum)
+        replacement = _wait_for(
+            lambda: [p for p in server.worker_pids() if p != worker], 5, "a new worker"
+        )
+        assert time.monotonic() - killed_at < 1.0
+        assert future.result(30) == fib_naive(33)
+        time.sleep(0.3)
+        assert client.dropped_duplicates == 0  # exactly one answer reached the caller
+    assert len(replacement) == 1
+    name = signal.Signals(signum).name
+    server.wait_for_log(f"pid {worker}) died (killed by {name}); restarting", timeout=5)
+
+
+def test_a_worker_that_exits_is_restarted_too(serve, queue):
+    server = serve(workers=2)
+    before = server.worker_pids()
+    os.kill(before[0], signal.SIGTERM)  # a clean exit nobody asked the supervisor for
+    _wait_for(lambda: len(set(server.worker_pids()) - set(before)) == 1, 5, "a restart")
+    server.wait_for_log("died (exit code 0); restarting", timeout=5)
+    with Client(URL, queue=queue) as client:
+        assert client.map(range(91)) == list(FAST_TABLE[:91])
+
+
+def test_workers_that_die_while_booting_back_off_and_end_the_supervisor_with_a_reason(
+    queue, broker, tmp_path
+):
+    broker.queue_declare(queue)  # classic: a quorum declaration of it must fail
+    started = time.monotonic()
+    server = start_server(queue, tmp_path, "--queue-type", "quorum", workers=1, wait=False)
+    try:
+        assert server.proc.wait(60) == ExitCode.CRASH_LOOP
+    finally:
+        server.stop()
+    elapsed = time.monotonic() - started
+    text = server.text
+    assert text.count("died while booting") == 5
+    assert "giving up" in text
+    assert "PRECONDITION_FAILED - inequivalent arg" in text  # the worker's log says why
+    assert elapsed > 3.0  # 0.25 + 0.5 + 1 + 2 s of backoff: it did not spin
+
+
+def test_serve_with_a_wrong_password_exits_7_with_one_line_and_no_password(queue):
+    url = "amqp://guest:hunter2@127.0.0.1:5672/%2F"
+    result = run_cli("serve", "--url", url, "--queue", queue, "--workers", "1")
+    assert result.returncode == ExitCode.ACCESS_REFUSED
+    assert "hunter2" not in result.stderr + result.stdout
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("fibrpc: RabbitMQ at amqp://guest:***@")
+    )
+
+
+# -- 2. a request that kills workers is contained ---------------------------------------
+
+
+def test_a_request_that_keeps_killing_workers_is_refused_as_poison(serve, queue):
+    server = serve("--naive-max-n", "38", "--max-deliveries", "2", workers=1)
+    with Client(URL, queue=queue, timeout=90) as client:
+        poison = client.submit(36, algo="naive")  # ~1.5 s: long enough to be killed in
+        for kill in range(2):
+            _wait_for(lambda k=kill: server.text.count("consuming") >= k + 1, 15, "a worker")
+            time.sleep(0.4)
+            [worker] = server.worker_pids()
+            os.kill(worker, signal.SIGKILL)
+            _wait_for(lambda w=worker: server.worker_pids() not in ([], [w]), 5, "a respawn")
+        with pytest.raises(RequestError) as refused:
+            poison.result(30)
+        assert refused.value.code == "poison"
+        assert "delivered 3 times" in refused.value.message
+        # Traffic around it flows: the queue is not stuck behind the poison.
+        assert client.map(range(91), batch_size=1) == list(FAST_TABLE[:91])
+    server.wait_for_log("refusing", timeout=5)
+
+
+# -- 3. graceful shutdown ---------------------------------------------------------------
+
+
+def test_sigterm_under_load_drains_and_loses_or_doubles_nothing(serve, queue, broker):
+    server = serve("--prefetch", "64", workers=2)
+    raw = RawClient(URL, queue)
+    total, stop_after = 4000, 1500
+    sent: list[str] = []
+    try:
+        stopped_at = None
+        for i in range(total):
+            sent.append(raw.publish(str(i % 91).encode()))
+            if i % 50 == 49:
+                raw.conn.process_data_events(time_limit=0.005)
+            if i == stop_after:
+                server.signal(signal.SIGTERM)
+                stopped_at = time.monotonic()
+        assert server.proc.wait(30) == 0
+        assert stopped_at is not None and time.monotonic() - stopped_at < 30
+        raw.settle(0.5)
+        answered = set(raw.replies)
+        left = broker.queue_declare(queue, passive=True).method.message_count
+        assert len(answered) + left == total  # every request answered or still queued
+        assert 0 < len(answered) < total
+        serve(workers=1)  # the next server answers the rest
+        raw.wait(total, timeout=30)
+        raw.settle(0.3)
+        assert set(raw.replies) == set(sent)
+        assert all(len(replies) == 1 for replies in raw.replies.values())
+        for i, corr_id in enumerate(sent):
+            assert raw.replies[corr_id][0][1] == str(FAST_TABLE[i % 91]).encode()
+    finally:
+        raw.close()
+
+
+def test_a_second_signal_stops_at_once_with_exit_10(serve, queue):
+    server = serve("--naive-max-n", "38", workers=1)
+    with Client(URL, queue=queue, timeout=60) as client:
+        client.submit(37, algo="naive")  # ~2.5 s: the drain would wait for it
+        time.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        server.wait_for_log("draining", timeout=5)
+        second = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(10) == ExitCode.FORCED_STOP
+        assert time.monotonic() - second < 2.0
+
+
+# -- 4. long computations keep their connection -----------------------------------------
+
+
+def test_a_computation_of_several_heartbeats_keeps_its_connection(serve, queue):
+    server = serve("--heartbeat", "1", "--naive-max-n", "38", workers=1)
+    [worker] = server.worker_pids()
+    with Client(URL, queue=queue, timeout=60) as client:
+        started = time.monotonic()
+        assert client.call(37, algo="naive") == FAST_TABLE[37]
+        assert time.monotonic() - started > 3.0  # several 1 s heartbeat intervals
+        assert client.call(10) == 55
+    assert server.worker_pids() == [worker]
+    assert "lost the connection" not in server.text
+
+
+# -- 5. deadlines -----------------------------------------------------------------------
+
+
+def test_requests_whose_caller_gave_up_are_skipped_not_computed(serve, queue):
+    server = serve("--naive-max-n", "36", "--prefetch", "100", workers=1)
+    with Client(URL, queue=queue, timeout=60) as client:
+        blocker = client.submit(34, algo="naive")  # ~0.7 s on the compute thread
+        doomed = [client.submit(30, algo="naive", timeout=0.3) for _ in range(20)]
+        for future in doomed:
+            with pytest.raises(CallTimeoutError):
+                future.result(10)
+        assert blocker.result(30) == fib_naive(34)
+        server.wait_for_log("(20 in all)", timeout=10)
+        time.sleep(0.3)
+        assert client.dropped_duplicates == 0  # no late replies: none was computed
+
+
+# -- 6. the broker restarts -------------------------------------------------------------
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+def test_10000_pipelined_calls_complete_across_a_broker_restart(serve, queue):
+    server = serve(workers=2)
+    ns = [i % 91 for i in range(10_000)]
+    results: list[int] = []
+    errors: list[BaseException] = []
+    with Client(URL, queue=queue, timeout=90, window=200) as client:
+
+        def run() -> None:
+            try:
+                results.extend(client.imap(ns, batch_size=1))
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            _wait_for(lambda: len(results) > 1000, 30, "the first 1000 results")
+            _rabbitmqctl("stop_app")
+            restarted_during = len(results)
+            time.sleep(1.0)
+        finally:
+            _rabbitmqctl("start_app")  # whatever happens, the broker comes back
+        thread.join(90)
+    assert not errors, errors
+    assert restarted_during < len(ns)
+    assert results == [FAST_TABLE[n] for n in ns]
+    assert "died" not in server.text  # an outage is not a crash
+    server.wait_for_log("consuming", count=4, timeout=30)  # both workers reconnected
+
+
+# -- 7. several servers, one queue -------------------------------------------------------
+
+
+def test_two_servers_share_one_queue_and_stopping_one_loses_nothing(serve, queue):
+    first = serve(workers=1)
+    second = serve(workers=1)
+    ns = [i % 91 for i in range(20_000)]
+    results: list[int] = []
+    with Client(URL, queue=queue, timeout=60) as client:
+        thread = threading.Thread(target=lambda: results.extend(client.imap(ns, batch_size=1)))
+        thread.start()
+        _wait_for(lambda: len(results) > 3000, 30, "progress")
+        first.signal(signal.SIGTERM)
+        assert first.proc.wait(30) == 0
+        thread.join(60)
+        assert client.dropped_duplicates == 0
+    assert results == [FAST_TABLE[n] for n in ns]
+    assert second.stop() == 0
+    for server in (first, second):
+        served = [
+            int(x.split("served=")[1].split(",")[0])
+            for x in server.text.splitlines()
+            if "served=" in x
+        ]
+        assert sum(served) > 0, server.text[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def _broker_is_back():
+    """Whatever a test here did, the broker is up for the next one."""
+    yield
+    with contextlib.suppress(Exception):
+        subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=60, check=False)
