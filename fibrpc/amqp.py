@@ -7,8 +7,10 @@ catch one tree and no message ever carries a password.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
+import ssl
 import urllib.parse
 from typing import Any
 
@@ -58,12 +60,52 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def parameters(url: str, *, heartbeat: int | None = None, name: str = "fibrpc") -> Any:
-    """pika connection parameters for ``url``, or ``ConfigError`` naming the bad URL."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class TLSOptions:
+    """TLS settings for an ``amqps://`` URL. Certificates are checked unless ``verify``
+    is turned off: against ``ca_file`` if given, else the system's trusted CAs, and the
+    certificate must name the URL's host. ``cert_file`` and ``key_file`` present a client
+    certificate (for brokers that require one)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        """An ``ssl.SSLContext`` for these options; ``ConfigError`` if a file is bad."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        try:
+            if self.ca_file:
+                context.load_verify_locations(cafile=self.ca_file)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"Cannot load the TLS files: {exc}.") from None
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def parameters(
+    url: str, *, heartbeat: int | None = None, name: str = "fibrpc", tls: TLSOptions | None = None
+) -> Any:
+    """pika connection parameters for ``url``, or ``ConfigError`` naming the bad URL.
+
+    An ``amqps://`` URL always gets a verifying TLS context (``tls`` or the defaults):
+    pika's own default for amqps does not check certificates.
+    """
     try:
         params = pika.URLParameters(url)
+        scheme = urllib.parse.urlsplit(url).scheme
     except Exception as exc:  # pika raises ValueError, TypeError, KeyError...
         raise ConfigError(f"The broker URL {redact(url)} is not a valid AMQP URL: {exc}") from None
+    if scheme == "amqps":
+        options = tls or TLSOptions()
+        params.ssl_options = pika.SSLOptions(options.context(), server_hostname=params.host)
+    elif tls is not None and tls != TLSOptions():
+        raise ConfigError(f"TLS options need an amqps:// URL; got {redact(url)}.")
     if heartbeat is not None:
         params.heartbeat = heartbeat
     params.client_properties = {"connection_name": name, "product": "fibrpc"}
@@ -73,13 +115,16 @@ def parameters(url: str, *, heartbeat: int | None = None, name: str = "fibrpc") 
     return params
 
 
-def connect(url: str, *, heartbeat: int | None = None, name: str = "fibrpc") -> Any:
+def connect(
+    url: str, *, heartbeat: int | None = None, name: str = "fibrpc", tls: TLSOptions | None = None
+) -> Any:
     """Open a ``pika.BlockingConnection`` to ``url``.
 
-    Raises ``BrokerUnreachableError`` when nothing answers and ``AccessRefusedError`` when
-    the broker refuses the login, vhost or permission; both name the URL without password.
+    Raises ``BrokerUnreachableError`` when nothing answers (or the TLS handshake fails)
+    and ``AccessRefusedError`` when the broker refuses the login, vhost or permission;
+    both name the URL without its password.
     """
-    params = parameters(url, heartbeat=heartbeat, name=name)
+    params = parameters(url, heartbeat=heartbeat, name=name, tls=tls)
     try:
         return pika.BlockingConnection(params)
     except Exception as exc:
@@ -104,6 +149,12 @@ def translate(exc: BaseException, url: str) -> BrokerError:
         return AccessRefusedError(
             f"RabbitMQ at {where} refused access ({code}): {_reply_text(exc)}"
         )
+    tls_failure = _find(exc, ssl.SSLError)
+    if tls_failure is not None:
+        return BrokerUnreachableError(
+            f"The TLS handshake with RabbitMQ at {where} failed: {tls_failure}. Check "
+            "the CA file (--tls-ca-file) and that the certificate names the URL's host."
+        )
     if isinstance(exc, pika.exceptions.AMQPConnectionError | OSError | socket.gaierror):
         detail = _describe(exc)
         return BrokerUnreachableError(
@@ -111,6 +162,22 @@ def translate(exc: BaseException, url: str) -> BrokerError:
             "(rabbitmq-server -detached) and is the URL right?"
         )
     return BrokerError(f"RabbitMQ at {where} failed: {_describe(exc)}")
+
+
+def _find(exc: BaseException, kind: type[ssl.SSLError]) -> ssl.SSLError | None:
+    """The ``kind`` error behind ``exc``: pika nests the real cause in args and chains."""
+    seen: set[int] = set()
+    stack: list[object] = [exc]
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, kind):
+            return item
+        stack.extend([*item.args, item.__cause__, item.__context__])
+        stack.extend(getattr(item, "exceptions", ()))
+    return None
 
 
 def _reply_code(exc: BaseException) -> int | None:

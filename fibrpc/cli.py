@@ -6,6 +6,7 @@ exit code (``fibrpc.exitcodes.ExitCode``), and its message goes to stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -51,6 +52,39 @@ def broker_options(func: F) -> F:
     return func
 
 
+def tls_options(func: F) -> F:
+    """``--tls-ca-file``, ``--tls-cert-file``, ``--tls-key-file`` and ``--tls-no-verify``,
+    handed to the command as one ``tls: TLSOptions`` argument."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["tls"] = amqp.TLSOptions(
+            ca_file=kwargs.pop("tls_ca_file"),
+            cert_file=kwargs.pop("tls_cert_file"),
+            key_file=kwargs.pop("tls_key_file"),
+            verify=not kwargs.pop("tls_no_verify"),
+        )
+        return func(*args, **kwargs)
+
+    path = click.Path(exists=True, dir_okay=False)
+    for name, help_text in [
+        ("--tls-key-file", "Private key of the client certificate."),
+        ("--tls-cert-file", "Client certificate (PEM), for brokers that require one."),
+        ("--tls-ca-file", "CA bundle (PEM) that signed the broker's certificate."),
+    ]:
+        env = "FIBRPC_" + name[2:].upper().replace("-", "_")
+        wrapper = click.option(name, envvar=env, type=path, help=f"{help_text}  [env: {env}]")(
+            wrapper
+        )
+    wrapper = click.option(
+        "--tls-no-verify",
+        envvar="FIBRPC_TLS_NO_VERIFY",
+        is_flag=True,
+        help="Do not check the broker's certificate (testing only).  [env: FIBRPC_TLS_NO_VERIFY]",
+    )(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
 def _fail(error: BaseException) -> NoReturn:
     """Print ``error`` as one line on stderr and exit with its code."""
     click.echo(f"fibrpc: {error}", err=True)
@@ -81,6 +115,7 @@ Examples:
 """
 )
 @broker_options
+@tls_options
 @click.option(
     "--workers",
     envvar="FIBRPC_WORKERS",
@@ -202,6 +237,7 @@ def serve(
     drain_timeout: float,
     max_deliveries: int,
     log_level: str,
+    tls: amqp.TLSOptions,
 ) -> None:
     """Serve Fibonacci requests from QUEUE with a supervised pool of workers.
 
@@ -230,6 +266,7 @@ def serve(
         drain_timeout=drain_timeout,
         max_deliveries=max_deliveries,
         limits=limits,
+        tls=tls,
     )
     try:
         code = Supervisor(settings, count).run()
@@ -263,6 +300,7 @@ Examples:
 )
 @click.argument("n", type=int)
 @broker_options
+@tls_options
 @click.option(
     "--algo",
     envvar="FIBRPC_ALGO",
@@ -285,7 +323,9 @@ Examples:
     is_flag=True,
     help='Print {"n", "algo", "result", "seconds"}; the result as a string.',
 )
-def call(n: int, url: str, queue: str, algo: str, timeout: float, as_json: bool) -> None:
+def call(
+    n: int, url: str, queue: str, algo: str, timeout: float, as_json: bool, tls: amqp.TLSOptions
+) -> None:
     """Compute F(N) on a running server and print it.
 
     Exit codes: 3 refused, 4 timeout, 5 no server, 6 broker unreachable, 7 access refused.
@@ -294,7 +334,7 @@ def call(n: int, url: str, queue: str, algo: str, timeout: float, as_json: bool)
     amqp.quiet_pika()
     started = time.perf_counter()
     try:
-        with Client(url, queue=queue, timeout=timeout) as client:
+        with Client(url, queue=queue, timeout=timeout, tls=tls) as client:
             text = client.call_text(n, algo, timeout)
     except FibrpcError as exc:
         _fail(exc)

@@ -126,6 +126,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
+        tls: amqp.TLSOptions | None = None,
     ) -> None:
         if timeout <= 0 or window < 1:
             raise ConfigError(f"timeout must be > 0 and window >= 1; got {timeout}, {window}.")
@@ -136,6 +137,7 @@ class Client:
         self.dropped_unknown = 0
         self.dropped_duplicates = 0
         self._heartbeat = heartbeat
+        self._tls = tls
         self._prefix = uuid.uuid4().hex[:12] + "."
         self._ids = itertools.count()
         self._pending: dict[str, _Call] = {}
@@ -316,7 +318,9 @@ class Client:
         self._shutdown()
 
     def _connect(self) -> None:
-        self._conn = amqp.connect(self.url, heartbeat=self._heartbeat, name="fibrpc-client")
+        self._conn = amqp.connect(
+            self.url, heartbeat=self._heartbeat, name="fibrpc-client", tls=self._tls
+        )
         self._channel = self._conn.channel()
         self._channel.basic_consume(amqp.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
         self._channel.add_on_return_callback(self._on_return)

@@ -68,6 +68,7 @@ class WorkerSettings:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     limits: Limits = dataclasses.field(default_factory=Limits)
+    tls: amqp.TLSOptions | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -146,7 +147,9 @@ class Worker:
     def _connect(self) -> None:
         s = self.settings
         self._close()
-        self._conn = amqp.connect(s.url, heartbeat=s.heartbeat, name=f"fibrpc-worker-{os.getpid()}")
+        self._conn = amqp.connect(
+            s.url, heartbeat=s.heartbeat, name=f"fibrpc-worker-{os.getpid()}", tls=s.tls
+        )
         try:
             self._channel = self._conn.channel()
             amqp.declare_request_queue(self._channel, s.queue, queue_type=s.queue_type)

@@ -104,7 +104,7 @@ class Supervisor:
 
     def _preflight(self) -> None:
         try:
-            amqp.connect(self.settings.url, name="fibrpc-supervisor").close()
+            amqp.connect(self.settings.url, name="fibrpc-supervisor", tls=self.settings.tls).close()
         except BrokerUnreachableError as exc:
             log.warning("%s The workers will keep trying.", exc)
 
