@@ -68,6 +68,8 @@ _PROBE_INTERVAL: Final = 0.5
 RECONNECT_GRACE: Final = 10.0
 _RETURN_RETRY: Final = 0.2
 _TICK: Final = 0.05
+#: Seconds the idle I/O thread sleeps between turns that keep heartbeats flowing.
+_IDLE: Final = 1.0
 _RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
@@ -143,8 +145,17 @@ class Client:
         self._pending: dict[str, _Call] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._outbox: collections.deque[_Call] = collections.deque()
-        self._lock = threading.Lock()
-        self._wake_scheduled = False
+        self._lock = threading.Lock()  # guards the outbox
+        # One thread at a time drives the connection (``_driving``): a caller waiting for
+        # its own reply, so the hot path has no thread switch, or the I/O thread when
+        # nobody else does. ``_turn`` is where the others wait, for their reply or for
+        # the turn; the driver notifies it after every turn that settled calls.
+        self._turn = threading.Condition()
+        self._driving = False
+        self._wanting = 0  # callers waiting for the turn: the I/O thread yields to them
+        self._settled = 0  # calls settled so far: tells a driver whom to wake
+        self._last_step = time.monotonic()
+        self._broken = False  # the connection dropped: the I/O thread reconnects
         self._slots = threading.BoundedSemaphore(window)
         self._closing = False
         self._conn: Any = None
@@ -179,7 +190,8 @@ class Client:
         Raises ``RequestError`` if the server refuses n, ``CallTimeoutError`` after
         ``timeout`` seconds, ``NoServerError`` when no server consumes the queue.
         """
-        return self._wait(self.submit(n, algo, timeout))
+        result: int = self._wait(self._submit(n, algo, timeout, _AS_INT, block=True))
+        return result
 
     def call_text(self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None) -> str:
         """F(n) as decimal text, exactly as the server sent it (no int conversion)."""
@@ -189,8 +201,12 @@ class Client:
     def submit(
         self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None
     ) -> concurrent.futures.Future[int]:
-        """Send one call now and return its future; blocks while the window is full."""
+        """Send one call now and return its future; blocks while the window is full.
+
+        The I/O thread drives the connection until the future resolves.
+        """
         future: concurrent.futures.Future[int] = self._submit(n, algo, timeout, _AS_INT, block=True)
+        self._notify()
         return future
 
     def map(
@@ -246,7 +262,7 @@ class Client:
         if self._closing:
             return
         self._closing = True
-        self._wake()
+        self._notify()
         self._thread.join(10)
 
     @property
@@ -269,29 +285,96 @@ class Client:
                 f"The client's window of {self.window} calls stayed full for {timeout} s."
             )
         call = _Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, timeout)
-        with self._lock:
-            self._outbox.append(call)
-            wake = not self._wake_scheduled
-            self._wake_scheduled = True
-        if wake:
-            self._wake()
+        if not self._broken and self._try_turn():
+            try:  # nobody is driving: publish now, from this thread
+                self._send([call])
+            except amqp.ConnectionLost:
+                self._broken = True  # the call is pending: re-sent after the reconnect
+            finally:
+                self._end_turn(wake_io=self._broken)
+        else:
+            with self._lock:
+                self._outbox.append(call)
+            self._kick()
         return call.future
 
-    def _wake(self) -> None:
-        conn = self._conn
-        if conn is not None:
-            # While reconnecting this fails; the I/O thread flushes the outbox once back.
+    # -- whose turn it is to drive the connection -----------------------------------------
+
+    def _try_turn(self) -> bool:
+        with self._turn:
+            if self._driving:
+                return False
+            self._driving = True
+            return True
+
+    def _end_turn(self, *, wake_io: bool = True) -> None:
+        """Give up the turn. Others are woken only if they have something to do: waking
+        the idle I/O thread after every call would cost a thread switch on the hot path,
+        and a caller that has just published its call (``wake_io=False``) is about to
+        take the turn again to wait for the reply."""
+        with self._turn:
+            self._driving = False
+            if self._wanting or (wake_io and (self._needs_io() or self._closing)):
+                self._turn.notify_all()
+
+    def _notify(self) -> None:
+        """Wake the threads waiting on ``_turn`` (the I/O thread among them)."""
+        with self._turn:
+            self._turn.notify_all()
+
+    def _kick(self) -> None:
+        """Get the outbox flushed: wake the driver out of its select, or the I/O thread."""
+        if self._driving:
+            conn = self._conn
+            # While reconnecting this fails; the outbox is flushed once back.
             with contextlib.suppress(Exception):
-                conn.add_callback_threadsafe(self._flush)
+                conn.add_callback_threadsafe(_nothing)
+        else:
+            self._notify()
 
     def _wait(self, future: concurrent.futures.Future[T]) -> T:
-        # Every call has a deadline enforced by the I/O thread; the margin here only
-        # guards against that thread having died.
-        return future.result(self.timeout + 30.0)
+        """The future's result, driving the connection from this thread while it waits
+        (unless another thread drives it already, or the I/O thread is reconnecting)."""
+        deadline = time.monotonic() + self.timeout + 30.0
+        while not future.done():
+            if time.monotonic() > deadline:  # only if the I/O thread itself has died
+                raise ClientClosedError("The client's I/O thread stopped answering.")
+            with self._turn:
+                if self._driving or self._broken or self._closing:
+                    self._wanting += 1
+                    if self._driving:
+                        self._kick()  # the I/O thread yields its turn to a caller
+                    self._turn.wait(_TICK)
+                    self._wanting -= 1
+                    continue
+                self._driving = True
+            try:
+                while not future.done() and not self._closing and not self._broken:
+                    self._step(_TICK)
+            except amqp.ConnectionLost:
+                self._broken = True
+            except Exception:
+                log.exception("the client failed while waiting for a reply; closing it")
+                self._closing = True
+            finally:
+                self._end_turn()
+        return future.result(0)
+
+    def _my_turn(self) -> bool:
+        """Whether the I/O thread should drive now: calls wait and no caller drives, or
+        the connection has been idle long enough to owe the broker a heartbeat."""
+        if self._driving or self._wanting:
+            return False
+        return self._needs_io() or time.monotonic() - self._last_step >= _IDLE
+
+    def _needs_io(self) -> bool:
+        return bool(self._pending or self._outbox or self._returned or self._broken)
 
     # -- the I/O thread -------------------------------------------------------------------
 
     def _io_main(self, ready: threading.Event) -> None:
+        """Connect; then drive the connection whenever calls wait and no caller drives it,
+        reconnect when it drops, and keep heartbeats flowing while the client is idle."""
         try:
             self._connect()
         except BaseException as exc:
@@ -300,22 +383,38 @@ class Client:
             return
         ready.set()
         while not self._closing:
-            try:
-                self._serve()
-            except amqp.ConnectionLost as exc:
+            with self._turn:
+                while not self._closing and not self._my_turn():
+                    self._turn.wait(_IDLE)
                 if self._closing:
                     break
-                log.warning(
-                    "lost the connection to %s (%s); reconnecting",
-                    amqp.redact(self.url),
-                    type(exc).__name__,
-                )
-                self._reconnect()
+                self._driving = True
+            try:
+                if self._broken:
+                    self._reconnect()
+                self._step(0)
+                while not self._closing and self._needs_io() and not self._wanting:
+                    self._step(_TICK)
+            except amqp.ConnectionLost as exc:
+                if not self._closing:
+                    log.warning(
+                        "lost the connection to %s (%s); reconnecting",
+                        amqp.redact(self.url),
+                        type(exc).__name__,
+                    )
+                    self._broken = True
             except Exception:
                 # A bug must not leave callers waiting forever: fail them all, loudly.
                 log.exception("the client's I/O thread failed; closing the client")
                 self._closing = True
+            finally:
+                self._end_turn()
+        with self._turn:
+            while self._driving:
+                self._turn.wait(_TICK)
+            self._driving = True
         self._shutdown()
+        self._end_turn()
 
     def _connect(self) -> None:
         self._conn = amqp.connect(
@@ -329,6 +428,8 @@ class Client:
     def _reconnect(self) -> None:
         """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
         flight (Fibonacci is pure, so a retry is safe)."""
+        with contextlib.suppress(Exception):
+            self._conn.close()
         self._conn = None
         for attempt in itertools.count():
             if self._closing:
@@ -347,6 +448,7 @@ class Client:
             self._grace_until = time.monotonic() + RECONNECT_GRACE
             self._next_probe = self._grace_until
             self._no_consumer_since = None
+            self._broken = False
             for call in list(self._pending.values()):
                 self._publish(call)
             return
@@ -358,26 +460,32 @@ class Client:
             self._expire(now)
             time.sleep(min(_TICK, until - now))
 
-    def _serve(self) -> None:
-        while not self._closing:
-            self._flush()
-            self._conn.process_data_events(time_limit=_TICK)
-            now = time.monotonic()
-            if self._returned and now >= self._returned[0][0]:
-                self._resend_returned(now)
-            if self._deadlines and self._deadlines[0][0] <= now:
-                self._expire(now)
-            if self._pending and now >= self._next_probe:
-                self._next_probe = now + _PROBE_INTERVAL
-                self._check_consumers(now)
+    def _step(self, time_limit: float) -> None:
+        """One turn of the connection (the caller has the turn): publish what
+        waits in the outbox, take in replies, expire calls past their deadline."""
+        if self._outbox:
+            with self._lock:
+                calls = list(self._outbox)
+                self._outbox.clear()
+            self._send(calls)
+        settled = self._settled
+        self._conn.process_data_events(time_limit=time_limit)
+        self._last_step = now = time.monotonic()
+        if self._returned and now >= self._returned[0][0]:
+            self._resend_returned(now)
+        if self._deadlines and self._deadlines[0][0] <= now:
+            self._expire(now)
+        if self._pending and now >= self._next_probe:
+            self._next_probe = now + _PROBE_INTERVAL
+            self._check_consumers(now)
+        if self._settled != settled and self._wanting:
+            self._notify()  # some waiter's reply may be in
 
-    def _flush(self) -> None:
-        with self._lock:
-            self._wake_scheduled = False
-            calls = list(self._outbox)
-            self._outbox.clear()
-        # Every call is pending before any is published: if the connection drops midway,
-        # the unpublished ones are re-sent with the rest after the reconnect.
+    def _send(self, calls: list[_Call]) -> None:
+        """Publish ``calls`` (the caller has the turn).
+
+        Every call is pending before any is published: if the connection drops midway,
+        the unpublished ones are re-sent with the rest after the reconnect."""
         for call in calls:
             self._pending[call.corr_id] = call
             heapq.heappush(self._deadlines, (call.deadline, call.corr_id))
@@ -412,6 +520,7 @@ class Client:
             self._count_stray(props.correlation_id)
             return
         self._slots.release()
+        self._settled += 1
         try:
             value = protocol.decode_reply(body, props.content_type)
             if call.as_ == _AS_INT:
@@ -458,6 +567,7 @@ class Client:
         call = self._pending.pop(corr_id, None)
         if call is not None:
             self._slots.release()
+            self._settled += 1
             _settle(call.future, error)
 
     def _expire(self, now: float) -> None:
@@ -528,6 +638,10 @@ class Client:
                 conn.close()
             except Exception as exc:  # the broker went away as we left: nothing to do
                 log.debug("close failed: %s", exc)
+
+
+def _nothing() -> None:
+    """A callback that only wakes the connection's select loop."""
 
 
 def _settle(future: concurrent.futures.Future[Any], value: Any, *, ok: bool = False) -> None:
