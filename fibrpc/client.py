@@ -340,10 +340,12 @@ class Client:
             if time.monotonic() > deadline:  # only if the I/O thread itself has died
                 raise ClientClosedError("The client's I/O thread stopped answering.")
             with self._turn:
-                if self._driving or self._broken or self._closing:
+                if self._broken or self._closing:
+                    self._turn.wait(_TICK)  # the I/O thread reconnects (or shuts down)
+                    continue
+                if self._driving:
                     self._wanting += 1
-                    if self._driving:
-                        self._kick()  # the I/O thread yields its turn to a caller
+                    self._kick()  # the I/O thread yields its turn to a caller
                     self._turn.wait(_TICK)
                     self._wanting -= 1
                     continue
@@ -363,7 +365,11 @@ class Client:
     def _my_turn(self) -> bool:
         """Whether the I/O thread should drive now: calls wait and no caller drives, or
         the connection has been idle long enough to owe the broker a heartbeat."""
-        if self._driving or self._wanting:
+        if self._driving:
+            return False
+        if self._broken:
+            return True  # only the I/O thread reconnects
+        if self._wanting:
             return False
         return self._needs_io() or time.monotonic() - self._last_step >= _IDLE
 
