@@ -1,0 +1,610 @@
+"""The load generator behind ``fibrpc bench``: how fast is fibrpc, end to end, here?
+
+Three scenarios, each the way a real caller would use ``fibrpc.Client``'s public API:
+
+``sequential``
+    One ``client.call`` at a time: the RabbitMQ tutorial's pattern. Latency is per call.
+``pipelined``
+    One message per call, up to ``window`` in flight (``client.submit``). Latency runs
+    from the call to ``submit`` (a wait for a free slot in the window included) to the
+    moment the future is resolved, stamped by a done callback on the client's I/O thread.
+``batched``
+    ``batch_size`` values of n per message, ``batch_window`` messages in flight
+    (``client.imap``). Latency is per batch message, and is what an ``imap`` consumer
+    sees: from the moment ``imap`` draws the batch's first n from its input (just after
+    it sent the previous batch) to the moment it yields the batch's first result, in
+    order.
+
+What is timed is only the calls: the values of n are drawn before the clock starts, and
+every result is checked against an oracle after it stops (``FAST_TABLE`` for n <= 93,
+``gmpy2.fib`` beyond). A refused call or a timeout is counted in ``errors`` and the run
+goes on; so is a result that differs from the oracle, and a call the client never
+resolves (not even by its timeout: a client bug, which must not hang the run). Losing the
+server or the broker ends the run with the client's own error.
+
+``--spawn N`` starts ``fibrpc serve --workers N`` on a queue of the run's own, waits for
+its ``ready:`` line, and stops it (SIGTERM, then SIGKILL to its process group) however
+the run ends; the queue is deleted afterwards. ``SpawnError``, a ``FibrpcError``, says
+why a spawned server did not come up.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import gmpy2
+import numpy as np
+
+from fibrpc import amqp
+from fibrpc.client import Client
+from fibrpc.config import DEFAULT_QUEUE, DEFAULT_TIMEOUT, DEFAULT_URL
+from fibrpc.errors import CallTimeoutError, FibrpcError, RequestError
+from fibrpc.kernels import DEFAULT_ALGORITHM, FAST_TABLE, ITER_MAX_N
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_BATCH_WINDOW",
+    "DEFAULT_CALLS",
+    "DEFAULT_MAX_N",
+    "DEFAULT_SEED",
+    "DEFAULT_WINDOW",
+    "SCENARIOS",
+    "BenchSettings",
+    "Progress",
+    "Report",
+    "ScenarioResult",
+    "SpawnError",
+    "count_mismatches",
+    "draw_ns",
+    "expected",
+    "percentile_ms",
+    "run",
+    "spawned_server",
+]
+
+log = logging.getLogger(__name__)
+
+SCENARIOS: Final = ("sequential", "pipelined", "batched")
+"""The scenarios, in the order a run takes them."""
+
+DEFAULT_CALLS: Final = {"sequential": 3_000, "pipelined": 20_000, "batched": 2_000_000}
+"""Calls per scenario when ``--calls`` is not given: a few seconds each on a 2-core
+machine, and the counts bench/compare.py runs the baselines of ``../shared/baselines``
+with."""
+
+DEFAULT_MAX_N: Final = 90
+"""n is drawn uniformly from 0..max_n; 90 is the baselines' workload."""
+
+DEFAULT_SEED: Final = 1
+
+DEFAULT_WINDOW: Final = 128
+"""Calls in flight in ``pipelined``: raw_pipeline.py's window in the baseline figures."""
+
+DEFAULT_BATCH_WINDOW: Final = 8
+"""Batch messages in flight in ``batched``: raw_batched.py's window."""
+
+DEFAULT_BATCH_SIZE: Final = 1000
+"""Values of n per batch message: the client's own automatic batch size."""
+
+SPAWN_READY_TIMEOUT: Final = 60.0
+"""Seconds a spawned server may take to log ``ready:``."""
+
+SPAWN_STOP_TIMEOUT: Final = 30.0
+"""Seconds a spawned server may take to drain after SIGTERM before its group is killed."""
+
+#: Failures of one call, counted in ``errors``; any other error ends the run.
+_CALL_ERRORS: Final = (RequestError, CallTimeoutError)
+
+#: Seconds past a call's timeout after which a still-pending future counts as an error.
+_RESOLVE_MARGIN: Final = 30.0
+
+#: Calls answered before the clock starts, so that no scenario pays for a cold start.
+_WARM_CALLS: Final = 64
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+class SpawnError(FibrpcError):
+    """A server started by ``--spawn`` exited or did not become ready in time."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BenchSettings:
+    """What one run measures, and where; every field is a ``fibrpc bench`` option."""
+
+    url: str = DEFAULT_URL
+    queue: str = DEFAULT_QUEUE
+    scenarios: tuple[str, ...] = SCENARIOS
+    calls: int | None = None  # None: DEFAULT_CALLS, per scenario
+    algo: str = DEFAULT_ALGORITHM
+    max_n: int = DEFAULT_MAX_N
+    seed: int = DEFAULT_SEED
+    window: int = DEFAULT_WINDOW
+    batch_window: int = DEFAULT_BATCH_WINDOW
+    batch_size: int = DEFAULT_BATCH_SIZE
+    timeout: float = DEFAULT_TIMEOUT
+
+    def calls_for(self, scenario: str) -> int:
+        """How many calls ``scenario`` makes."""
+        return DEFAULT_CALLS[scenario] if self.calls is None else self.calls
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScenarioResult:
+    """The figures of one scenario; ``as_dict`` is its JSON form, key for key."""
+
+    name: str
+    calls: int
+    seconds: float
+    calls_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as the JSON object ``--json`` prints for a scenario."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Report:
+    """A whole run: its settings, the server it spawned (if any) and every scenario."""
+
+    settings: BenchSettings
+    results: list[ScenarioResult]
+    spawn: int | None = None
+
+    @property
+    def errors(self) -> int:
+        """Failed or wrong calls over every scenario; the command fails when non-zero."""
+        return sum(r.errors for r in self.results)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``--json`` document: the scenarios first, then what they ran with."""
+        s = self.settings
+        return {
+            "scenarios": [r.as_dict() for r in self.results],
+            "algo": s.algo,
+            "max_n": s.max_n,
+            "seed": s.seed,
+            "window": s.window,
+            "batch_window": s.batch_window,
+            "batch_size": s.batch_size,
+            "timeout": s.timeout,
+            "spawn": self.spawn,
+            "url": amqp.redact(s.url),
+            "queue": s.queue,
+        }
+
+    def table(self) -> str:
+        """The results as an aligned text table, one line per scenario."""
+        header = ("scenario", "calls", "seconds", "calls/s", "p50 ms", "p99 ms", "errors")
+        rows = [
+            (
+                r.name,
+                f"{r.calls:,}",
+                f"{r.seconds:.2f}",
+                f"{r.calls_per_s:,.0f}",
+                f"{r.p50_ms:.3f}",
+                f"{r.p99_ms:.3f}",
+                f"{r.errors:,}",
+            )
+            for r in self.results
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = []
+        for row in [header, *rows]:
+            cells = [row[0].ljust(widths[0])]
+            cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+            lines.append("  ".join(cells))
+        return "\n".join(lines)
+
+
+# -- the oracle and the statistics ---------------------------------------------------------
+
+
+def draw_ns(count: int, max_n: int, seed: int) -> list[int]:
+    """``count`` values of n uniform in 0..max_n, as Python ints, reproducible by seed.
+
+    numpy draws them in one C loop: a Python loop would cost seconds for the batched
+    scenario's two million values, before the clock even starts.
+    """
+    drawn: list[int] = np.random.default_rng(seed).integers(0, max_n + 1, count).tolist()
+    return drawn
+
+
+def expected(n: int) -> int:
+    """F(n) by the oracle: the 64-bit table, or GMP beyond it (independent of the server's
+    code path, which for ``fast`` also uses GMP, but through decimal text and back)."""
+    return FAST_TABLE[n] if 0 <= n <= ITER_MAX_N else int(gmpy2.fib(n))
+
+
+def count_mismatches(ns: Sequence[int], results: Sequence[int | None]) -> int:
+    """How many results differ from F(n); a None (a call that failed, already counted as
+    an error) is skipped. Raises ``ValueError`` if the two lengths differ."""
+    table = FAST_TABLE
+    bad = 0
+    for n, result in zip(ns, results, strict=True):
+        if result is None:
+            continue
+        if 0 <= n <= ITER_MAX_N:
+            bad += table[n] != result
+        else:
+            bad += gmpy2.fib(n) != result
+    return bad
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    """The ``q`` quantile (0 < q <= 1, nearest rank) of latencies, in milliseconds."""
+    if not seconds:
+        return 0.0
+    ordered = sorted(seconds)
+    rank = min(len(ordered), max(1, math.ceil(q * len(ordered))))
+    return round(ordered[rank - 1] * 1000.0, 4)
+
+
+def _result(
+    name: str, calls: int, seconds: float, latencies: list[float], errors: int
+) -> ScenarioResult:
+    return ScenarioResult(
+        name=name,
+        calls=calls,
+        seconds=round(seconds, 6),
+        calls_per_s=round(calls / seconds, 1) if seconds > 0 else 0.0,
+        p50_ms=percentile_ms(latencies, 0.50),
+        p99_ms=percentile_ms(latencies, 0.99),
+        errors=errors,
+    )
+
+
+# -- progress ----------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line ``\\r`` counter on a stream, redrawn at most every 0.2 s.
+
+    Callers call ``update`` only every few hundred calls, so the cost inside a timed loop
+    is one clock read then; disabled, it costs a method call that returns at once.
+    """
+
+    def __init__(self, name: str, total: int, stream: TextIO | None) -> None:
+        self.name = name
+        self.total = total
+        self.stream = stream
+        self._next_draw = 0.0
+
+    def update(self, done: int) -> None:
+        """Redraw the line with ``done`` calls finished, if it is time to."""
+        if self.stream is None:
+            return
+        now = time.perf_counter()
+        if now >= self._next_draw:
+            self._next_draw = now + 0.2
+            self.stream.write(f"\r{self.name:<10} {done:>12,} / {self.total:,}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Erase the line, so the table starts on a clean one."""
+        if self.stream is not None:
+            self.stream.write("\r" + " " * (len(self.name) + 30) + "\r")
+            self.stream.flush()
+
+
+# -- the scenarios -----------------------------------------------------------------------
+
+
+def run_sequential(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
+    """One call at a time; each call's latency is its own wall time."""
+    count = len(ns)
+    results: list[int | None] = [None] * count
+    latencies = [0.0] * count
+    errors = 0
+    clock = time.perf_counter
+    started = clock()
+    for i, n in enumerate(ns):
+        t0 = clock()
+        try:
+            results[i] = client.call(n, algo)
+        except _CALL_ERRORS:
+            errors += 1
+        latencies[i] = clock() - t0
+        if not i & 63:
+            progress.update(i)
+    seconds = clock() - started
+    progress.close()
+    errors += count_mismatches(ns, results)
+    return _result("sequential", count, seconds, latencies, errors)
+
+
+def run_pipelined(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
+    """One message per call, as many in flight as the client's window allows.
+
+    The done callback runs on the client's I/O thread as the future is resolved, so the
+    stamp is when the result existed, not when this thread got round to looking at it.
+    """
+    count = len(ns)
+    sent = [0.0] * count
+    done = [0.0] * count
+    clock = time.perf_counter
+
+    def stamp(i: int, _future: object) -> None:
+        done[i] = clock()
+
+    futures: list[concurrent.futures.Future[int]] = []
+    append = futures.append
+    started = clock()
+    for i, n in enumerate(ns):
+        sent[i] = clock()
+        future = client.submit(n, algo)
+        future.add_done_callback(functools.partial(stamp, i))
+        append(future)
+        if not i & 255:
+            progress.update(i)
+    # Every call has a deadline the client enforces; a future still pending well past it
+    # is a client bug, counted as an error rather than left to hang the run.
+    _, stuck = concurrent.futures.wait(futures, timeout=client.timeout + _RESOLVE_MARGIN)
+    gave_up = clock()
+    progress.close()
+    results: list[int | None] = [None] * count
+    errors = len(stuck)
+    if stuck:
+        log.warning("%d call(s) were never resolved, not even by their timeout", len(stuck))
+    for i, future in enumerate(futures):
+        if future in stuck:
+            done[i] = gave_up
+            continue
+        exc = future.exception()
+        if exc is None:
+            results[i] = future.result()
+        elif isinstance(exc, _CALL_ERRORS):
+            errors += 1
+        else:
+            raise exc
+    seconds = max(done) - started
+    errors += count_mismatches(ns, results)
+    latencies = [d - s for d, s in zip(done, sent, strict=True)]
+    return _result("pipelined", count, seconds, latencies, errors)
+
+
+def run_batched(
+    client: Client, ns: list[int], algo: str, batch_size: int, progress: Progress
+) -> ScenarioResult:
+    """``batch_size`` values per message through ``client.imap``; latency per message.
+
+    The input is handed to ``imap`` as a chain of ready-made batches, through a generator
+    that stamps each batch as ``imap`` draws it: Python code runs once per batch, not once
+    per value, on the input side. A refused batch ends an ``imap``; its values are counted
+    as errors and a new ``imap`` takes up the next batch.
+    """
+    batches = [ns[i : i + batch_size] for i in range(0, len(ns), batch_size)]
+    drawn = [0.0] * len(batches)
+    answered = [0.0] * len(batches)
+    results: list[int | None] = []
+    errors = 0
+    clock = time.perf_counter
+
+    def stamped(first: int) -> Iterator[list[int]]:
+        for k in range(first, len(batches)):
+            drawn[k] = clock()
+            yield batches[k]
+
+    k = 0
+    started = clock()
+    while k < len(batches):
+        values = client.imap(itertools.chain.from_iterable(stamped(k)), algo, batch_size=batch_size)
+        try:
+            while k < len(batches):
+                head = next(values)
+                answered[k] = clock()
+                results.append(head)
+                results.extend(itertools.islice(values, len(batches[k]) - 1))
+                k += 1
+                progress.update(len(results))
+        except _CALL_ERRORS:
+            answered[k] = clock()
+            results.extend([None] * len(batches[k]))
+            errors += len(batches[k])
+            k += 1
+    seconds = clock() - started
+    progress.close()
+    errors += count_mismatches(ns, results)
+    latencies = [a - d for a, d in zip(answered, drawn, strict=True)]
+    return _result("batched", len(ns), seconds, latencies, errors)
+
+
+def _warm(client: Client, ns: list[int], algo: str, batch_size: int | None) -> None:
+    """Answer a few calls before the clock starts (connection, server caches, the
+    client's first-call costs); refusals are ignored here, the timed run counts them."""
+    futures = [client.submit(n, algo) for n in ns[:_WARM_CALLS]]
+    _, stuck = concurrent.futures.wait(futures, timeout=client.timeout + _RESOLVE_MARGIN)
+    if stuck:
+        raise CallTimeoutError(f"{len(stuck)} warm-up call(s) were never answered.")
+    for future in futures:
+        exc = future.exception()
+        if exc is not None and not isinstance(exc, _CALL_ERRORS):
+            raise exc
+    if batch_size is not None:
+        with contextlib.suppress(*_CALL_ERRORS):
+            client.map(ns[: 2 * batch_size], algo, batch_size=batch_size)
+
+
+def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> ScenarioResult:
+    """Run one scenario on a client of its own (its window is the scenario's)."""
+    ns = draw_ns(settings.calls_for(name), settings.max_n, settings.seed)
+    window = {"pipelined": settings.window, "batched": settings.batch_window}.get(name, 1)
+    progress = Progress(name, len(ns), stream)
+    with Client(
+        settings.url, queue=settings.queue, timeout=settings.timeout, window=window
+    ) as client:
+        batch_size = settings.batch_size if name == "batched" else None
+        _warm(client, ns, settings.algo, batch_size)
+        if name == "sequential":
+            return run_sequential(client, ns, settings.algo, progress)
+        if name == "pipelined":
+            return run_pipelined(client, ns, settings.algo, progress)
+        if name == "batched":
+            return run_batched(client, ns, settings.algo, settings.batch_size, progress)
+    raise ValueError(f"Unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}.")
+
+
+def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = False) -> Report:
+    """Run every scenario of ``settings`` and return the report.
+
+    With ``spawn``, first start a server of that many workers on a queue of its own
+    (``settings.queue`` is then ignored) and stop it afterwards, whatever happens.
+    ``progress`` draws a counter on stderr. Raises the client's ``FibrpcError`` when the
+    broker or the server is lost, ``SpawnError`` when a spawned server does not start.
+    """
+    stream = sys.stderr if progress else None
+    with contextlib.ExitStack() as stack:
+        if spawn is not None:
+            queue = stack.enter_context(spawned_server(settings.url, spawn))
+            settings = dataclasses.replace(settings, queue=queue)
+        results = [run_scenario(settings, name, stream) for name in settings.scenarios]
+    return Report(settings, results, spawn)
+
+
+# -- --spawn -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def spawned_server(
+    url: str,
+    workers: int,
+    *,
+    ready_timeout: float = SPAWN_READY_TIMEOUT,
+    stop_timeout: float = SPAWN_STOP_TIMEOUT,
+) -> Iterator[str]:
+    """Start ``fibrpc serve`` on a fresh queue; yield the queue's name once it is ready.
+
+    The server runs in a session (and process group) of its own, so a Ctrl-C at the
+    terminal reaches only this process, which then stops the server in order. SIGTERM and
+    SIGHUP to this process are turned into ``SystemExit`` meanwhile, so they too stop it.
+    Linux's parent-death signal covers the one case no handler can: this process killed
+    with SIGKILL. Raises ``SpawnError`` if the server exits or is not ready in time.
+    """
+    queue = f"fibrpc-bench-{uuid.uuid4().hex[:10]}"
+    cmd = [sys.executable, "-m", "fibrpc", "serve", "--queue", queue, "--workers", str(workers)]
+    env = {**os.environ, "FIBRPC_URL": url}  # not in argv, where ps would show its password
+    with (
+        _signals_as_exit(),
+        tempfile.TemporaryDirectory(prefix="fibrpc-bench-") as tmp,
+    ):
+        log_path = Path(tmp) / "serve.log"
+        with log_path.open("wb") as log_file:
+            # preexec_fn is safe here: no Client (and so no thread) exists yet.
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
+            )
+        try:
+            _wait_ready(proc, log_path, ready_timeout)
+            log.info("spawned server pid %d on queue %r", proc.pid, queue)
+            yield queue
+        finally:
+            try:
+                _stop(proc, stop_timeout)
+            finally:
+                _delete_queue(url, queue)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when this process dies."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_as_exit() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into ``SystemExit(128 + signum)`` while the block runs, so
+    ``finally`` clauses (stopping a spawned server) run; a no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
+    """Wait for the server's ``ready:`` log line; ``SpawnError`` if it exits or is late."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if b"ready:" in log_path.read_bytes():
+            return
+        if proc.poll() is not None:
+            raise SpawnError(
+                f"The spawned server exited with code {proc.returncode} before it was "
+                f"ready; its log ends:\n{_tail(log_path)}"
+            )
+        time.sleep(0.05)
+    raise SpawnError(
+        f"The spawned server was not ready within {timeout} s; its log ends:\n{_tail(log_path)}"
+    )
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    return path.read_bytes()[-chars:].decode(errors="replace")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the supervisor and wait for its drain; then SIGKILL whatever is left of
+    its process group (workers included), in every case."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("the spawned server did not stop within %s s; killing it", timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
+def _delete_queue(url: str, queue: str) -> None:
+    """Delete the spawned server's queue (best effort: a leftover queue is harmless)."""
+    try:
+        conn = amqp.connect(url, name="fibrpc-bench")
+    except FibrpcError as exc:
+        log.debug("could not delete queue %r: %s", queue, exc)
+        return
+    try:
+        conn.channel().queue_delete(queue)
+    except Exception as exc:
+        log.debug("could not delete queue %r: %s", queue, exc)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
