@@ -8,6 +8,7 @@ Public API::
         client.map(range(1000), algo="iter") # batched and pipelined
 """
 
+from fibrpc.amqp import TLSOptions
 from fibrpc.client import Client
 from fibrpc.errors import (
     AccessRefusedError,
@@ -34,5 +35,6 @@ __all__ = [
     "FibrpcError",
     "NoServerError",
     "RequestError",
+    "TLSOptions",
 ]
 __version__ = "0.1.0"

@@ -41,6 +41,7 @@ from fibrpc.config import (
     NO_SERVER_GRACE,
 )
 from fibrpc.errors import (
+    AccessRefusedError,
     CallTimeoutError,
     ClientClosedError,
     ConfigError,
@@ -426,10 +427,13 @@ class Client:
         self._conn = amqp.connect(
             self.url, heartbeat=self._heartbeat, name="fibrpc-client", tls=self._tls
         )
+        self._open_channel()
+        self._probe = None
+
+    def _open_channel(self) -> None:
         self._channel = self._conn.channel()
         self._channel.basic_consume(amqp.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
         self._channel.add_on_return_callback(self._on_return)
-        self._probe = None
 
     def _reconnect(self) -> None:
         """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
@@ -476,6 +480,8 @@ class Client:
             self._send(calls)
         settled = self._settled
         self._conn.process_data_events(time_limit=time_limit)
+        if self._channel.is_closed:
+            self._on_channel_closed()
         self._last_step = now = time.monotonic()
         if self._returned and now >= self._returned[0][0]:
             self._resend_returned(now)
@@ -486,6 +492,21 @@ class Client:
             self._check_consumers(now)
         if self._settled != settled and self._wanting:
             self._notify()  # some waiter's reply may be in
+
+    def _on_channel_closed(self) -> None:
+        """The broker closed our channel (a refused permission, most likely): fail every
+        call in flight with the broker's reason, then open a fresh channel so that the
+        client stays usable. pika keeps the reason only in a private attribute."""
+        reason = getattr(self._channel, "_closing_reason", None)
+        error: FibrpcError = ClientClosedError(f"RabbitMQ closed the client's channel: {reason}")
+        if isinstance(reason, BaseException):
+            translated = amqp.translate(reason, self.url)
+            if isinstance(translated, AccessRefusedError):
+                error = translated
+        log.warning("%s", error)
+        for corr_id in list(self._pending):
+            self._fail(corr_id, error)
+        self._open_channel()
 
     def _send(self, calls: list[_Call]) -> None:
         """Publish ``calls`` (the caller has the turn).
@@ -505,8 +526,8 @@ class Client:
 
     def _publish(self, call: _Call) -> None:
         remaining_ms = max(1, int((call.deadline - time.monotonic()) * 1000))
-        self._channel.basic_publish(
-            "",
+        amqp.publish_soon(
+            self._channel,
             self.queue,
             call.body,
             pika.BasicProperties(

@@ -40,6 +40,8 @@ DELIVERIES_HEADER: Final = "x-fibrpc-deliveries"
 _MAX_DIGITS: Final = 19
 _FLOAT_TEXT: Final = re.compile(rb"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.I)
 _SHOWN: Final = 40
+#: The ``fibrpc serve`` option behind each bound, named in the refusal of a request over it.
+_MAX_N_OPTIONS: Final = {"naive": "--naive-max-n", "fast": "--fast-max-n"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,18 +55,19 @@ class Request:
 
 
 def decode_request(
-    body: bytes, content_type: str | None, algo_hint: str | None, limits: Limits
+    body: bytes, content_type: str | bytes | None, algo_hint: str | None, limits: Limits
 ) -> Request:
     """Decode and bounds-check a request body; raise ``RequestError`` if it is refused.
 
     ``algo_hint`` is the AMQP ``type`` property, which names the algorithm of a text
     request. Everything a client can send ends in a ``Request`` or a ``RequestError``.
+    A refusal for going over a limit names the ``fibrpc serve`` option that sets it.
     """
     if len(body) > limits.max_body_bytes:
         raise RequestError(
             ErrorCode.BODY_TOO_LARGE,
             f"The request body has {len(body):,} bytes; the limit is "
-            f"{limits.max_body_bytes:,} bytes.",
+            f"{limits.max_body_bytes:,} bytes (the server's --max-body-bytes).",
         )
     media = media_type(content_type)
     if media in ("", TEXT):
@@ -80,11 +83,17 @@ def decode_request(
     )
 
 
-def media_type(content_type: str | None) -> str:
+def media_type(content_type: str | bytes | None) -> str:
     """The media type of a content type, without parameters, in lower case
-    (``"Application/JSON; charset=utf-8"`` is ``"application/json"``)."""
+    (``"Application/JSON; charset=utf-8"`` is ``"application/json"``).
+
+    pika hands over a content type that is not UTF-8 as ``bytes``; its bad bytes become
+    U+FFFD here, so it matches no media type fibrpc understands.
+    """
     if not content_type:
         return ""
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode("utf-8", "replace")
     return content_type.partition(";")[0].strip().lower()
 
 
@@ -166,7 +175,8 @@ def _check_n(n: int, algo: str, limits: Limits) -> int:
         shown = f"n = {n}" if n.bit_length() <= 64 else f"n of {n.bit_length():,} bits"
         raise RequestError(
             ErrorCode.OUT_OF_RANGE,
-            f"{shown} is above the largest n for {algo!r}, which is {bound:,}{hint}.",
+            f"{shown} is above the largest n for {algo!r}, which is {bound:,}"
+            f"{_max_n_option(algo)}{hint}.",
         )
     _check_reply_size(estimate_digits(n) + 16, limits)
     return n
@@ -176,7 +186,8 @@ def _check_batch(ns: list[Any], algo: str, limits: Limits) -> None:
     if len(ns) > limits.max_batch:
         raise RequestError(
             ErrorCode.BATCH_TOO_LARGE,
-            f"The batch has {len(ns):,} values of n; the limit is {limits.max_batch:,}.",
+            f"The batch has {len(ns):,} values of n; the limit is {limits.max_batch:,} "
+            "(the server's --max-batch).",
         )
     if not ns:
         return
@@ -206,8 +217,8 @@ def _check_naive_cost(ns: list[int], limits: Limits) -> None:
         raise RequestError(
             ErrorCode.OUT_OF_RANGE,
             f"This naive batch would make about {cost:,} recursive calls; the limit per "
-            f"request is {budget:,} (two calls of naive({limits.naive_max_n})). Split the "
-            "batch or use algo 'iter' or 'fast'.",
+            f"request is {budget:,} (two calls of naive({limits.naive_max_n}), the "
+            "server's --naive-max-n). Split the batch or use algo 'iter' or 'fast'.",
         )
 
 
@@ -222,7 +233,7 @@ def _check_reply_size(estimate: int, limits: Limits) -> None:
         raise RequestError(
             ErrorCode.REPLY_TOO_LARGE,
             f"The reply would be about {estimate:,} bytes; the limit is "
-            f"{limits.max_reply_bytes:,} bytes.",
+            f"{limits.max_reply_bytes:,} bytes (the server's --max-reply-bytes).",
         )
 
 
@@ -230,8 +241,14 @@ def _out_of_range_digits(digits: int, algo: str, limits: Limits) -> RequestError
     return RequestError(
         ErrorCode.OUT_OF_RANGE,
         f"n has {digits:,} digits, above the largest n for {algo!r}, which is "
-        f"{limits.max_n(algo):,}.",
+        f"{limits.max_n(algo):,}{_max_n_option(algo)}.",
     )
+
+
+def _max_n_option(algo: str) -> str:
+    """The option setting ``algo``'s largest n, for a refusal; iter's bound is fixed."""
+    option = _MAX_N_OPTIONS.get(algo)
+    return f" (the server's {option})" if option else ""
 
 
 def _show(value: Any) -> str:

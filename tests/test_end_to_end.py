@@ -120,7 +120,7 @@ def test_a_message_without_reply_to_is_dropped_and_not_requeued(serve, queue, br
         assert raw.reply(good)[1] == b"1346269"
     finally:
         raw.close()
-    server.wait_for_log("no reply_to", timeout=5)
+    server.wait_for_log("dropped a message with no usable reply_to", timeout=5)
     assert broker.queue_declare(queue, passive=True).method.message_count == 0
 
 

@@ -1,0 +1,239 @@
+"""Least privilege, on the shared broker: a server user and a client user whose permissions
+cover only what each needs (README.md, "Least privilege"), and nothing more.
+
+What each needs, found by trying (RabbitMQ checks the default exchange as ``amq.default``):
+
+- server: configure the request queue (declare it), read it (consume, ack), write
+  ``amq.default`` (replies to ``amq.rabbitmq.reply-to.*`` and re-published redeliveries).
+- client: write ``amq.default`` (requests). Consuming direct reply-to and the passive
+  declare that counts the queue's consumers need no permission at all.
+
+The users are made with ``rabbitmqctl`` for this module's own queue, and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+import subprocess
+import urllib.parse
+from collections.abc import Callable, Iterator
+
+import pika
+import pika.exceptions
+import pytest
+from conftest import URL, broker_connection, run_cli
+from rawclient import RawClient
+
+from fibrpc import Client
+from fibrpc.exitcodes import ExitCode
+
+#: The client's permissions: configure, write, read.
+CLIENT_PERMISSIONS = ("^$", r"^amq\.default$", "^$")
+
+
+def server_permissions(queue: str) -> tuple[str, str, str]:
+    """The server's permissions on ``queue``: configure, write, read."""
+    own = f"^{re.escape(queue)}$"
+    return own, r"^amq\.default$", own
+
+
+def rabbitmqctl(*args: str) -> None:
+    """Run ``rabbitmqctl ARGS`` on the test broker; if its app is stopped (another test
+    restarting it), wait for it to start and try once more."""
+    result = _rabbitmqctl(*args)
+    if result.returncode != 0 and "requires the 'rabbit' app to be running" in result.stderr:
+        _rabbitmqctl("await_startup", "--timeout", "60")
+        result = _rabbitmqctl(*args)
+    assert result.returncode == 0, f"rabbitmqctl {args[0]} failed: {result.stderr}"
+
+
+def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=90, check=False
+    )
+
+
+def _vhost() -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(URL).path[1:]) or "/"
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    name: str
+    password: str
+
+    @property
+    def url(self) -> str:
+        """The test broker's URL, logging in as this user."""
+        parts = urllib.parse.urlsplit(URL)
+        netloc = f"{self.name}:{self.password}@{parts.hostname}:{parts.port or 5672}"
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast:
+    """A request queue of the module's own and the users of the tests, made once (each
+    ``rabbitmqctl`` call costs most of a second)."""
+
+    queue: str
+    server: User  #: server_permissions(queue)
+    client: User  #: CLIENT_PERMISSIONS
+    stranger: User  #: no permissions on the vhost at all
+    mute: User  #: permissions that allow nothing
+
+
+@pytest.fixture(scope="module")
+def cast() -> Iterator[Cast]:
+    queue = f"fibrpc-test-privileges-{secrets.token_hex(4)}"
+    made: list[User] = []
+
+    def make(role: str, permissions: tuple[str, str, str] | None = None) -> User:
+        user = User(f"fibrpc-test-{role}-{secrets.token_hex(4)}", secrets.token_hex(12))
+        rabbitmqctl("add_user", user.name, user.password)
+        made.append(user)
+        if permissions is not None:
+            rabbitmqctl("set_permissions", "-p", _vhost(), user.name, *permissions)
+        return user
+
+    try:
+        yield Cast(
+            queue=queue,
+            server=make("server", server_permissions(queue)),
+            client=make("client", CLIENT_PERMISSIONS),
+            stranger=make("stranger"),
+            mute=make("mute", ("^$", "^$", "^$")),
+        )
+    finally:
+        leaked = []
+        for user in made:
+            try:
+                rabbitmqctl("delete_user", user.name)
+            except AssertionError as exc:
+                leaked.append(f"{user.name}: {exc}")
+        assert not leaked, leaked
+
+
+@pytest.fixture
+def queue(cast: Cast) -> Iterator[str]:
+    """The module's request queue, new for each test (the users' permissions name it)."""
+    _delete_queue(cast.queue)
+    yield cast.queue
+    _delete_queue(cast.queue)
+
+
+def _delete_queue(name: str) -> None:
+    conn = broker_connection()
+    try:
+        conn.channel().queue_delete(name)
+    finally:
+        conn.close()
+
+
+def _refused(operation: Callable[[], object]) -> str:
+    """Run ``operation``, which must be refused with 403 ACCESS_REFUSED; the reply text."""
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as closed:
+        operation()
+    assert closed.value.reply_code == 403, closed.value
+    assert "ACCESS_REFUSED" in closed.value.reply_text
+    return str(closed.value.reply_text)
+
+
+def test_a_server_and_a_client_with_only_their_own_permissions_compute_fib_30(serve, queue, cast):
+    client = cast.client
+    serve("--url", cast.server.url, workers=1)  # the last --url given is the one used
+    result = run_cli("call", "30", "--url", client.url, "--queue", queue)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "832040\n"
+    with Client(client.url, queue=queue, timeout=10) as fib:
+        assert fib.map(range(100)) == list(_fibs(100))
+
+
+def _fibs(count: int) -> Iterator[int]:
+    a, b = 0, 1
+    for _ in range(count):
+        yield a
+        a, b = b, a + b
+
+
+def test_the_server_user_may_republish_a_redelivered_request(serve, queue, broker, cast):
+    broker.queue_declare(queue)
+    raw = RawClient(cast.client.url, queue)
+    try:
+        raw.channel.confirm_delivery()  # so the request is in the queue before basic_get
+        corr_id = raw.publish(b"30")
+        # Take the request and put it back, as a dying worker's broker would: it is now
+        # "redelivered", and a worker re-publishes such a request with its count.
+        method, _, _ = broker.basic_get(queue)
+        assert method is not None
+        broker.basic_reject(method.delivery_tag, requeue=True)
+        serve("--url", cast.server.url, workers=1)
+        _, body = raw.reply(corr_id)
+        assert body == b"832040"
+    finally:
+        raw.close()
+
+
+def test_the_client_user_can_only_send_requests(serve, queue, cast):
+    client = cast.client
+    serve(workers=1)  # the request queue exists and is served
+    connection = pika.BlockingConnection(pika.URLParameters(client.url))
+    try:
+        for operation in [
+            lambda ch: ch.basic_get(queue),
+            lambda ch: ch.basic_consume(queue, lambda *args: None),
+            lambda ch: ch.queue_purge(queue),
+            lambda ch: ch.queue_delete(queue),
+            lambda ch: ch.queue_declare(queue),
+            lambda ch: ch.queue_declare(f"{queue}-other"),
+            lambda ch: ch.queue_declare("", exclusive=True),
+        ]:
+            text = _refused(lambda op=operation: op(connection.channel()))
+            assert client.name in text
+        channel = connection.channel()
+        channel.confirm_delivery()
+        _refused(lambda: channel.basic_publish("amq.topic", queue, b"30"))
+        # What it may do: count the queue's consumers, and send (confirmed).
+        channel = connection.channel()
+        channel.confirm_delivery()
+        assert channel.queue_declare(queue, passive=True).method.consumer_count == 1
+        channel.basic_publish("", queue, b"30")
+    finally:
+        connection.close()
+
+
+def test_the_server_user_cannot_touch_other_queues(queue, cast):
+    server = cast.server
+    other = f"{queue}-other"
+    connection = pika.BlockingConnection(pika.URLParameters(server.url))
+    try:
+        _refused(lambda: connection.channel().queue_declare(other))
+        _refused(lambda: connection.channel().queue_declare(f"x{queue}"))  # anchored regex
+        channel = connection.channel()
+        channel.confirm_delivery()
+        _refused(lambda: channel.basic_publish("amq.direct", queue, b"30"))
+    finally:
+        connection.close()
+
+
+def test_a_user_without_permissions_on_the_vhost_is_refused_with_exit_7(queue, cast):
+    stranger = cast.stranger
+    for command in [
+        ("call", "30", "--url", stranger.url, "--queue", queue),
+        ("serve", "--url", stranger.url, "--queue", queue, "--workers", "1"),
+    ]:
+        result = run_cli(*command, timeout=30)
+        assert result.returncode == ExitCode.ACCESS_REFUSED, (command[0], result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("fibrpc:")]
+        assert len(lines) == 1, result.stderr
+        assert "refused" in lines[0]
+        assert f"{stranger.name}:***@" in lines[0]
+        assert stranger.password not in result.stderr
+
+
+def test_a_client_user_that_may_not_publish_is_told_so_not_timed_out(serve, queue, cast):
+    serve(workers=1)
+    result = run_cli("call", "30", "--url", cast.mute.url, "--queue", queue, "--timeout", "3")
+    assert result.returncode == ExitCode.ACCESS_REFUSED, result.stderr
+    assert "amq.default" in result.stderr
