@@ -12,11 +12,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
-from fibrpc import amqp, config
+from fibrpc import amqp, config, logs
 from fibrpc.client import Client
 from fibrpc.errors import FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
@@ -24,13 +25,51 @@ from fibrpc.kernels import ALGORITHMS, DEFAULT_ALGORITHM
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = logs.TEXT_FORMAT
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr with the process id in every line; pika's own loggers turned down."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    amqp.quiet_pika()
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr with the process id in every line, as text or JSON lines; pika's own
+    loggers turned down."""
+    logs.setup(level, fmt)
+
+
+def log_options(default_level: str) -> Callable[[F], F]:
+    """``--log-level`` (default ``default_level``) and ``--log-format``."""
+
+    def decorate(func: F) -> F:
+        func = click.option(
+            "--log-format",
+            envvar="FIBRPC_LOG_FORMAT",
+            default=config.DEFAULT_LOG_FORMAT,
+            show_default=True,
+            type=click.Choice(logs.FORMATS),
+            help="text, or json: one JSON object a line (time, level, logger, pid, message, "
+            "exc_info) for log collectors.  [env: FIBRPC_LOG_FORMAT]",
+        )(func)
+        func = click.option(
+            "--log-level",
+            envvar="FIBRPC_LOG_LEVEL",
+            default=default_level,
+            show_default=True,
+            type=click.Choice(logs.LEVELS, case_sensitive=False),
+            help="Least severe level logged to stderr.  [env: FIBRPC_LOG_LEVEL]",
+        )(func)
+        return func
+
+    return decorate
+
+
+def state_dir_option(func: F) -> F:
+    """``--state-dir``: where servers on this machine report to ``fibrpc status``."""
+    return click.option(
+        "--state-dir",
+        envvar="FIBRPC_STATE_DIR",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Where servers on this machine report to `fibrpc status` (default: "
+        "$XDG_RUNTIME_DIR/fibrpc, else /tmp/fibrpc-UID).  [env: FIBRPC_STATE_DIR]",
+    )(func)
 
 
 def broker_options(func: F) -> F:
@@ -99,6 +138,7 @@ Examples:
   fibrpc call 30                     # 832040
   fibrpc call 30 --algo naive        # the tutorial's recursion
   fibrpc call 1000000 | wc -c        # F(10^6): 208,988 digits
+  fibrpc status                      # the queue, its rates, and this machine's workers
 """,
 )
 @click.version_option(package_name="fibrpc")
@@ -214,13 +254,24 @@ Examples:
     help="Deliveries of one request before it is refused as poison.  [env: FIBRPC_MAX_DELIVERIES]",
 )
 @click.option(
-    "--log-level",
-    envvar="FIBRPC_LOG_LEVEL",
-    default="info",
+    "--metrics-port",
+    envvar="FIBRPC_METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=config.DEFAULT_METRICS_PORT,
     show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    help="[env: FIBRPC_LOG_LEVEL]",
+    help="Serve Prometheus metrics of all workers at http://METRICS_HOST:PORT/metrics; "
+    "0: none.  [env: FIBRPC_METRICS_PORT]",
 )
+@click.option(
+    "--metrics-host",
+    envvar="FIBRPC_METRICS_HOST",
+    default=config.DEFAULT_METRICS_HOST,
+    show_default=True,
+    help="Address the metrics endpoint listens on (0.0.0.0: every interface).  "
+    "[env: FIBRPC_METRICS_HOST]",
+)
+@state_dir_option
+@log_options(config.DEFAULT_LOG_LEVEL)
 def serve(
     url: str,
     queue: str,
@@ -236,7 +287,11 @@ def serve(
     memo_bytes: int,
     drain_timeout: float,
     max_deliveries: int,
+    metrics_port: int,
+    metrics_host: str,
+    state_dir: str | None,
     log_level: str,
+    log_format: str,
     tls: amqp.TLSOptions,
 ) -> None:
     """Serve Fibonacci requests from QUEUE with a supervised pool of workers.
@@ -244,10 +299,11 @@ def serve(
     SIGTERM or Ctrl-C drains: workers answer what they hold and exit 0; a second signal
     stops at once (exit 10).
     """
-    from fibrpc.server import WorkerSettings  # noqa: PLC0415 - keeps `call` light
+    from fibrpc import state  # noqa: PLC0415 - keeps `call` light
+    from fibrpc.server import WorkerSettings  # noqa: PLC0415
     from fibrpc.supervisor import Supervisor, cpu_count  # noqa: PLC0415
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     count = _parse_workers(workers, cpu_count())
     limits = config.Limits(
         naive_max_n=naive_max_n,
@@ -267,9 +323,11 @@ def serve(
         max_deliveries=max_deliveries,
         limits=limits,
         tls=tls,
+        state_dir=state_dir or str(state.default_dir()),
     )
+    supervisor = Supervisor(settings, count, metrics_port=metrics_port, metrics_host=metrics_host)
     try:
-        code = Supervisor(settings, count).run()
+        code = supervisor.run()
     except FibrpcError as exc:
         _fail(exc)
     sys.exit(code)
@@ -320,18 +378,28 @@ Examples:
 @click.option(
     "--json",
     "as_json",
+    envvar="FIBRPC_CALL_JSON",
     is_flag=True,
-    help='Print {"n", "algo", "result", "seconds"}; the result as a string.',
+    help='Print {"n", "algo", "result", "seconds"}; the result as a string.  '
+    "[env: FIBRPC_CALL_JSON]",
 )
+@log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
 def call(
-    n: int, url: str, queue: str, algo: str, timeout: float, as_json: bool, tls: amqp.TLSOptions
+    n: int,
+    url: str,
+    queue: str,
+    algo: str,
+    timeout: float,
+    as_json: bool,
+    log_level: str,
+    log_format: str,
+    tls: amqp.TLSOptions,
 ) -> None:
     """Compute F(N) on a running server and print it.
 
     Exit codes: 3 refused, 4 timeout, 5 no server, 6 broker unreachable, 7 access refused.
     """
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
-    amqp.quiet_pika()
+    setup_logging(log_level, log_format)
     started = time.perf_counter()
     try:
         with Client(url, queue=queue, timeout=timeout, tls=tls) as client:
@@ -345,6 +413,69 @@ def call(
         click.echo(json.dumps({"n": n, "algo": algo, "result": text, "seconds": seconds}))
     else:
         click.echo(text)
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  fibrpc status                                  # the queue, its rates, local workers
+  fibrpc status --queue jobs --json | jq .servers
+  fibrpc status --management-url http://admin:pw@broker:15672
+"""
+)
+@broker_options
+@tls_options
+@click.option(
+    "--management-url",
+    envvar="FIBRPC_MANAGEMENT_URL",
+    default=None,
+    help="RabbitMQ management API, for message rates (default: http://HOST:15672, HOST "
+    "from --url; the user and password from --url unless this URL has its own).  "
+    "[env: FIBRPC_MANAGEMENT_URL]",
+)
+@state_dir_option
+@click.option(
+    "--json",
+    "as_json",
+    envvar="FIBRPC_STATUS_JSON",
+    is_flag=True,
+    help="Print one JSON object instead of text.  [env: FIBRPC_STATUS_JSON]",
+)
+@log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
+def status(
+    url: str,
+    queue: str,
+    management_url: str | None,
+    state_dir: str | None,
+    as_json: bool,
+    log_level: str,
+    log_format: str,
+    tls: amqp.TLSOptions,
+) -> None:
+    """Show QUEUE's depth, consumers and message rates, and the servers on this machine:
+    each worker's pid, uptime, requests served, errors and restarts.
+
+    Message rates come from RabbitMQ's management API; without it the rest still works.
+    Exit codes: 0 a server consumes the queue, 5 none does (or the queue does not exist),
+    6 broker unreachable, 7 access refused.
+    """
+    from fibrpc import status as _status  # noqa: PLC0415 - keeps `call` light
+
+    setup_logging(log_level, log_format)
+    report, error = _status.gather(
+        url,
+        queue,
+        tls=tls,
+        management_url=management_url,
+        state_dir=Path(state_dir) if state_dir else None,
+    )
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(_status.render(report))
+    if error is not None:
+        click.echo(f"fibrpc: {error}", err=True)
+    sys.exit(int(_status.exit_code(report, error)))
 
 
 # -- fibrpc bench --------------------------------------------------------------------------

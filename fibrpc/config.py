@@ -59,6 +59,34 @@ DEFAULT_HEARTBEAT: Final = 30
 #: Calls or batches one client keeps in flight (``FIBRPC_WINDOW``).
 DEFAULT_WINDOW: Final = 256
 
+#: Port of a server's Prometheus endpoint (``FIBRPC_METRICS_PORT``): 0, none. Metrics
+#: are opt-in: a server without them never loads prometheus-client.
+DEFAULT_METRICS_PORT: Final = 0
+
+#: Address the metrics endpoint listens on (``FIBRPC_METRICS_HOST``): loopback, so that
+#: turning metrics on does not also publish them to the network.
+DEFAULT_METRICS_HOST: Final = "127.0.0.1"
+
+#: Log level of ``serve`` (``FIBRPC_LOG_LEVEL``): one line per lifecycle event and per
+#: refused request. ``call`` and ``status`` log only warnings by default: their output is
+#: the answer.
+DEFAULT_LOG_LEVEL: Final = "info"
+DEFAULT_CLIENT_LOG_LEVEL: Final = "warning"
+
+#: Log format (``FIBRPC_LOG_FORMAT``): ``text`` for people, ``json`` for collectors.
+DEFAULT_LOG_FORMAT: Final = "text"
+
+#: Port of RabbitMQ's management API on the broker's host, where ``fibrpc status`` looks
+#: for message rates unless ``FIBRPC_MANAGEMENT_URL`` says otherwise.
+MANAGEMENT_PORT: Final = 15672
+
+#: Seconds ``fibrpc status`` waits for the management API before it reports it missing.
+MANAGEMENT_TIMEOUT: Final = 2.0
+
+#: Seconds between two reports of a worker's counters to ``fibrpc status`` and to the
+#: metrics endpoint (at most): a status or a scrape lags the work by up to this.
+REPORT_INTERVAL: Final = 1.0
+
 ENV_PREFIX: Final = "FIBRPC_"
 
 

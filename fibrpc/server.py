@@ -15,6 +15,11 @@ Faults a worker absorbs by itself, without dying:
   workers before): refused with an ``ErrorCode.POISON`` reply instead of computed again.
   Quorum queues count deliveries themselves (``x-delivery-count``); on a classic queue a
   redelivered request is re-published with its count in a header and the original acked.
+
+What a worker has done is counted in ``WorkerStats`` and, where the stats are counted, in
+``fibrpc.metrics`` (which records nothing unless the server has a metrics port). Once a
+second at most, from the consume loop (never per message), the worker hands its counters
+to ``fibrpc.state`` for ``fibrpc status`` and its memo's new hits to the metrics.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import pika
+import pika.exceptions
 
-from fibrpc import amqp
+from fibrpc import amqp, metrics, state
 from fibrpc.config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -42,6 +49,7 @@ from fibrpc.config import (
     DEFAULT_PREFETCH,
     DEFAULT_QUEUE,
     DEFAULT_URL,
+    REPORT_INTERVAL,
     Limits,
 )
 from fibrpc.errors import BrokerUnreachableError, ErrorCode, RequestError
@@ -69,6 +77,8 @@ class WorkerSettings:
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     limits: Limits = dataclasses.field(default_factory=Limits)
     tls: amqp.TLSOptions | None = None
+    #: Where to report to ``fibrpc status`` (``fibrpc.state``); None: nowhere.
+    state_dir: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -99,6 +109,12 @@ class Worker:
         self._channel: Any = None
         self._consumer_tag: str | None = None
         self._logged_expired = 0
+        self._metrics = metrics.current()
+        self._report: state.WorkerReport | None = None
+        if settings.state_dir is not None:
+            self._report = state.WorkerReport(Path(settings.state_dir), os.getppid(), os.getpid())
+        self._next_tick = 0.0
+        self._memo_reported = (0, 0)  # the memo's hits and misses already in the metrics
 
     def request_stop(self) -> None:
         """Stop taking requests and drain (safe from a signal handler)."""
@@ -124,12 +140,19 @@ class Worker:
                     self._sleep(delay)
                     continue
                 if on_ready is not None:
+                    self._metrics.worker_up()
+                    self._tick(force=True)
                     on_ready()
                     on_ready = None
                 try:
                     self._consume(parent)
                     self._drain()
                     break
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    if exc.reply_code in (403, 530):  # a permission is missing: fatal
+                        raise amqp.translate(exc, self.settings.url) from None
+                    self.stats.reconnects += 1
+                    log.warning("RabbitMQ closed the channel (%s); reconnecting", exc)
                 except amqp.ConnectionLost as exc:
                     if self._stopping:
                         break
@@ -142,6 +165,9 @@ class Worker:
         finally:
             self._compute.shutdown(wait=False, cancel_futures=True)
             self._close()
+            self._tick(force=True)  # the last memo counts reach the metrics
+            if self._report is not None:
+                self._report.remove()
             log.info("stopped: %s", self.stats)
 
     def _connect(self) -> None:
@@ -166,6 +192,7 @@ class Worker:
         while not self._stopping:
             self._conn.process_data_events(time_limit=0.25)
             self._log_expired()
+            self._tick()
             if os.getppid() != parent:
                 log.warning("supervisor %d is gone; stopping", parent)
                 self._stopping = True
@@ -196,6 +223,24 @@ class Worker:
         while not self._stopping and time.monotonic() < deadline:
             time.sleep(min(0.05, seconds))
 
+    def _tick(self, *, force: bool = False) -> None:
+        """At most once per ``REPORT_INTERVAL`` (or now, if ``force``): flush the
+        metrics (with the memo's new hits and misses) and report to ``fibrpc status``."""
+        now = time.monotonic()
+        if not force and now < self._next_tick:
+            return
+        self._next_tick = now + REPORT_INTERVAL
+        fast = self.handler.fast
+        hits, misses = fast.hits, fast.misses
+        if self._metrics.enabled:
+            self._metrics.memo(hits - self._memo_reported[0], misses - self._memo_reported[1])
+            self._metrics.flush()
+        self._memo_reported = (hits, misses)
+        if self._report is not None:
+            counters = dataclasses.asdict(self.stats)
+            counters.update(memo_hits=hits, memo_misses=misses)
+            self._report.write(counters)
+
     def _log_expired(self) -> None:
         if self.stats.expired > self._logged_expired:
             log.info(
@@ -208,25 +253,41 @@ class Worker:
     # -- one request ----------------------------------------------------------------------
 
     def _on_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        """Handle one delivery; a bug costs that message (acked, logged), not the worker."""
+        try:
+            self._handle_request(channel, method, props, body)
+        except (pika.exceptions.AMQPError, *amqp.ConnectionLost):
+            raise
+        except Exception:
+            log.exception("failed on a request (correlation_id=%r); dropped", props.correlation_id)
+            with contextlib.suppress(Exception):
+                amqp.ack_soon(channel, method.delivery_tag)
+
+    def _handle_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        started = time.perf_counter()
         tag = method.delivery_tag
-        if not props.reply_to:
+        if not amqp.valid_reply_to(props.reply_to):
             self.stats.dropped += 1
+            self._metrics.discarded(metrics.UNKNOWN_ALGO, "dropped")
             log.warning(
-                "dropped a message with no reply_to (correlation_id=%r)", props.correlation_id
+                "dropped a message with no usable reply_to (reply_to=%r, correlation_id=%r)",
+                props.reply_to,
+                props.correlation_id,
             )
-            channel.basic_ack(tag)
+            amqp.ack_soon(channel, tag)
             return
         headers = props.headers if isinstance(props.headers, dict) else {}
         if headers and _expired(headers):
             self.stats.expired += 1
-            channel.basic_ack(tag)
+            self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
+            amqp.ack_soon(channel, tag)
             return
         redelivered = method.redelivered or _QUORUM_DELIVERIES in headers
-        if redelivered and self._held_back(channel, method, props, headers, body):
+        if redelivered and self._held_back(channel, method, props, headers, body, started):
             return
         request = self.handler.decode(body, props.content_type, props.type)
         if isinstance(request, Reply):
-            self._reply(channel, tag, props, request)
+            self._reply(channel, tag, props, request, metrics.UNKNOWN_ALGO, 0, started)
         elif self.handler.is_heavy(request):
             self._in_flight += 1
             conn, generation = self._conn, self._generation
@@ -238,19 +299,29 @@ class Worker:
                 reply = f.result()
                 with contextlib.suppress(Exception):  # the connection may be gone
                     conn.add_callback_threadsafe(
-                        lambda: self._finish_heavy(generation, channel, tag, props, reply)
+                        lambda: self._finish_heavy(
+                            generation, channel, tag, props, reply, request, started
+                        )
                     )
 
             future.add_done_callback(done)
         else:
-            self._reply(channel, tag, props, self.handler.compute(request))
+            reply = self.handler.compute(request)
+            self._reply(channel, tag, props, reply, request.algo, len(request.ns), started)
 
     def _held_back(
-        self, channel: Any, method: Any, props: Any, headers: dict[str, Any], body: bytes
+        self,
+        channel: Any,
+        method: Any,
+        props: Any,
+        headers: dict[str, Any],
+        body: bytes,
+        started: float,
     ) -> bool:
         """Handle a request that has been delivered before. Returns True when it is taken
         care of here (refused as poison, or re-published with its count)."""
         self.stats.redelivered += 1
+        self._metrics.redelivered()
         if _QUORUM_DELIVERIES in headers:
             deliveries = _as_int(headers.get(_QUORUM_DELIVERIES)) + 1
         else:
@@ -269,18 +340,21 @@ class Worker:
                 f"(the limit is {self.settings.max_deliveries}); it may be what crashed "
                 "the workers, so it is not computed again.",
             )
-            self._reply(channel, method.delivery_tag, props, error_reply(error))
+            # Ack first: if replying is what breaks the connection (a reply_to the broker
+            # chokes on), the request must not come back once more.
+            amqp.ack_soon(channel, method.delivery_tag)
+            self._reply(channel, None, props, error_reply(error), metrics.UNKNOWN_ALGO, 0, started)
             return True
         if _QUORUM_DELIVERIES in headers:
             return False  # the queue counts for us
         # A classic queue only says "redelivered": carry the count in a copy.
-        channel.basic_publish(
-            "",
+        amqp.publish_soon(
+            channel,
             method.routing_key,
             body,
             _copy_properties(props, {**headers, DELIVERIES_HEADER: deliveries}),
         )
-        channel.basic_ack(method.delivery_tag)
+        amqp.ack_soon(channel, method.delivery_tag)
         return True
 
     def _compute_unless_expired(self, request: Any, headers: dict[str, Any]) -> Reply | None:
@@ -290,34 +364,55 @@ class Worker:
         return self.handler.compute(request)
 
     def _finish_heavy(
-        self, generation: int, channel: Any, tag: int, props: Any, reply: Reply | None
+        self,
+        generation: int,
+        channel: Any,
+        tag: int,
+        props: Any,
+        reply: Reply | None,
+        request: Any,
+        started: float,
     ) -> None:
         if generation != self._generation or not channel.is_open:
             return  # computed for a connection that is gone: the broker requeued it
         self._in_flight -= 1
         if reply is None:
             self.stats.expired += 1
-            channel.basic_ack(tag)
+            self._metrics.discarded(request.algo, "expired")
+            amqp.ack_soon(channel, tag)
         else:
-            self._reply(channel, tag, props, reply)
+            self._reply(channel, tag, props, reply, request.algo, len(request.ns), started)
 
-    def _reply(self, channel: Any, tag: int, props: Any, reply: Reply) -> None:
+    def _reply(
+        self,
+        channel: Any,
+        tag: int | None,
+        props: Any,
+        reply: Reply,
+        algo: str,
+        values: int,
+        started: float,
+    ) -> None:
         """Publish the reply, then ack the request: a crash between the two costs a
-        duplicate reply (which clients drop), never a lost one."""
+        duplicate reply (which clients drop), never a lost one. ``algo``, ``values`` (the
+        number of n asked for, 0 if not decoded) and ``started`` (``perf_counter`` when
+        the request was taken) are for the metrics. ``tag`` None: already acked."""
         if reply.error is None:
             self.stats.served += 1
         else:
             self.stats.errors += 1
             log.info("refused %r: %s", props.correlation_id, reply.error)
-        channel.basic_publish(
-            "",
+        amqp.publish_soon(
+            channel,
             props.reply_to,
             reply.body,
             pika.BasicProperties(
                 correlation_id=props.correlation_id, content_type=reply.content_type
             ),
         )
-        channel.basic_ack(tag)
+        if tag is not None:
+            amqp.ack_soon(channel, tag)
+        self._metrics.answered(algo, reply.error or "ok", time.perf_counter() - started, values)
 
 
 def _expired(headers: dict[str, Any]) -> bool:

@@ -10,6 +10,11 @@ instead of spinning.
 Stopping is two-staged: the first SIGTERM or Ctrl-C asks every worker to drain (finish
 and answer what it holds, requeue the rest); a second one kills them and exits with
 ``ExitCode.FORCED_STOP``.
+
+The supervisor also says what it runs: it keeps a file in the state directory for
+``fibrpc status`` (``fibrpc.state``), and, given a metrics port, serves the Prometheus
+metrics of all its workers (``fibrpc.metrics``), setting that up before the first fork.
+Both are removed when it stops.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from fibrpc import amqp, kernels
+from fibrpc import amqp, kernels, metrics, state
+from fibrpc.config import DEFAULT_METRICS_HOST
 from fibrpc.errors import AccessRefusedError, BrokerError, BrokerUnreachableError, ConfigError
 from fibrpc.exitcodes import ExitCode
 from fibrpc.server import Worker, WorkerSettings, die_with_parent, install_stop_handlers
@@ -57,18 +64,36 @@ class Slot:
     started_at: float = 0.0
     restarts: int = 0
     not_before: float = 0.0  # backoff: do not respawn before this monotonic time
+    spawned_at: float = 0.0  # time.time() of the last spawn, for `fibrpc status`
 
 
 class Supervisor:
-    """Spawns ``workers`` worker processes and keeps them running until stopped."""
+    """Spawns ``workers`` worker processes and keeps them running until stopped.
 
-    def __init__(self, settings: WorkerSettings, workers: int) -> None:
+    ``metrics_port`` (0: none) and ``metrics_host`` say where to serve the metrics;
+    ``settings.state_dir`` where to report to ``fibrpc status`` (None: nowhere).
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        workers: int,
+        *,
+        metrics_port: int = 0,
+        metrics_host: str = DEFAULT_METRICS_HOST,
+    ) -> None:
         self.settings = settings
         self.slots = [Slot(i) for i in range(workers)]
         self.boot_failures = 0
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
         self._ctx = multiprocessing.get_context("fork")
         self._signals = 0
         self._all_ready_logged = False
+        self._exporter: metrics.Exporter | None = None
+        self._metrics: metrics.Metrics = metrics.Metrics()
+        self._state_dir: Path | None = None
+        self._started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -80,27 +105,85 @@ class Supervisor:
         warning: the workers keep retrying until it answers.
         """
         started = time.monotonic()
+        self._started_at = time.time()
         self._preflight()
-        kernels.warm()  # once, before forking: the workers share the compiled code
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        log.info(
-            "starting %d worker(s) for %r at %s",
-            len(self.slots),
-            self.settings.queue,
-            amqp.redact(self.settings.url),
-        )
-        for slot in self.slots:
-            self._spawn(slot)
-        code = ExitCode.OK
-        while not self._signals:
-            self._wait(0.5)
-            self._collect_ready(started)
-            failure = self.reap(respawn=True)
-            if failure is not None:
-                code = failure
-                break
-        return int(self._stop(code))
+        try:
+            if self.metrics_port:
+                # Before any fork: the workers inherit the multiprocess set-up.
+                self._exporter = metrics.start_exporter(self.metrics_host, self.metrics_port)
+                self._metrics = metrics.current()
+            self._open_state()
+            kernels.warm()  # once, before forking: the workers share the compiled code
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+            log.info(
+                "starting %d worker(s) for %r at %s",
+                len(self.slots),
+                self.settings.queue,
+                amqp.redact(self.settings.url),
+            )
+            for slot in self.slots:
+                self._spawn(slot)
+            code = ExitCode.OK
+            while not self._signals:
+                self._wait(0.5)
+                self._collect_ready(started)
+                failure = self.reap(respawn=True)
+                if failure is not None:
+                    code = failure
+                    break
+            return int(self._stop(code))
+        finally:
+            self._close_state()
+            if self._exporter is not None:
+                self._exporter.close()
+
+    # -- what `fibrpc status` reads --------------------------------------------------------
+
+    def _open_state(self) -> None:
+        if self.settings.state_dir is None:
+            return
+        self._state_dir = state.prepare(Path(self.settings.state_dir))
+        if self._state_dir is None:
+            self.settings = dataclasses.replace(self.settings, state_dir=None)
+        else:
+            state.prune(self._state_dir)
+
+    def _write_state(self) -> None:
+        if self._state_dir is None:
+            return
+        data = {
+            "pid": os.getpid(),
+            "queue": self.settings.queue,
+            "queue_type": self.settings.queue_type,
+            "url": amqp.redact(self.settings.url),
+            "started": self._started_at,
+            "metrics": self._exporter.url if self._exporter is not None else None,
+            "workers": [
+                {
+                    "index": slot.index,
+                    "pid": slot.process.pid,
+                    "started": slot.spawned_at,
+                    "ready": slot.ready,
+                    "restarts": slot.restarts,
+                }
+                for slot in self.slots
+                if slot.process is not None
+            ],
+        }
+        try:
+            state.write_json(state.server_path(self._state_dir, os.getpid()), data)
+        except OSError as exc:
+            log.warning("cannot write the state for `fibrpc status`: %s", exc)
+
+    def _close_state(self) -> None:
+        directory, self._state_dir = self._state_dir, None
+        if directory is None:
+            return
+        supervisor = os.getpid()
+        state.remove(state.server_path(directory, supervisor))
+        for path in directory.glob(f"{supervisor}-*.json"):
+            state.remove(path)  # workers killed before they could remove their own
 
     def _preflight(self) -> None:
         try:
@@ -160,7 +243,9 @@ class Supervisor:
         send.close()
         slot.process, slot.ready_pipe, slot.ready = process, receive, False
         slot.started_at = time.monotonic()
+        slot.spawned_at = time.time()
         log.debug("spawned worker %d (pid %d)", slot.index, process.pid)
+        self._write_state()
 
     def _wait(self, timeout: float) -> None:
         waitables: list[Any] = []
@@ -185,6 +270,7 @@ class Supervisor:
             slot.ready = True
             self.boot_failures = 0
             log.debug("worker %d (pid %d) ready", slot.index, slot.process.pid)
+            self._write_state()
         if not self._all_ready_logged and all(s.ready for s in self.slots):
             self._all_ready_logged = True
             log.info(
@@ -214,6 +300,15 @@ class Supervisor:
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             slot.ready_pipe.close()
             slot.process = None
+            self._forget(process.pid)
+            if code == ExitCode.ACCESS_REFUSED:
+                log.error(
+                    "worker %d (pid %d) was refused access by RabbitMQ (its log line above "
+                    "says what); restarting cannot help, stopping",
+                    slot.index,
+                    process.pid,
+                )
+                return ExitCode.ACCESS_REFUSED
             if not slot.ready:
                 self.boot_failures += 1
                 delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
@@ -239,10 +334,18 @@ class Supervisor:
                     "worker %d (pid %d) died (%s); restarting", slot.index, process.pid, how
                 )
             slot.restarts += 1
+            self._metrics.worker_restarted()
             slot.not_before = now + delay
             if respawn and delay == 0.0:
                 self._spawn(slot)
         return None
+
+    def _forget(self, pid: int) -> None:
+        """Drop what a dead worker left: its live gauges and its `fibrpc status` file."""
+        if self._exporter is not None:
+            self._exporter.mark_dead(pid)
+        if self._state_dir is not None:
+            state.remove(state.worker_path(self._state_dir, os.getpid(), pid))
 
 
 def _explain(code: int) -> str:
