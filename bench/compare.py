@@ -34,11 +34,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pika
+
+from fibrpc.bench import signals_as_exit
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = REPO.parent / "shared" / "baselines"
@@ -83,21 +84,6 @@ class Processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         self.running.clear()
-
-
-@contextlib.contextmanager
-def signals_as_exit() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise ``SystemExit`` so that the cleanup in ``finally`` runs."""
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def consumers(queue: str) -> int | None:

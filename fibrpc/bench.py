@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import itertools
@@ -58,6 +57,7 @@ from fibrpc.client import Client
 from fibrpc.config import DEFAULT_QUEUE, DEFAULT_TIMEOUT, DEFAULT_URL
 from fibrpc.errors import CallTimeoutError, FibrpcError, RequestError
 from fibrpc.kernels import DEFAULT_ALGORITHM, FAST_TABLE, ITER_MAX_N
+from fibrpc.server import die_with_parent
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -118,8 +118,6 @@ _RESOLVE_MARGIN: Final = 30.0
 
 #: Calls answered before the clock starts, so that no scenario pays for a cold start.
 _WARM_CALLS: Final = 64
-
-_PR_SET_PDEATHSIG: Final = 1
 
 
 class SpawnError(FibrpcError):
@@ -505,7 +503,7 @@ def spawned_server(
     cmd = [sys.executable, "-m", "fibrpc", "serve", "--queue", queue, "--workers", str(workers)]
     env = {**os.environ, "FIBRPC_URL": url}  # not in argv, where ps would show its password
     with (
-        _signals_as_exit(),
+        signals_as_exit(),
         tempfile.TemporaryDirectory(prefix="fibrpc-bench-") as tmp,
     ):
         log_path = Path(tmp) / "serve.log"
@@ -518,7 +516,7 @@ def spawned_server(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
+                preexec_fn=die_with_parent,  # noqa: PLW1509
             )
         try:
             _wait_ready(proc, log_path, ready_timeout)
@@ -531,14 +529,8 @@ def spawned_server(
                 _delete_queue(url, queue)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when this process dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @contextlib.contextmanager
-def _signals_as_exit() -> Iterator[None]:
+def signals_as_exit() -> Iterator[None]:
     """Turn SIGTERM and SIGHUP into ``SystemExit(128 + signum)`` while the block runs, so
     ``finally`` clauses (stopping a spawned server) run; a no-op off the main thread."""
     if threading.current_thread() is not threading.main_thread():
