@@ -410,16 +410,17 @@ def test_thousands_of_generated_messages_each_get_one_reply_and_no_worker_dies(s
     ledger = Ledger(raw)
 
     # Each example publishes a whole list, then waits for its replies: a round trip per
-    # message would be far too slow. Lists of 40 to 80 stay clear of the size at which
+    # message would be far too slow. Lists of 50 to 80 (60 of them: at least 3,000 messages
+    # however small hypothesis draws them) stay clear of the size at which
     # hypothesis starts discarding examples. No shrinking: a failure already names the
     # messages that went wrong (pin them below), and each step would republish a list.
     @settings(
-        max_examples=40,
+        max_examples=60,
         deadline=None,
         phases=[Phase.explicit, Phase.reuse, Phase.generate],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(st.lists(messages, min_size=40, max_size=80))
+    @given(st.lists(messages, min_size=50, max_size=80))
     def fuzz(batch: list[Message]) -> None:
         ledger.send(batch)
 
