@@ -42,8 +42,8 @@ def server_queue() -> Iterator[str]:
     its queue deleted) at the end, however the session ends.
     """
     try:
-        with bench.spawned_server(URL, SERVER_WORKERS) as queue:
-            yield queue
+        with bench.spawned_server(URL, SERVER_WORKERS) as server:
+            yield server.queue
     except bench.SpawnError as exc:
         pytest.fail(f"Could not start fibrpc serve for the benchmarks: {exc}", pytrace=False)
 

@@ -19,73 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import gmpy2
 
 from fibrpc import Client
+from fibrpc.bench import spawned_server
 from fibrpc.config import DEFAULT_URL
 from fibrpc.kernels import FAST_TABLE
-
-
-class Server:
-    """A ``fibrpc serve`` subprocess on a private queue."""
-
-    def __init__(self, url: str, workers: int) -> None:
-        self.queue = f"fibrpc-floors-{uuid.uuid4().hex[:8]}"
-        self.log = Path(tempfile.mkstemp(suffix=".log")[1])
-        self.started = time.monotonic()
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fibrpc",
-                    "serve",
-                    "--url",
-                    url,
-                    "--queue",
-                    self.queue,
-                    "--workers",
-                    str(workers),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = self.started + 60
-        while "ready:" not in self.log.read_text():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(self.log.read_text()[-2000:])
-            time.sleep(0.005)
-        self.ready_after = time.monotonic() - self.started
-
-    def pids(self) -> list[int]:
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        return [int(p) for p in out.split()]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.unlink(missing_ok=True)
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -97,17 +40,13 @@ def memory_mb(pid: int) -> tuple[float, float]:
 
 
 def naive_rate(url: str, workers: int, calls: int = 60) -> float:
-    server = Server(url, workers)
-    try:
-        with Client(url, queue=server.queue, timeout=120) as client:
-            client.call(27, algo="naive")  # warm
-            started = time.perf_counter()
-            results = client.map([27] * calls, algo="naive", batch_size=1)
-            seconds = time.perf_counter() - started
-        assert results == [FAST_TABLE[27]] * calls
-        return calls / seconds
-    finally:
-        server.stop()
+    with spawned_server(url, workers) as server, Client(url, queue=server.queue, timeout=120) as c:
+        c.call(27, algo="naive")  # warm
+        started = time.perf_counter()
+        results = c.map([27] * calls, algo="naive", batch_size=1)
+        seconds = time.perf_counter() - started
+    assert results == [FAST_TABLE[27]] * calls
+    return calls / seconds
 
 
 def main() -> None:
@@ -117,18 +56,19 @@ def main() -> None:
     url = args.url
     out: dict[str, object] = {}
 
-    Server(url, 2).stop()  # fills numba's cache if it is cold
+    with spawned_server(url, 2):
+        pass  # fills numba's cache if it is cold
     ready = []
     for _ in range(3):
-        server = Server(url, 2)
-        ready.append(server.ready_after)
-        if len(ready) == 3:
-            time.sleep(0.5)
-            out["memory_mb"] = {
-                "supervisor": memory_mb(server.proc.pid),
-                "workers": [memory_mb(pid) for pid in server.pids()],
-            }
-        server.stop()
+        started = time.monotonic()
+        with spawned_server(url, 2) as server:
+            ready.append(time.monotonic() - started)
+            if len(ready) == 3:
+                time.sleep(0.5)
+                out["memory_mb"] = {
+                    "supervisor": memory_mb(server.pid),
+                    "workers": [memory_mb(pid) for pid in server.worker_pids()],
+                }
     out["ready_s"] = {"runs": [round(r, 3) for r in ready], "median": statistics.median(ready)}
 
     one, two = naive_rate(url, 1), naive_rate(url, 2)
@@ -143,20 +83,16 @@ def main() -> None:
         started = time.perf_counter()
         digits = gmpy2.fib(10**6).digits()
         local.append(time.perf_counter() - started)
-    server = Server(url, 1)
-    try:
-        with Client(url, queue=server.queue, timeout=60) as client:
-            client.call(10)
+    with spawned_server(url, 1) as server, Client(url, queue=server.queue, timeout=60) as client:
+        client.call(10)
+        started = time.perf_counter()
+        first = client.call_text(10**6)
+        cold = time.perf_counter() - started
+        hits = []
+        for _ in range(5):
             started = time.perf_counter()
-            first = client.call_text(10**6)
-            cold = time.perf_counter() - started
-            hits = []
-            for _ in range(5):
-                started = time.perf_counter()
-                again = client.call_text(10**6)
-                hits.append(time.perf_counter() - started)
-    finally:
-        server.stop()
+            again = client.call_text(10**6)
+            hits.append(time.perf_counter() - started)
     assert first == again == digits
     out["fib_1e6"] = {
         "local_ms": round(min(local) * 1e3, 2),

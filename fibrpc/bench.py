@@ -72,6 +72,7 @@ __all__ = [
     "Report",
     "ScenarioResult",
     "SpawnError",
+    "SpawnedServer",
     "count_mismatches",
     "draw_ns",
     "expected",
@@ -474,13 +475,31 @@ def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = F
     stream = sys.stderr if progress else None
     with contextlib.ExitStack() as stack:
         if spawn is not None:
-            queue = stack.enter_context(spawned_server(settings.url, spawn))
-            settings = dataclasses.replace(settings, queue=queue)
+            server = stack.enter_context(spawned_server(settings.url, spawn))
+            settings = dataclasses.replace(settings, queue=server.queue)
         results = [run_scenario(settings, name, stream) for name in settings.scenarios]
     return Report(settings, results, spawn)
 
 
 # -- --spawn -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpawnedServer:
+    """A ``fibrpc serve`` started by ``spawned_server``: its private queue and its pid."""
+
+    queue: str
+    pid: int
+
+    def worker_pids(self) -> list[int]:
+        """The pids of its workers (its children)."""
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.pid)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        return [int(p) for p in out.split()]
 
 
 @contextlib.contextmanager
@@ -490,8 +509,8 @@ def spawned_server(
     *,
     ready_timeout: float = SPAWN_READY_TIMEOUT,
     stop_timeout: float = SPAWN_STOP_TIMEOUT,
-) -> Iterator[str]:
-    """Start ``fibrpc serve`` on a fresh queue; yield the queue's name once it is ready.
+) -> Iterator[SpawnedServer]:
+    """Start ``fibrpc serve`` on a fresh queue; yield it once it is ready.
 
     The server runs in a session (and process group) of its own, so a Ctrl-C at the
     terminal reaches only this process, which then stops the server in order. SIGTERM and
@@ -521,7 +540,7 @@ def spawned_server(
         try:
             _wait_ready(proc, log_path, ready_timeout)
             log.info("spawned server pid %d on queue %r", proc.pid, queue)
-            yield queue
+            yield SpawnedServer(queue, proc.pid)
         finally:
             try:
                 _stop(proc, stop_timeout)
@@ -559,7 +578,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -
                 f"The spawned server exited with code {proc.returncode} before it was "
                 f"ready; its log ends:\n{_tail(log_path)}"
             )
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise SpawnError(
         f"The spawned server was not ready within {timeout} s; its log ends:\n{_tail(log_path)}"
     )
