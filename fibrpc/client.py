@@ -80,7 +80,12 @@ def to_int(text: str) -> int:
 
 
 class _Call:
-    """One request in flight: its message, its deadline and the future it resolves."""
+    """One request in flight: its message, its deadline and, once settled, its outcome.
+
+    Only ``submit`` hands out a ``Future`` (``future``); ``call`` and ``imap`` read the
+    outcome from the call itself, which costs no lock (a future takes one on every
+    ``done()``, and a round trip asked it several times).
+    """
 
     __slots__ = (
         "algo",
@@ -89,14 +94,23 @@ class _Call:
         "content_type",
         "corr_id",
         "deadline",
+        "done",
         "future",
         "msg_type",
         "n",
+        "ok",
+        "outcome",
         "timeout",
     )
 
     def __init__(
-        self, corr_id: str, n: int | list[int], algo: str, as_: int, timeout: float
+        self,
+        corr_id: str,
+        n: int | list[int],
+        algo: str,
+        as_: int,
+        timeout: float,
+        future: concurrent.futures.Future[Any] | None,
     ) -> None:
         self.corr_id = corr_id
         self.n = n
@@ -105,7 +119,33 @@ class _Call:
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.body, self.content_type, self.msg_type = protocol.encode_request(n, algo)
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future = future
+        self.done = False
+        self.ok = False
+        self.outcome: Any = None
+
+    def settle(self, outcome: Any, *, ok: bool) -> None:
+        """Record the result (``ok``) or the exception, once; resolve the future if any
+        (unless its caller cancelled it). ``done`` is set last: a waiting thread that
+        sees it set finds the outcome in place."""
+        if self.done:
+            return
+        self.ok = ok
+        self.outcome = outcome
+        self.done = True
+        if self.future is not None:
+            try:
+                if ok:
+                    self.future.set_result(outcome)
+                else:
+                    self.future.set_exception(outcome)
+            except concurrent.futures.InvalidStateError:
+                pass
+
+    def result(self) -> Any:
+        if self.ok:
+            return self.outcome
+        raise self.outcome
 
     def describe(self) -> str:
         if isinstance(self.n, list):
@@ -191,12 +231,12 @@ class Client:
         Raises ``RequestError`` if the server refuses n, ``CallTimeoutError`` after
         ``timeout`` seconds, ``NoServerError`` when no server consumes the queue.
         """
-        result: int = self._wait(self._submit(n, algo, timeout, _AS_INT, block=True))
+        result: int = self._wait(*self._submit(n, algo, timeout, _AS_INT, block=True, hold=True))
         return result
 
     def call_text(self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None) -> str:
         """F(n) as decimal text, exactly as the server sent it (no int conversion)."""
-        text: str = self._wait(self._submit(n, algo, timeout, _AS_TEXT, block=True))
+        text: str = self._wait(*self._submit(n, algo, timeout, _AS_TEXT, block=True, hold=True))
         return text
 
     def submit(
@@ -206,7 +246,8 @@ class Client:
 
         The I/O thread drives the connection until the future resolves.
         """
-        future: concurrent.futures.Future[int] = self._submit(n, algo, timeout, _AS_INT, block=True)
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._submit(n, algo, timeout, _AS_INT, block=True, future=future)
         self._notify()
         return future
 
@@ -243,14 +284,14 @@ class Client:
         else:
             chunks = _batches(ns, batch_size, algo)
         as_ = _AS_INT if batch_size == 1 else _AS_INTS
-        in_flight: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        in_flight: collections.deque[_Call] = collections.deque()
         chunk = next(chunks, None)
         while chunk is not None or in_flight:
             while chunk is not None:
-                future = self._submit(chunk, algo, timeout, as_, block=not in_flight)
-                if future is None:
+                call, _ = self._submit(chunk, algo, timeout, as_, block=not in_flight)
+                if call is None:
                     break
-                in_flight.append(future)
+                in_flight.append(call)
                 chunk = next(chunks, None)
             result = self._wait(in_flight.popleft())
             if as_ == _AS_INT:
@@ -274,30 +315,45 @@ class Client:
     # -- submitting (any thread) ----------------------------------------------------------
 
     def _submit(
-        self, n: int | list[int], algo: str, timeout: float | None, as_: int, *, block: bool
-    ) -> Any:
+        self,
+        n: int | list[int],
+        algo: str,
+        timeout: float | None,
+        as_: int,
+        *,
+        block: bool,
+        future: concurrent.futures.Future[Any] | None = None,
+        hold: bool = False,
+    ) -> tuple[Any, bool]:
+        """Queue or publish one call; return it (None if ``block`` is false and the
+        window is full) and whether this thread still has the turn: with ``hold``, a
+        caller that published its call itself keeps the turn to wait for the reply,
+        rather than giving it up and taking it back (``_wait(call, held)``)."""
         if self._closing:
             raise ClientClosedError("The client is closed.")
         timeout = self.timeout if timeout is None else timeout
         if not self._slots.acquire(blocking=block, timeout=timeout if block else None):
             if not block:
-                return None
+                return None, False
             raise CallTimeoutError(
                 f"The client's window of {self.window} calls stayed full for {timeout} s."
             )
-        call = _Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, timeout)
+        call = _Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, timeout, future)
         if not self._broken and self._try_turn():
+            held = False
             try:  # nobody is driving: publish now, from this thread
                 self._send([call])
+                held = hold
             except amqp.ConnectionLost:
                 self._broken = True  # the call is pending: re-sent after the reconnect
             finally:
-                self._end_turn(wake_io=self._broken)
-        else:
-            with self._lock:
-                self._outbox.append(call)
-            self._kick()
-        return call.future
+                if not held:
+                    self._end_turn(wake_io=self._broken)
+            return call, held
+        with self._lock:
+            self._outbox.append(call)
+        self._kick()
+        return call, False
 
     # -- whose turn it is to drive the connection -----------------------------------------
 
@@ -329,15 +385,18 @@ class Client:
             conn = self._conn
             # While reconnecting this fails; the outbox is flushed once back.
             with contextlib.suppress(Exception):
-                conn.add_callback_threadsafe(_nothing)
+                amqp.wake(conn)
         else:
             self._notify()
 
-    def _wait(self, future: concurrent.futures.Future[T]) -> T:
-        """The future's result, driving the connection from this thread while it waits
-        (unless another thread drives it already, or the I/O thread is reconnecting)."""
+    def _wait(self, call: _Call, held: bool = False) -> Any:
+        """The call's result, driving the connection from this thread while it waits
+        (unless another thread drives it already, or the I/O thread is reconnecting).
+        ``held``: this thread has the turn already (see ``_submit``)."""
+        if held:
+            self._drive_until(call)
         deadline = time.monotonic() + self.timeout + 30.0
-        while not future.done():
+        while not call.done:
             if time.monotonic() > deadline:  # only if the I/O thread itself has died
                 raise ClientClosedError("The client's I/O thread stopped answering.")
             with self._turn:
@@ -351,17 +410,22 @@ class Client:
                     self._wanting -= 1
                     continue
                 self._driving = True
-            try:
-                while not future.done() and not self._closing and not self._broken:
-                    self._step(_TICK)
-            except amqp.ConnectionLost:
-                self._broken = True
-            except Exception:
-                log.exception("the client failed while waiting for a reply; closing it")
-                self._closing = True
-            finally:
-                self._end_turn()
-        return future.result(0)
+            self._drive_until(call)
+        return call.result()
+
+    def _drive_until(self, call: _Call) -> None:
+        """Drive the connection (this thread has the turn) until ``call`` settles, the
+        connection drops or the client closes; then give up the turn."""
+        try:
+            while not call.done and not self._closing and not self._broken:
+                self._step(wait=True)
+        except amqp.ConnectionLost:
+            self._broken = True
+        except Exception:
+            log.exception("the client failed while waiting for a reply; closing it")
+            self._closing = True
+        finally:
+            self._end_turn()
 
     def _my_turn(self) -> bool:
         """Whether the I/O thread should drive now: calls wait and no caller drives, or
@@ -399,9 +463,9 @@ class Client:
             try:
                 if self._broken:
                     self._reconnect()
-                self._step(0)
+                self._step(wait=False)
                 while not self._closing and self._needs_io() and not self._wanting:
-                    self._step(_TICK)
+                    self._step(wait=True)
             except amqp.ConnectionLost as exc:
                 if not self._closing:
                     log.warning(
@@ -432,8 +496,11 @@ class Client:
 
     def _open_channel(self) -> None:
         self._channel = self._conn.channel()
-        self._channel.basic_consume(amqp.DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
-        self._channel.add_on_return_callback(self._on_return)
+        amqp.consume_direct(
+            self._conn, self._channel, amqp.DIRECT_REPLY_TO, self._on_reply, auto_ack=True
+        )
+        self._channel._impl.add_on_return_callback(self._on_return)
+        amqp.keep_ticking(self._conn, _TICK)
 
     def _reconnect(self) -> None:
         """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
@@ -470,7 +537,7 @@ class Client:
             self._expire(now)
             time.sleep(min(_TICK, until - now))
 
-    def _step(self, time_limit: float) -> None:
+    def _step(self, *, wait: bool) -> None:
         """One turn of the connection (the caller has the turn): publish what
         waits in the outbox, take in replies, expire calls past their deadline."""
         if self._outbox:
@@ -479,7 +546,10 @@ class Client:
                 self._outbox.clear()
             self._send(calls)
         settled = self._settled
-        self._conn.process_data_events(time_limit=time_limit)
+        if wait:
+            amqp.run_io(self._conn)  # returns within _TICK (keep_ticking)
+        else:
+            self._conn.process_data_events(time_limit=0)
         if self._channel.is_closed:
             self._on_channel_closed()
         self._last_step = now = time.monotonic()
@@ -557,11 +627,11 @@ class Client:
             else:
                 result = value
         except RequestError as exc:
-            _settle(call.future, exc)
+            call.settle(exc, ok=False)
         except Exception as exc:
-            _settle(call.future, RequestError("malformed", f"Bad reply from the server: {exc}"))
+            call.settle(RequestError("malformed", f"Bad reply from the server: {exc}"), ok=False)
         else:
-            _settle(call.future, result, ok=True)
+            call.settle(result, ok=True)
 
     def _count_stray(self, corr_id: str | None) -> None:
         """A reply to nothing waiting: a duplicate (one of ours, already settled) or an
@@ -595,7 +665,7 @@ class Client:
         if call is not None:
             self._slots.release()
             self._settled += 1
-            _settle(call.future, error)
+            call.settle(error, ok=False)
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -656,7 +726,7 @@ class Client:
             self._outbox.clear()
         for call in waiting:
             self._slots.release()
-            _settle(call.future, closed)
+            call.settle(closed, ok=False)
         for corr_id in list(self._pending):
             self._fail(corr_id, closed)
         conn, self._conn = self._conn, None
@@ -665,21 +735,6 @@ class Client:
                 conn.close()
             except Exception as exc:  # the broker went away as we left: nothing to do
                 log.debug("close failed: %s", exc)
-
-
-def _nothing() -> None:
-    """A callback that only wakes the connection's select loop."""
-
-
-def _settle(future: concurrent.futures.Future[Any], value: Any, *, ok: bool = False) -> None:
-    """Resolve ``future`` unless the caller cancelled it."""
-    try:
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-    except concurrent.futures.InvalidStateError:
-        pass
 
 
 def _batches(ns: Iterable[int], size: int | None, algo: str) -> Iterator[list[int]]:

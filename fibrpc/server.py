@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG: Final = 1
 _QUORUM_DELIVERIES: Final = "x-delivery-count"
 _RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+#: The longest the consume loop waits for I/O before it looks at its flags again.
+_TURN: Final = 0.25
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,17 +182,22 @@ class Worker:
             self._channel = self._conn.channel()
             amqp.declare_request_queue(self._channel, s.queue, queue_type=s.queue_type)
             self._channel.basic_qos(prefetch_count=s.prefetch)
-            self._consumer_tag = self._channel.basic_consume(s.queue, self._on_request)
+            # Requests may arrive before consume_direct returns: they belong to this
+            # connection's generation.
+            self._generation += 1
+            self._in_flight = 0
+            self._consumer_tag = amqp.consume_direct(
+                self._conn, self._channel, s.queue, self._on_request, auto_ack=False
+            )
+            amqp.keep_ticking(self._conn, _TURN)
         except Exception as exc:
             self._close()
             raise amqp.translate(exc, s.url) from None
-        self._generation += 1
-        self._in_flight = 0
         log.info("consuming %r at %s", s.queue, amqp.redact(s.url))
 
     def _consume(self, parent: int) -> None:
         while not self._stopping:
-            self._conn.process_data_events(time_limit=0.25)
+            amqp.run_io(self._conn)  # returns within _TURN (keep_ticking)
             self._log_expired()
             self._tick()
             if os.getppid() != parent:
@@ -198,12 +205,15 @@ class Worker:
                 self._stopping = True
 
     def _drain(self) -> None:
-        """Cancel the consumer (pika requeues what it had not yet handed us), then
-        wait for computations in flight to reply and ack, up to the drain timeout."""
-        self._channel.basic_cancel(self._consumer_tag)
+        """Cancel the consumer (what reaches us after that is rejected, to be requeued),
+        then wait for computations in flight to reply and ack, up to the drain timeout."""
         deadline = time.monotonic() + self.settings.drain_timeout
+        if self._consumer_tag is not None:
+            amqp.cancel_direct(
+                self._conn, self._channel, self._consumer_tag, self.settings.drain_timeout
+            )
         while self._in_flight and time.monotonic() < deadline:
-            self._conn.process_data_events(time_limit=0.1)
+            amqp.run_io(self._conn)
         if self._in_flight:
             log.warning(
                 "drain timed out with %d request(s) unanswered; the broker requeues them",
@@ -253,7 +263,10 @@ class Worker:
     # -- one request ----------------------------------------------------------------------
 
     def _on_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        """Handle one delivery; a bug costs that message (acked, logged), not the worker."""
+        """Handle one delivery; a bug costs that message (acked, logged), not the worker.
+        ``channel`` is pika's own channel (``consume_direct``); replies and acks go
+        through ``self._channel``, the ``BlockingChannel`` around it."""
+        channel = self._channel
         try:
             self._handle_request(channel, method, props, body)
         except (pika.exceptions.AMQPError, *amqp.ConnectionLost):
@@ -298,10 +311,11 @@ class Worker:
                     return
                 reply = f.result()
                 with contextlib.suppress(Exception):  # the connection may be gone
-                    conn.add_callback_threadsafe(
+                    amqp.call_threadsafe(
+                        conn,
                         lambda: self._finish_heavy(
                             generation, channel, tag, props, reply, request, started
-                        )
+                        ),
                     )
 
             future.add_done_callback(done)
