@@ -26,6 +26,7 @@ import pika.adapters.utils.io_services_utils as pika_io
 import pika.data
 import pika.exceptions
 
+from fibrpc import frames
 from fibrpc.errors import AccessRefusedError, BrokerError, BrokerUnreachableError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -324,22 +325,78 @@ def declare_request_queue(channel: Any, queue: str, *, queue_type: str = "classi
 
 
 def publish_soon(
-    channel: Any, routing_key: str, body: bytes, properties: Any, *, mandatory: bool = False
+    channel: Any,
+    routing_key: str,
+    body: bytes,
+    *,
+    mandatory: bool = False,
+    content_type: str | None = None,
+    headers: dict[str, int] | None = None,
+    correlation_id: str | bytes | None = None,
+    reply_to: str | None = None,
+    expiration: str | None = None,
+    message_type: str | None = None,
 ) -> None:
     """Publish through the default exchange without flushing the socket now.
 
     pika's ``BlockingChannel`` writes to the socket on every call: two system calls per
-    request (reply, then ack) were half of a worker's time. Its underlying channel only
-    queues the frames, and the ``BlockingConnection`` writes them all at once on its next
-    turn (``process_data_events`` or ``run_io``), in the order they were queued, so
-    "reply, then ack" still holds on the wire.
+    request (reply, then ack) were half of a worker's time. This queues the frames on
+    the connection instead, and its next turn (``run_io``, ``process_data_events``)
+    writes them all at once, in the order they were queued, so "reply, then ack" still
+    holds on the wire. The frames are built by ``fibrpc.frames``; what that does not
+    cover (a body longer than one frame, a string too long, a closed channel) goes
+    through pika, which raises what pika raises.
     """
-    channel._impl.basic_publish("", routing_key, body, properties, mandatory)
+    impl = channel._impl
+    connection = impl.connection
+    if impl.is_open and 0 < len(body) <= connection._body_max_length:
+        try:
+            props = frames.properties(
+                content_type=content_type,
+                headers=headers,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
+                expiration=expiration,
+                message_type=message_type,
+            )
+        except (ValueError, TypeError):
+            pass
+        else:
+            data = frames.publish(
+                impl.channel_number, routing_key, body, props, mandatory=mandatory
+            )
+            _emit(connection, data, 3)
+            return
+    properties = pika.BasicProperties(
+        content_type=content_type,
+        headers=headers,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        expiration=expiration,
+        type=message_type,
+    )
+    impl.basic_publish("", routing_key, body, properties, mandatory)
+
+
+def publish_properties_soon(channel: Any, routing_key: str, body: bytes, properties: Any) -> None:
+    """``publish_soon`` with any pika ``BasicProperties`` (encoded by pika)."""
+    channel._impl.basic_publish("", routing_key, body, properties)
 
 
 def ack_soon(channel: Any, delivery_tag: int) -> None:
     """Ack without flushing the socket now (see ``publish_soon``)."""
-    channel._impl.basic_ack(delivery_tag)
+    impl = channel._impl
+    if impl.is_open:
+        _emit(impl.connection, frames.ack(impl.channel_number, delivery_tag), 1)
+    else:
+        impl.basic_ack(delivery_tag)  # raises pika's ChannelWrongStateError
+
+
+def _emit(connection: Any, data: bytes, count: int) -> None:
+    """Queue ``count`` encoded frames on pika's connection, keeping its counters."""
+    connection.bytes_sent += len(data)
+    connection.frames_sent += count
+    connection._adapter_emit_data(data)
 
 
 def consume_direct(

@@ -600,15 +600,13 @@ class Client:
             self._channel,
             self.queue,
             call.body,
-            pika.BasicProperties(
-                reply_to=amqp.DIRECT_REPLY_TO,
-                correlation_id=call.corr_id,
-                content_type=call.content_type,
-                type=call.msg_type,
-                expiration=str(remaining_ms),
-                headers={protocol.DEADLINE_HEADER: int(time.time() * 1000) + remaining_ms},
-            ),
             mandatory=True,
+            reply_to=amqp.DIRECT_REPLY_TO,
+            correlation_id=call.corr_id,
+            content_type=call.content_type,
+            message_type=call.msg_type,
+            expiration=str(remaining_ms),
+            headers={protocol.DEADLINE_HEADER: int(time.time() * 1000) + remaining_ms},
         )
 
     def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:

@@ -362,7 +362,7 @@ class Worker:
         if _QUORUM_DELIVERIES in headers:
             return False  # the queue counts for us
         # A classic queue only says "redelivered": carry the count in a copy.
-        amqp.publish_soon(
+        amqp.publish_properties_soon(
             channel,
             method.routing_key,
             body,
@@ -420,9 +420,8 @@ class Worker:
             channel,
             props.reply_to,
             reply.body,
-            pika.BasicProperties(
-                correlation_id=props.correlation_id, content_type=reply.content_type
-            ),
+            correlation_id=props.correlation_id,
+            content_type=reply.content_type,
         )
         if tag is not None:
             amqp.ack_soon(channel, tag)
