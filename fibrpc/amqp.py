@@ -25,6 +25,7 @@ import pika
 import pika.adapters.utils.io_services_utils as pika_io
 import pika.data
 import pika.exceptions
+import pika.spec
 
 from fibrpc import frames
 from fibrpc.errors import AccessRefusedError, BrokerError, BrokerUnreachableError, ConfigError
@@ -400,19 +401,33 @@ def _emit(connection: Any, data: bytes, count: int) -> None:
 
 
 def consume_direct(
-    connection: Any, channel: Any, queue: str, on_message: Any, *, auto_ack: bool
+    connection: Any,
+    channel: Any,
+    queue: str,
+    on_message: Any,
+    *,
+    auto_ack: bool,
+    on_cancel: Any = None,
 ) -> str:
     """Start a consumer whose messages reach ``on_message`` straight from pika's frame
     handling (``on_message(channel, method, properties, body)``); return its tag.
 
     ``BlockingChannel.basic_consume`` queues every delivery as an event and hands it
     over only at the end of ``process_data_events``: a round of bookkeeping per message
-    that ``run_io`` skips. Waits for the broker's consume-ok (or the channel's close).
+    that ``run_io`` skips. ``on_cancel(frame)`` hears of RabbitMQ cancelling the
+    consumer (its queue was deleted, say); the ``BlockingChannel``'s own handler is
+    taken off, since it looks for the consumer among its own and, not finding it, its
+    ``KeyError`` would drop the connection. Waits for the broker's consume-ok (or the
+    channel's close).
     """
-    confirmed: list[object] = []
-    tag: str = channel._impl.basic_consume(
-        queue, on_message, auto_ack=auto_ack, callback=confirmed.append
+    impl = channel._impl
+    impl.callbacks.remove(
+        impl.channel_number, pika.spec.Basic.Cancel, channel._on_consumer_cancelled_by_broker
     )
+    if on_cancel is not None:
+        impl.add_on_cancel_callback(on_cancel)
+    confirmed: list[object] = []
+    tag: str = impl.basic_consume(queue, on_message, auto_ack=auto_ack, callback=confirmed.append)
     while not confirmed:
         if channel.is_closed:
             raise pika.exceptions.ChannelWrongStateError(

@@ -110,6 +110,7 @@ class Worker:
         self._conn: Any = None
         self._channel: Any = None
         self._consumer_tag: str | None = None
+        self._consumer_cancelled = False
         self._logged_expired = 0
         self._metrics = metrics.current()
         self._report: state.WorkerReport | None = None
@@ -155,6 +156,10 @@ class Worker:
                         raise amqp.translate(exc, self.settings.url) from None
                     self.stats.reconnects += 1
                     log.warning("RabbitMQ closed the channel (%s); reconnecting", exc)
+                except (pika.exceptions.ChannelClosed, pika.exceptions.ConsumerCancelled) as exc:
+                    # The queue was deleted, say: reconnecting declares it again.
+                    self.stats.reconnects += 1
+                    log.warning("%s; reconnecting", exc)
                 except amqp.ConnectionLost as exc:
                     if self._stopping:
                         break
@@ -186,8 +191,14 @@ class Worker:
             # connection's generation.
             self._generation += 1
             self._in_flight = 0
+            self._consumer_cancelled = False
             self._consumer_tag = amqp.consume_direct(
-                self._conn, self._channel, s.queue, self._on_request, auto_ack=False
+                self._conn,
+                self._channel,
+                s.queue,
+                self._on_request,
+                auto_ack=False,
+                on_cancel=self._on_cancelled_by_broker,
             )
             amqp.keep_ticking(self._conn, _TURN)
         except Exception as exc:
@@ -198,11 +209,23 @@ class Worker:
     def _consume(self, parent: int) -> None:
         while not self._stopping:
             amqp.run_io(self._conn)  # returns within _TURN (keep_ticking)
+            if self._channel.is_closed:
+                reason = getattr(self._channel, "_closing_reason", None)
+                if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+                    raise reason
+                raise pika.exceptions.ChannelClosed(0, f"The channel closed: {reason}")
+            if self._consumer_cancelled:
+                raise pika.exceptions.ConsumerCancelled("RabbitMQ cancelled the consumer")
             self._log_expired()
             self._tick()
             if os.getppid() != parent:
                 log.warning("supervisor %d is gone; stopping", parent)
                 self._stopping = True
+
+    def _on_cancelled_by_broker(self, frame: Any) -> None:
+        """RabbitMQ cancels a consumer whose queue is deleted: consume again (on a
+        fresh connection, declaring the queue) rather than sit idle."""
+        self._consumer_cancelled = True
 
     def _drain(self) -> None:
         """Cancel the consumer (what reaches us after that is rejected, to be requeued),

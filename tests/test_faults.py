@@ -10,8 +10,10 @@ import subprocess
 import threading
 import time
 
+import pika
+import pika.exceptions
 import pytest
-from conftest import URL, run_cli, start_server
+from conftest import URL, broker_connection, run_cli, start_server
 from rawclient import RawClient
 
 from fibrpc import CallTimeoutError, Client, RequestError
@@ -241,6 +243,32 @@ def test_10000_pipelined_calls_complete_across_a_broker_restart(serve, queue):
 
 
 # -- 7. several servers, one queue -------------------------------------------------------
+
+
+def test_a_deleted_queue_is_declared_again_and_served(serve, queue):
+    """RabbitMQ cancels the consumers of a queue it deletes; the workers must notice,
+    declare the queue again and consume, not sit idle on a dead consumer."""
+    server = serve(workers=2)
+    with Client(URL, queue=queue, timeout=10) as client:
+        assert client.call(30) == FAST_TABLE[30]
+    conn = broker_connection()
+    try:
+        conn.channel().queue_delete(queue)
+
+        def consumers() -> int:
+            try:
+                return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+            except pika.exceptions.ChannelClosedByBroker:
+                return 0  # not declared again yet
+
+        _wait_for(lambda: consumers() == 2, 10, "both workers consuming again")
+    finally:
+        conn.close()
+    with Client(URL, queue=queue, timeout=10) as client:
+        assert client.map(range(91), batch_size=1) == list(FAST_TABLE[:91])
+    assert server.stop() == 0
+    assert "RabbitMQ cancelled the consumer; reconnecting" in server.text, server.text
+    assert "lost the connection" not in server.text, server.text
 
 
 def test_two_servers_share_one_queue_and_stopping_one_loses_nothing(serve, queue):
