@@ -248,7 +248,8 @@ class Client:
         """
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._submit(n, algo, timeout, _AS_INT, block=True, future=future)
-        self._notify()
+        if not self._driving:  # a driver, or _end_turn, sees the call anyway
+            self._notify()
         return future
 
     def map(
@@ -339,7 +340,9 @@ class Client:
                 f"The client's window of {self.window} calls stayed full for {timeout} s."
             )
         call = _Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, timeout, future)
-        if not self._broken and self._try_turn():
+        # ``_driving`` read without the lock is a hint: if it is stale, ``_kick`` or the
+        # driver's ``_end_turn`` still gets the outbox flushed.
+        if not self._broken and not self._driving and self._try_turn():
             held = False
             try:  # nobody is driving: publish now, from this thread
                 self._send([call])
@@ -351,8 +354,10 @@ class Client:
                     self._end_turn(wake_io=self._broken)
             return call, held
         with self._lock:
+            first = not self._outbox
             self._outbox.append(call)
-        self._kick()
+        if first:  # later ones ride on the first one's kick: the driver takes them all
+            self._kick()
         return call, False
 
     # -- whose turn it is to drive the connection -----------------------------------------
