@@ -120,8 +120,30 @@ def _produce_gathered(self: Any) -> None:
             sent -= len(head)
 
 
-# Only the plaintext transport: TLS must retry a blocked write with the same buffer.
+def _consume_until_short(self: Any) -> None:
+    """pika's plaintext transport, reading until a read comes back short.
+
+    pika reads until ``recv`` raises EAGAIN: on an RPC connection, where one message
+    arrives at a time, every readable socket cost a second ``recv`` and an exception.
+    A short read means the kernel had no more just then; if more arrives, the poll
+    (level-triggered) reports the socket again. pika's cap per turn stays.
+    """
+    size = self._MAX_RECV_BYTES
+    consumed = 0
+    while self._state == self._STATE_ACTIVE and consumed < self._MAX_CONSUME_BYTES:
+        data = self._sock.recv(size)
+        if not data:
+            raise self.RxEndOfFile()
+        consumed += len(data)
+        self._protocol.data_received(data)
+        if len(data) < size:
+            return
+
+
+# Only the plaintext transport: TLS must retry a blocked write with the same buffer, and
+# a TLS socket may hold decrypted bytes that no poll reports.
 pika_io._AsyncPlaintextTransport._produce = _produce_gathered
+pika_io._AsyncPlaintextTransport._consume = _consume_until_short
 
 
 def redact(url: str) -> str:
@@ -459,8 +481,10 @@ def run_io(connection: Any) -> None:
     when the connection is lost (every one in ``ConnectionLost``).
     """
     impl = connection._impl
+    _flush(impl)
     impl.ioloop.poll()
     impl.ioloop.process_timeouts()
+    _flush(impl)
     closed = connection._closed_result
     if closed.ready:
         error = closed.value.error
@@ -468,6 +492,18 @@ def run_io(connection: Any) -> None:
         if isinstance(error, BaseException):
             raise error
         raise pika.exceptions.StreamLostError(f"The connection closed: {error!r}")
+
+
+def _flush(impl: Any) -> None:
+    """Write what is queued now, rather than on the I/O loop's next turn: a request goes
+    out before the wait for its reply, a reply as soon as its callback has queued it,
+    each without a turn of pika's loop to learn that the socket is writable. What the
+    kernel does not take stays queued, and the loop writes it when it can. Plaintext
+    only: pika's TLS transport decides for itself whether a write or a read comes next.
+    """
+    transport = impl._transport
+    if type(transport) is pika_io._AsyncPlaintextTransport and transport._tx_buffers:
+        transport._on_socket_writable()
 
 
 def keep_ticking(connection: Any, interval: float) -> None:

@@ -1,4 +1,5 @@
-"""fibrpc.amqp's changes to how pika writes: all queued frames in one ``sendmsg``.
+"""fibrpc.amqp's changes to how pika writes (all queued frames in one ``sendmsg``) and
+reads (until a read comes back short).
 
 The write path runs against a real socket pair whose buffers are far smaller than what
 is queued, so that the kernel takes partial writes and refuses some with EAGAIN, as a
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import collections
 import random
+import select
 import socket
+import threading
 from typing import Any
 
 import pika.adapters.utils.io_services_utils as pika_io
+import pytest
 
 from fibrpc import amqp
 
@@ -65,3 +69,49 @@ def test_partial_writes_keep_every_byte_in_order_and_the_count_right() -> None:
     assert refused > 0  # the test did exercise blocked and partial writes
     assert bytes(received) == expected
     assert transport._tx_buffered_byte_count == 0
+
+
+class _Receiver:
+    """The attributes of pika's transport that its ``_consume`` uses, and a protocol
+    that keeps what it is given."""
+
+    _STATE_ACTIVE = 1
+    _MAX_RECV_BYTES = pika_io._AsyncTransportBase._MAX_RECV_BYTES
+    _MAX_CONSUME_BYTES = pika_io._AsyncTransportBase._MAX_CONSUME_BYTES
+    RxEndOfFile = pika_io._AsyncTransportBase.RxEndOfFile
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._state = self._STATE_ACTIVE
+        self.received = bytearray()
+        self._protocol = self
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+
+def test_reads_stop_at_a_short_read_and_the_next_poll_gets_the_rest() -> None:
+    rng = random.Random(11)
+    payload = rng.randbytes(300_000)
+    sender, receiver = socket.socketpair()
+    with sender, receiver:
+        receiver.setblocking(False)
+        transport = _Receiver(receiver)
+        sender.sendall(payload[:1000])
+        amqp._consume_until_short(transport)  # one short read; no EAGAIN raised
+        assert transport.received == payload[:1000]
+
+        def send_the_rest() -> None:  # more than the socket buffers hold: from a thread
+            sender.sendall(payload[1000:])
+            sender.shutdown(socket.SHUT_WR)
+
+        writer = threading.Thread(target=send_the_rest, daemon=True)
+        writer.start()
+        poller = select.poll()
+        poller.register(receiver, select.POLLIN)
+        with pytest.raises(pika_io._AsyncTransportBase.RxEndOfFile):
+            for _ in range(10_000):
+                assert poller.poll(5000), "readable data was never reported"
+                amqp._consume_until_short(transport)
+        writer.join(5)
+    assert transport.received == payload
