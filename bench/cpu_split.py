@@ -12,7 +12,8 @@ that spent it, whatever else runs, so it holds up on a noisy machine where wall-
 figures do not. This starts ``fibrpc serve --workers 2`` on a queue of its own, runs
 ``fibrpc bench --scenario S`` twice (N1 then N2 calls), reads each process's CPU time from
 /proc before and after, and divides the difference between the two runs by N2 - N1, so
-that start-up, warm-up and result checking (the same in both runs) cancel out.
+that start-up and warm-up (the same in both runs) cancel out. Checking each result
+against the oracle is work per call, and counts in the client's figure.
 
 A worker's figure is its CPU over *all* calls; each worker serves about half of them, so
 the cost of one request in one worker is the sum of the two. Linux only (/proc).

@@ -3,6 +3,14 @@
 Every other module that talks to RabbitMQ gets its connection from ``connect`` and lets
 ``translate`` turn pika's exceptions into fibrpc's own (``fibrpc.errors``), so callers
 catch one tree and no message ever carries a password.
+
+The hot path's shortcuts through pika live here too, each where pika's general machinery
+cost a measurable share of a round trip: frames queued and written in one ``sendmsg``
+per turn (``publish_soon``, ``ack_soon``, encoded by ``fibrpc.frames``), pika's I/O loop
+turned directly with deliveries handed straight to the consumer (``run_io``,
+``consume_direct``), and reads that stop at a short read. They reach into pika's
+internals (pinned in pyproject.toml; tests/test_amqp.py and tests/test_frames.py check
+them against pika itself), and nothing outside this module does.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import urllib.parse
 from typing import Any, Final
 
 import pika
+import pika.adapters.blocking_connection
 import pika.adapters.utils.io_services_utils as pika_io
 import pika.data
 import pika.exceptions
@@ -140,6 +149,23 @@ def _consume_until_short(self: Any) -> None:
             return
 
 
+def _check_pika() -> None:
+    """Fail at import, with the reason, if this pika lacks the internals used here."""
+    needed = {
+        pika_io._AsyncPlaintextTransport: ("_produce", "_consume", "_on_socket_writable"),
+        pika.BlockingConnection: ("_cleanup",),
+        pika.adapters.blocking_connection.BlockingChannel: ("_on_consumer_cancelled_by_broker",),
+    }
+    missing = [
+        f"{c.__name__}.{a}" for c, names in needed.items() for a in names if not hasattr(c, a)
+    ]
+    if missing:
+        raise ImportError(
+            f"fibrpc needs pika 1.4 (pika {pika.__version__} lacks {', '.join(missing)})."
+        )
+
+
+_check_pika()
 # Only the plaintext transport: TLS must retry a blocked write with the same buffer, and
 # a TLS socket may hold decrypted bytes that no poll reports.
 pika_io._AsyncPlaintextTransport._produce = _produce_gathered

@@ -1,10 +1,11 @@
 """The client: many correlated calls in flight on one connection, singly or in batches.
 
 Design (after aio-pika's RPC pattern): a map from ``correlation_id`` to the call waiting
-for it. One I/O thread owns the pika connection (pika is not thread-safe); callers in any
-thread hand it calls through a locked outbox and wake it with ``add_callback_threadsafe``.
-Replies come back through RabbitMQ's direct reply-to, so there is no reply queue to
-declare, and a reply never outlives its client.
+for it. pika is not thread-safe, so one thread at a time drives the connection: a caller
+waiting for its own reply when it can (no thread switch on the hot path), else the
+client's I/O thread; other callers hand their calls over through a locked outbox and wake
+the driver (``amqp.wake``). Replies come back through RabbitMQ's direct reply-to, so there
+is no reply queue to declare, and a reply never outlives its client.
 
 A bounded window of calls in flight gives backpressure: ``submit`` blocks while the window
 is full. Every call has a deadline; calls past it fail with ``CallTimeoutError``. While
