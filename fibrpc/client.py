@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import gmpy2
 import pika
@@ -53,8 +53,6 @@ from fibrpc.errors import (
 from fibrpc.kernels import DEFAULT_ALGORITHM, estimate_digits
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: What a reply is turned into for the caller.
 _AS_INT: Final = 0

@@ -4,8 +4,8 @@ The consume loop only moves messages; ``fibrpc.handler`` decides what each one m
 A light request (almost all of them) is answered inside the pika callback. A heavy one
 (large n, naive recursion) is computed on a single compute thread while the I/O loop
 keeps turning, so heartbeats flow and the connection survives; its reply is handed back
-to the I/O thread with ``add_callback_threadsafe``, the one pika method that is safe to
-call from another thread.
+to the I/O thread with ``amqp.call_threadsafe`` (pika's I/O loop's ``add_callback_
+threadsafe``, the one pika method that is safe to call from another thread).
 
 Faults a worker absorbs by itself, without dying:
 
