@@ -1,8 +1,9 @@
-"""AMQP 0-9-1 frames for the two messages on the hot path, encoded in a few joins.
+"""AMQP 0-9-1 frames for the messages on the hot path, encoded in a few joins.
 
 A request, a reply and an ack are all the hot path writes, and pika encodes each
-through its general machinery (an object per frame, per property, per table value):
-about a fifth of a round trip's CPU in the client and in the worker. These functions
+through its general machinery (an object per frame, per property, per table value): in a
+cProfile of 3,000 sequential calls, pika's ``_send_message`` was over a quarter of the
+client's time. These functions
 build the same bytes directly. They cover what fibrpc sends: the default exchange, a
 few short-string properties and integer headers; ``fibrpc.amqp`` hands anything else
 (and bodies longer than one frame) to pika. No pika here: tests compare every byte with
