@@ -78,6 +78,16 @@ def to_int(text: str) -> int:
     return int(text) if len(text) < 4000 else int(gmpy2.mpz(text))
 
 
+def to_ints(texts: list[str]) -> list[int]:
+    """``to_int`` of each text, with ``int`` mapped straight over the usual batch (every
+    text under Python's 4,300-digit limit): a third cheaper than a call per value, on the
+    client's largest cost per batch (bench/bench_protocol.py)."""
+    try:
+        return list(map(int, texts))
+    except ValueError:  # a text past the limit: GMP where it is long
+        return [to_int(text) for text in texts]
+
+
 class _Call:
     """One request in flight: its message, its deadline and, once settled, its outcome.
 
@@ -625,7 +635,9 @@ class Client:
             if call.as_ == _AS_INT:
                 result: Any = to_int(value)  # type: ignore[arg-type]
             elif call.as_ == _AS_INTS:
-                result = [to_int(text) for text in value]
+                if not isinstance(value, list):
+                    raise ValueError("a reply to a batch must be a list of results")
+                result = to_ints(value)
             else:
                 result = value
         except RequestError as exc:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import gmpy2
 import pika
 import pytest
 from conftest import URL, run_cli
@@ -21,7 +22,9 @@ from fibrpc import (
     ClientClosedError,
     ConfigError,
     NoServerError,
+    RequestError,
 )
+from fibrpc.client import to_ints
 from fibrpc.exitcodes import ExitCode
 from fibrpc.kernels import FAST_TABLE
 
@@ -201,3 +204,26 @@ def test_a_malformed_url_is_a_config_error_and_exit_8():
         Client("amqp://guest:guest@127.0.0.1:notaport/")
     result = run_cli("call", "3", "--url", "amqp://guest:guest@127.0.0.1:notaport/")
     assert result.returncode == ExitCode.CONFIG, result.stderr
+
+
+def test_to_ints_converts_short_and_long_texts_alike() -> None:
+    """Past Python's 4,300-digit limit ``int`` refuses a text; ``to_ints`` then converts
+    every text of the batch through ``to_int`` (GMP for the long ones)."""
+    texts = [str(gmpy2.fib(n)) for n in (0, 1, 90, 10**5, 7)]
+    assert len(texts[3]) > 4300
+    assert to_ints(texts) == [int(gmpy2.fib(n)) for n in (0, 1, 90, 10**5, 7)]
+    assert to_ints(texts[:3]) == [0, 1, 2880067194370816120]
+    with pytest.raises(ValueError):
+        to_ints(["12", "x"])
+
+
+def test_a_batch_answered_with_a_single_text_is_a_malformed_reply(stand_in, queue):
+    """A server that answers a batch with one text (``b"123"``) must not have the client
+    read it as the batch [1, 2, 3]."""
+    stand_in(lambda ch, method, props, body: _reply(ch, props, b"123"))
+    with (
+        Client(URL, queue=queue, timeout=10) as client,
+        pytest.raises(RequestError, match="list of results") as refused,
+    ):
+        client.map([1, 2, 3], batch_size=3)
+    assert refused.value.code == "malformed"
