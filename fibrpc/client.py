@@ -505,6 +505,7 @@ class Client:
         self._conn = amqp.connect(
             self.url, heartbeat=self._heartbeat, name="fibrpc-client", tls=self._tls
         )
+        amqp.keep_ticking(self._conn, _TICK)  # once per connection, not per channel
         self._open_channel()
         self._probe = None
 
@@ -514,7 +515,6 @@ class Client:
             self._conn, self._channel, amqp.DIRECT_REPLY_TO, self._on_reply, auto_ack=True
         )
         self._channel._impl.add_on_return_callback(self._on_return)
-        amqp.keep_ticking(self._conn, _TICK)
 
     def _reconnect(self) -> None:
         """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
