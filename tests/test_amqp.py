@@ -9,14 +9,21 @@ busy broker connection does.
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 import select
 import socket
 import threading
 from typing import Any
 
+import pika
 import pika.adapters.utils.io_services_utils as pika_io
+import pika.connection
 import pytest
+from conftest import URL
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from pika import frame, spec
 
 from fibrpc import amqp
 
@@ -115,3 +122,100 @@ def test_reads_stop_at_a_short_read_and_the_next_poll_gets_the_rest() -> None:
                 amqp._consume_until_short(transport)
         writer.join(5)
     assert transport.received == payload
+
+
+# -- deliveries taken in without pika's frame objects ----------------------------------------
+
+
+class _Recorder:
+    """A connection from ``amqp.connect`` with a consumer that records what it is given."""
+
+    def __init__(self, queue: str) -> None:
+        self.conn = amqp.connect(URL)
+        self.channel = self.conn.channel()
+        self.channel.queue_declare(queue, auto_delete=True)
+        self.seen: list[tuple[Any, ...]] = []
+        self.tag = amqp.consume_direct(self.conn, self.channel, queue, self._record, auto_ack=True)
+
+    def _record(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self.seen.append(
+            (
+                method.consumer_tag,
+                method.delivery_tag,
+                method.redelivered,
+                method.exchange,
+                method.routing_key,
+                props.correlation_id,
+                props.content_type,
+                props.headers,
+                props.reply_to,
+                bytes(body),
+            )
+        )
+
+
+def _deliveries(channel: int, tag: str, bodies: list[bytes], frame_max: int) -> list[bytes]:
+    """The frames RabbitMQ would send: one message per body, split at ``frame_max``;
+    every third one for a consumer that does not exist, with heartbeats between."""
+    out = []
+    for i, body in enumerate(bodies):
+        consumer = tag if i % 3 else "ctag-nobody"
+        props = pika.BasicProperties(
+            correlation_id=f"c{i}",
+            content_type="application/json" if i % 2 else None,
+            headers={"x-n": i} if i % 4 == 1 else None,
+            reply_to="amq.rabbitmq.reply-to.x" if i % 5 == 2 else None,
+        )
+        deliver = spec.Basic.Deliver(consumer, i + 1, bool(i % 2), "", f"key{i}")
+        message = frame.Method(channel, deliver).marshal()
+        message += frame.Header(channel, len(body), props).marshal()  # type: ignore[arg-type]
+        for at in range(0, len(body), frame_max):
+            message += frame.Body(channel, body[at : at + frame_max]).marshal()
+        out.append(message)
+        if i % 7 == 3:
+            out.append(frame.Heartbeat().marshal())
+    return out
+
+
+@given(
+    bodies=st.lists(
+        st.one_of(  # short ones, and long ones that take several frames
+            st.binary(max_size=40),
+            st.builds(lambda n, b: bytes([b]) * n, st.integers(41, 1500), st.integers(0, 255)),
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+    frame_max=st.sampled_from([64, 300, 4096]),
+    cuts=st.lists(st.integers(1, 900), min_size=1, max_size=40),
+)
+@example(bodies=[b"x" * 200, b"y" * 150, b"", b"z" * 5000], frame_max=64, cuts=[1, 7, 300])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_deliveries_reach_the_consumer_exactly_as_through_pika(
+    bodies: list[bytes], frame_max: int, cuts: list[int]
+) -> None:
+    """The same bytes, cut into reads anywhere, give the consumer the same calls whether
+    ``amqp._take_in`` or pika's own ``_on_data_available`` takes them in."""
+    queue = f"fibrpc-test-takein-{random.getrandbits(40):x}"
+    ours, theirs = _Recorder(queue), _Recorder(queue + "-pika")
+    try:
+        stream = b"".join(_deliveries(ours.channel.channel_number, ours.tag, bodies, frame_max))
+        reads, at = [], 0
+        for i in itertools.cycle(range(len(cuts))):
+            if at >= len(stream):
+                break
+            reads.append(stream[at : at + cuts[i]])
+            at += cuts[i]
+        impl = ours.conn._impl
+        for data in reads:
+            impl._on_data_available(data)
+        twin = theirs.conn._impl
+        theirs_stream = stream.replace(ours.tag.encode(), theirs.tag.encode())
+        assert len(theirs_stream) == len(stream)
+        pika.connection.Connection._on_data_available(twin, theirs_stream)
+        assert impl._frame_buffer == b""
+        assert [s[1:] for s in ours.seen] == [s[1:] for s in theirs.seen]
+        assert len(ours.seen) == sum(1 for i in range(len(bodies)) if i % 3)
+    finally:
+        for recorder in (ours, theirs):
+            recorder.conn.close()
