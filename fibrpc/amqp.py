@@ -213,33 +213,20 @@ def _whole_delivery(
     """Where the delivery whose method frame starts at ``start`` ends, how many frames it
     has and its body: None if some of it has not arrived yet, False if it is not laid
     out as a delivery should be (pika then takes it, and says what is wrong)."""
-    size = len(buffer)
     at = start + _FRAME_HEAD.unpack_from(buffer, start)[2] + 8
     if buffer[at - 1] != _FRAME_END:
         return False
-    if size - at < 19:
-        return None
-    kind, number, length = _FRAME_HEAD.unpack_from(buffer, at)
-    if kind != 2 or number != channel:
-        return False
-    if at + length + 8 > size:
-        return None
-    if buffer[at + length + 7] != _FRAME_END:
-        return False
+    length = _frame_length(buffer, at, 2, channel)
+    if length is None or length is False:
+        return length
     (body_size,) = _BODY_SIZE.unpack_from(buffer, at + 11)
     at += length + 8
     parts = []
     got = 0
     while got < body_size:
-        if size - at < 8:
-            return None
-        kind, number, length = _FRAME_HEAD.unpack_from(buffer, at)
-        if kind != 3 or number != channel:
-            return False
-        if at + length + 8 > size:
-            return None
-        if buffer[at + length + 7] != _FRAME_END:
-            return False
+        length = _frame_length(buffer, at, 3, channel)
+        if length is None or length is False:
+            return length
         parts.append(buffer[at + 7 : at + 7 + length])
         got += length
         at += length + 8
@@ -247,6 +234,23 @@ def _whole_delivery(
         return False
     body = parts[0] if len(parts) == 1 else b"".join(parts)
     return at, 2 + len(parts), body
+
+
+def _frame_length(buffer: bytes, at: int, kind: int, channel: int) -> int | Literal[False] | None:
+    """The payload length of the frame at ``at``, if it is a whole frame of ``kind`` on
+    ``channel``: None if it has not all arrived, False if it is something else. (A whole
+    content header is at least 22 bytes: its body size can be read.)"""
+    if len(buffer) - at < 8:
+        return None
+    head: tuple[int, int, int] = _FRAME_HEAD.unpack_from(buffer, at)
+    found, number, length = head
+    if found != kind or number != channel:
+        return False
+    if at + length + 8 > len(buffer):
+        return None
+    if buffer[at + length + 7] != _FRAME_END:
+        return False
+    return length
 
 
 def _check_pika() -> None:
@@ -502,16 +506,16 @@ def publish_soon(
     """
     impl = channel._impl
     connection = impl.connection
+    fields: dict[str, Any] = {  # listed once for both encoders
+        "content_type": content_type,
+        "headers": headers,
+        "correlation_id": correlation_id,
+        "reply_to": reply_to,
+        "expiration": expiration,
+    }
     if impl.is_open and 0 < len(body) <= connection._body_max_length:
         try:
-            props = frames.properties(
-                content_type=content_type,
-                headers=headers,
-                correlation_id=correlation_id,
-                reply_to=reply_to,
-                expiration=expiration,
-                message_type=message_type,
-            )
+            props = frames.properties(message_type=message_type, **fields)
         except (ValueError, TypeError):
             pass
         else:
@@ -520,20 +524,26 @@ def publish_soon(
             )
             _emit(connection, data, 3)
             return
-    properties = pika.BasicProperties(
-        content_type=content_type,
-        headers=headers,
-        correlation_id=correlation_id,
-        reply_to=reply_to,
-        expiration=expiration,
-        type=message_type,
-    )
+    properties = pika.BasicProperties(type=message_type, **fields)
     impl.basic_publish("", routing_key, body, properties, mandatory)
 
 
 def publish_properties_soon(channel: Any, routing_key: str, body: bytes, properties: Any) -> None:
     """``publish_soon`` with any pika ``BasicProperties`` (encoded by pika)."""
     channel._impl.basic_publish("", routing_key, body, properties)
+
+
+def on_return(channel: Any, callback: Any) -> None:
+    """Hear of messages the broker returns (``mandatory``), straight from pika's frame
+    handling like a ``consume_direct`` consumer: ``callback(channel, method, properties,
+    body)``."""
+    channel._impl.add_on_return_callback(callback)
+
+
+def closing_reason(channel: Any) -> object:
+    """Why a ``BlockingChannel`` closed (the broker's ``ChannelClosedByBroker``, say), or
+    None. pika keeps it only in a private attribute."""
+    return getattr(channel, "_closing_reason", None)
 
 
 def ack_soon(channel: Any, delivery_tag: int) -> None:

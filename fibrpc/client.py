@@ -514,7 +514,7 @@ class Client:
         amqp.consume_direct(
             self._conn, self._channel, amqp.DIRECT_REPLY_TO, self._on_reply, auto_ack=True
         )
-        self._channel._impl.add_on_return_callback(self._on_return)
+        amqp.on_return(self._channel, self._on_return)
 
     def _reconnect(self) -> None:
         """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
@@ -580,8 +580,8 @@ class Client:
     def _on_channel_closed(self) -> None:
         """The broker closed our channel (a refused permission, most likely): fail every
         call in flight with the broker's reason, then open a fresh channel so that the
-        client stays usable. pika keeps the reason only in a private attribute."""
-        reason = getattr(self._channel, "_closing_reason", None)
+        client stays usable."""
+        reason = amqp.closing_reason(self._channel)
         error: FibrpcError = ClientClosedError(f"RabbitMQ closed the client's channel: {reason}")
         if isinstance(reason, BaseException):
             translated = amqp.translate(reason, self.url)
@@ -628,8 +628,6 @@ class Client:
         if call is None:
             self._count_stray(props.correlation_id)
             return
-        self._slots.release()
-        self._settled += 1
         try:
             value = protocol.decode_reply(body, props.content_type)
             if call.as_ == _AS_INT:
@@ -641,11 +639,12 @@ class Client:
             else:
                 result = value
         except RequestError as exc:
-            call.settle(exc, ok=False)
+            self._settle(call, exc, ok=False)
         except Exception as exc:
-            call.settle(RequestError("malformed", f"Bad reply from the server: {exc}"), ok=False)
+            error = RequestError("malformed", f"Bad reply from the server: {exc}")
+            self._settle(call, error, ok=False)
         else:
-            call.settle(result, ok=True)
+            self._settle(call, result, ok=True)
 
     def _count_stray(self, corr_id: str | None) -> None:
         """A reply to nothing waiting: a duplicate (one of ours, already settled) or an
@@ -677,9 +676,14 @@ class Client:
     def _fail(self, corr_id: str, error: BaseException) -> None:
         call = self._pending.pop(corr_id, None)
         if call is not None:
-            self._slots.release()
-            self._settled += 1
-            call.settle(error, ok=False)
+            self._settle(call, error, ok=False)
+
+    def _settle(self, call: _Call, outcome: Any, *, ok: bool) -> None:
+        """Settle a call taken out of ``_pending``: free its window slot, count it (the
+        driver wakes waiters by that count), resolve it."""
+        self._slots.release()
+        self._settled += 1
+        call.settle(outcome, ok=ok)
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:

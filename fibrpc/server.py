@@ -210,7 +210,7 @@ class Worker:
         while not self._stopping:
             amqp.run_io(self._conn)  # returns within _TURN (keep_ticking)
             if self._channel.is_closed:
-                reason = getattr(self._channel, "_closing_reason", None)
+                reason = amqp.closing_reason(self._channel)
                 if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
                     raise reason
                 raise pika.exceptions.ChannelClosed(0, f"The channel closed: {reason}")
