@@ -39,17 +39,20 @@ import pika.data
 import pika.exceptions
 import pika.spec
 
-from fibrpc import frames
-from fibrpc.errors import AccessRefusedError, BrokerError, BrokerUnreachableError, ConfigError
+from fibrpc import frames, refusals
+from fibrpc.errors import (
+    AccessRefusedError,
+    BrokerError,
+    BrokerRefusedError,
+    BrokerUnreachableError,
+    ConfigError,
+)
 
 log = logging.getLogger(__name__)
 
 #: The pseudo-queue of RabbitMQ's direct reply-to: replies go straight to the consumer
 #: that published the request, with no reply queue to declare or delete.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-
-#: AMQP reply codes that mean "you are not allowed" rather than "something broke".
-_ACCESS_REFUSED_CODES = frozenset({403, 530})
 
 #: The pika exceptions that mean the connection (not just a channel) is gone.
 ConnectionLost = (
@@ -382,7 +385,12 @@ def connect(
 
 
 def translate(exc: BaseException, url: str) -> BrokerError:
-    """The fibrpc error for a pika (or socket) exception raised while talking to ``url``."""
+    """The fibrpc error for a pika (or socket) exception raised while talking to ``url``:
+    ``AccessRefusedError`` for a refused login or permission, ``BrokerRefusedError`` when
+    the broker answered and refused (``fibrpc.refusals``), ``BrokerUnreachableError`` when
+    it could not be reached or dropped the connection. A fibrpc error passes unchanged."""
+    if isinstance(exc, BrokerError):
+        return exc
     where = redact(url)
     if isinstance(
         exc,
@@ -395,9 +403,15 @@ def translate(exc: BaseException, url: str) -> BrokerError:
             "password and vhost in the URL."
         )
     code = _reply_code(exc)
-    if code in _ACCESS_REFUSED_CODES:
+    if code in refusals.ACCESS_REFUSED_CODES:
         return AccessRefusedError(
             f"RabbitMQ at {where} refused access ({code}): {_reply_text(exc)}"
+        )
+    if code is not None and refusals.is_refusal(code, text := _reply_text(exc)):
+        return BrokerRefusedError(
+            f"RabbitMQ at {where} refused a request ({code}: {text}); retrying cannot help.",
+            reply_code=code,
+            reply_text=text,
         )
     tls_failure = _find(exc, ssl.SSLError) or _tls_alert(exc)
     if tls_failure is not None:
@@ -468,17 +482,28 @@ def _describe(exc: BaseException) -> str:
 
 
 def declare_request_queue(channel: Any, queue: str, *, queue_type: str = "classic") -> None:
-    """Declare the request queue the way the RabbitMQ tutorial does, or as a quorum queue.
+    """Declare the request queue: a durable classic queue, or a quorum queue.
 
-    ``classic`` is exactly the tutorial's ``queue_declare(queue='rpc_queue')``: a
-    non-durable classic queue, so the tutorial's own server can share it. ``quorum`` makes
-    it durable and replicated (the RabbitMQ cluster setting); the two cannot be mixed on
-    one queue name, and RabbitMQ says so with PRECONDITION_FAILED.
+    Not the tutorial's ``queue_declare(queue='rpc_queue')``: a transient queue that is
+    not exclusive is deprecated in RabbitMQ 4 and refused by 4.3's defaults. Durable (the
+    queue, not its messages: requests stay transient) works on every RabbitMQ from 3.8
+    on. ``quorum`` is the replicated queue of a RabbitMQ cluster.
+
+    Raises ``BrokerRefusedError`` naming the queue, what differs and the fix when the
+    queue exists in another form (RabbitMQ's 406 PRECONDITION_FAILED) or the broker
+    refuses the declaration otherwise; the channel (or, for a deprecated feature, the
+    connection) is closed by then.
     """
-    if queue_type == "quorum":
-        channel.queue_declare(queue=queue, durable=True, arguments={"x-queue-type": "quorum"})
-    else:
-        channel.queue_declare(queue=queue)
+    arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+    try:
+        channel.queue_declare(queue=queue, durable=True, arguments=arguments)
+    except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ConnectionClosedByBroker) as exc:
+        if not refusals.is_refusal(exc.reply_code, exc.reply_text):
+            raise
+        message = refusals.explain_queue_refusal(queue, queue_type, exc.reply_code, exc.reply_text)
+        raise BrokerRefusedError(
+            message, reply_code=exc.reply_code, reply_text=exc.reply_text
+        ) from exc
 
 
 def publish_soon(

@@ -35,7 +35,13 @@ DEFAULT_MAX_BATCH: Final = 100_000
 
 #: Largest reply body in bytes (``FIBRPC_MAX_REPLY_BYTES``); estimated before computing,
 #: so a request for a reply too large costs nothing. F(10^7) is about 2.1 MB of digits.
-DEFAULT_MAX_REPLY_BYTES: Final = 64 << 20
+#: RabbitMQ 4 refuses messages over its ``max_message_size`` (16 MiB by default): 15 MiB
+#: leaves room for the properties and frames around the body.
+DEFAULT_MAX_REPLY_BYTES: Final = 15 << 20
+
+#: RabbitMQ 4's default ``max_message_size`` in bytes: a client checks its requests
+#: against it before sending (and against a lower limit once the broker has named one).
+BROKER_MAX_MESSAGE_BYTES: Final = 16 << 20
 
 #: Bytes of recent large results ``fast`` keeps (``FIBRPC_MEMO_BYTES``).
 DEFAULT_MEMO_BYTES: Final = 64 << 20
@@ -43,6 +49,11 @@ DEFAULT_MEMO_BYTES: Final = 64 << 20
 #: Deliveries of one request before it is refused as poison (``FIBRPC_MAX_DELIVERIES``):
 #: a request that crashed the worker computing it this many times is not tried again.
 DEFAULT_MAX_DELIVERIES: Final = 3
+
+#: RabbitMQ 4's default ``delivery-limit`` of quorum queues: after this many deliveries
+#: it drops a message (or dead-letters it, if the queue has a dead-letter exchange).
+#: ``DEFAULT_MAX_DELIVERIES`` stays under it, so fibrpc answers ``poison`` first.
+QUORUM_DELIVERY_LIMIT: Final = 20
 
 #: Seconds a worker may take to answer what it holds on SIGTERM (``FIBRPC_DRAIN_TIMEOUT``).
 DEFAULT_DRAIN_TIMEOUT: Final = 30.0
@@ -99,6 +110,9 @@ class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_batch: int = DEFAULT_MAX_BATCH
     max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+    #: What sets ``max_reply_bytes``, named in a ``reply_too_large`` refusal: the option,
+    #: or the broker's own limit once a worker has run into it.
+    max_reply_source: str = "the server's --max-reply-bytes"
 
     def max_n(self, algo: str) -> int:
         """The largest n ``algo`` accepts."""

@@ -8,7 +8,8 @@ Every error fibrpc raises is a ``FibrpcError``; pika's exceptions are translated
     ├── RequestError             a request was refused; ``.code`` is its stable wire code
     ├── BrokerError              talking to RabbitMQ failed
     │   ├── BrokerUnreachableError   no TCP/TLS connection to the broker
-    │   └── AccessRefusedError       login, vhost or permission refused
+    │   ├── AccessRefusedError       login, vhost or permission refused
+    │   └── BrokerRefusedError       the broker answered and refused what was asked
     ├── NoServerError            no fibrpc server consumes the request queue
     ├── CallTimeoutError         no reply within the call's timeout (also a ``TimeoutError``)
     └── ClientClosedError        the client was closed while calls were in flight
@@ -76,6 +77,21 @@ class BrokerUnreachableError(BrokerError):
 
 class AccessRefusedError(BrokerError):
     """The broker refused the login, the virtual host or a permission."""
+
+
+class BrokerRefusedError(BrokerError):
+    """The broker answered and refused what fibrpc asked of it: a queue that exists in
+    another form, a deprecated feature the broker denies, a limit of the virtual host, a
+    message larger than the broker accepts. Retrying the same thing cannot help.
+
+    ``reply_code`` and ``reply_text`` are the broker's own (0 and "" when the refusal
+    was found before anything was sent).
+    """
+
+    def __init__(self, message: str, *, reply_code: int = 0, reply_text: str = "") -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+        self.reply_text = reply_text
 
 
 class NoServerError(FibrpcError):

@@ -9,6 +9,7 @@ import enum
 
 from fibrpc.errors import (
     AccessRefusedError,
+    BrokerRefusedError,
     BrokerUnreachableError,
     CallTimeoutError,
     ConfigError,
@@ -31,6 +32,7 @@ class ExitCode(enum.IntEnum):
     CONFIG = 8  # a setting that cannot work (a malformed URL, say)
     CRASH_LOOP = 9  # serve: workers kept dying while booting
     FORCED_STOP = 10  # serve: a second signal cut the drain short
+    BROKER_REFUSED = 11  # RabbitMQ answered and refused (a queue in another form, a limit)
     INTERRUPTED = 130  # call/bench: Ctrl-C
 
 
@@ -39,6 +41,7 @@ _BY_ERROR: tuple[tuple[type[Exception], ExitCode], ...] = (
     (CallTimeoutError, ExitCode.TIMEOUT),
     (NoServerError, ExitCode.NO_SERVER),
     (AccessRefusedError, ExitCode.ACCESS_REFUSED),
+    (BrokerRefusedError, ExitCode.BROKER_REFUSED),
     (BrokerUnreachableError, ExitCode.BROKER_UNREACHABLE),
     (ConfigError, ExitCode.CONFIG),
 )

@@ -19,6 +19,7 @@ Both are removed when it stops.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -31,8 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from fibrpc import amqp, kernels, metrics, state
-from fibrpc.config import DEFAULT_METRICS_HOST
-from fibrpc.errors import AccessRefusedError, BrokerError, BrokerUnreachableError, ConfigError
+from fibrpc.config import DEFAULT_METRICS_HOST, QUORUM_DELIVERY_LIMIT
+from fibrpc.errors import (
+    AccessRefusedError,
+    BrokerError,
+    BrokerRefusedError,
+    BrokerUnreachableError,
+    ConfigError,
+)
 from fibrpc.exitcodes import ExitCode
 from fibrpc.server import Worker, WorkerSettings, die_with_parent, install_stop_handlers
 
@@ -100,8 +107,9 @@ class Supervisor:
     def run(self) -> int:
         """Serve until a signal; return the exit code.
 
-        Raises ``AccessRefusedError`` or ``ConfigError`` before forking anything when the
-        broker refuses the login or the URL cannot work. An unreachable broker is only a
+        Raises ``AccessRefusedError``, ``BrokerRefusedError`` or ``ConfigError`` before
+        forking anything when the broker refuses the login or the request queue (one in
+        another form, say) or the URL cannot work. An unreachable broker is only a
         warning: the workers keep retrying until it answers.
         """
         started = time.monotonic()
@@ -186,10 +194,34 @@ class Supervisor:
             state.remove(path)  # workers killed before they could remove their own
 
     def _preflight(self) -> None:
+        """Log in and declare the request queue once, so that a refusal ends ``serve``
+        with its reason before any worker is forked."""
+        s = self.settings
         try:
-            amqp.connect(self.settings.url, name="fibrpc-supervisor", tls=self.settings.tls).close()
+            connection = amqp.connect(s.url, name="fibrpc-supervisor", tls=s.tls)
         except BrokerUnreachableError as exc:
             log.warning("%s The workers will keep trying.", exc)
+            return
+        try:
+            amqp.declare_request_queue(connection.channel(), s.queue, queue_type=s.queue_type)
+            if s.queue_type == "quorum" and s.max_deliveries >= QUORUM_DELIVERY_LIMIT:
+                log.warning(
+                    "RabbitMQ 4 drops a quorum queue's message after %d deliveries (its "
+                    "default delivery-limit): with --max-deliveries %d a poison request may be "
+                    "dropped rather than refused, and its caller times out",
+                    QUORUM_DELIVERY_LIMIT,
+                    s.max_deliveries,
+                )
+        except BrokerError:
+            raise
+        except Exception as exc:
+            error = amqp.translate(exc, s.url)
+            if not isinstance(error, BrokerUnreachableError):
+                raise error from exc
+            log.warning("%s The workers will keep trying.", error)
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -301,14 +333,14 @@ class Supervisor:
             slot.ready_pipe.close()
             slot.process = None
             self._forget(process.pid)
-            if code == ExitCode.ACCESS_REFUSED:
+            if code in (ExitCode.ACCESS_REFUSED, ExitCode.BROKER_REFUSED):
                 log.error(
-                    "worker %d (pid %d) was refused access by RabbitMQ (its log line above "
-                    "says what); restarting cannot help, stopping",
+                    "worker %d (pid %d) was refused by RabbitMQ (its log line above says "
+                    "what); restarting cannot help, stopping",
                     slot.index,
                     process.pid,
                 )
-                return ExitCode.ACCESS_REFUSED
+                return ExitCode(code)
             if not slot.ready:
                 self.boot_failures += 1
                 delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
@@ -372,6 +404,9 @@ def _worker_main(settings: WorkerSettings, ready: Any) -> None:
     except AccessRefusedError as exc:
         log.error("%s", exc)
         sys.exit(int(ExitCode.ACCESS_REFUSED))
+    except BrokerRefusedError as exc:
+        log.error("%s", exc)
+        sys.exit(int(ExitCode.BROKER_REFUSED))
     except ConfigError as exc:
         log.error("%s", exc)
         sys.exit(int(ExitCode.CONFIG))

@@ -1,0 +1,124 @@
+"""What RabbitMQ's refusals mean: pure readings of its reply codes and texts. No pika.
+
+A broker that answers and refuses (a queue that exists in another form, a deprecated
+feature it denies, a vhost limit, a message over its ``max_message_size``) must never be
+taken for a broker that is down: retrying cannot help, so ``serve``, ``call``, ``status``
+and ``bench`` stop with ``BrokerRefusedError`` and say what to do. Only a broker that does
+not answer, or drops the connection (``320 CONNECTION_FORCED`` on a restart, say), is
+retried. ``fibrpc.amqp`` raises; this module only reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Final
+
+#: AMQP reply codes that mean "you are not allowed" (login, vhost, permission).
+ACCESS_REFUSED_CODES: Final = frozenset({403, 530})
+
+#: AMQP reply codes with which the broker refuses a request it understood: asking again
+#: gets the same answer. (320 CONNECTION_FORCED, a broker shutting down, is not one.)
+_REFUSAL_CODES: Final = frozenset(
+    {
+        402,  # INVALID_PATH
+        404,  # NOT_FOUND
+        405,  # RESOURCE_LOCKED: an exclusive queue of another connection
+        406,  # PRECONDITION_FAILED: inequivalent arguments, a vhost limit, a message size
+        540,  # NOT_IMPLEMENTED
+    }
+)
+
+#: 541 INTERNAL_ERROR is a refusal only when it names a deprecated feature the broker
+#: denies (RabbitMQ 4.x: "Feature transient_nonexcl_queues is deprecated"); otherwise it
+#: may be passing (a quorum queue without a leader, say) and is retried.
+_DEPRECATED: Final = re.compile(r"[Ff]eature `?([\w.-]+)`? is deprecated")
+
+_INEQUIVALENT: Final = re.compile(
+    r"inequivalent arg '(?P<arg>[^']*)' for queue '(?P<queue>.*)' in vhost '(?P<vhost>.*)': "
+    r"received (?P<received>.*?) but current is (?P<current>.*?)\s*$"
+)
+_VALUE: Final = re.compile(r"(?:the value )?'(?P<value>[^']*)'(?: of type '[^']*')?")
+_MESSAGE_SIZE: Final = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+
+
+def is_refusal(reply_code: int, reply_text: str) -> bool:
+    """Whether a channel or connection closed by the broker with ``reply_code`` and
+    ``reply_text`` is a refusal (stop and say so) rather than an outage (retry)."""
+    if reply_code in _REFUSAL_CODES:
+        return True
+    return reply_code == 541 and _DEPRECATED.search(reply_text) is not None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Inequivalence:
+    """A queue that exists with ``argument`` = ``current``, declared with ``received``."""
+
+    queue: str
+    argument: str
+    received: str
+    current: str
+
+
+def inequivalence(reply_text: str) -> Inequivalence | None:
+    """The difference named by RabbitMQ's ``406 PRECONDITION_FAILED - inequivalent arg
+    'durable' for queue 'q' in vhost '/': received 'true' but current is 'false'``, or
+    None when the text is not one of those."""
+    found = _INEQUIVALENT.search(reply_text)
+    if found is None:
+        return None
+    return Inequivalence(
+        queue=found["queue"],
+        argument=found["arg"],
+        received=_value(found["received"]),
+        current=_value(found["current"]),
+    )
+
+
+def _value(text: str) -> str:
+    """``'true'`` or ``the value 'quorum' of type 'longstr'`` as ``true`` / ``quorum``;
+    RabbitMQ's ``none`` (the argument is absent) as ``none``."""
+    found = _VALUE.fullmatch(text.strip())
+    return found["value"] if found is not None else text.strip()
+
+
+def explain_queue_refusal(queue: str, queue_type: str, reply_code: int, reply_text: str) -> str:
+    """One sentence saying why RabbitMQ refused to declare the request queue ``queue`` as
+    a ``queue_type`` queue, and what to do about it."""
+    found = inequivalence(reply_text)
+    if found is None:
+        feature = _DEPRECATED.search(reply_text)
+        if feature is not None:
+            return (
+                f"RabbitMQ refused to declare queue {queue!r}: it denies the deprecated "
+                f"feature {feature[1]} ({reply_code}: {reply_text}). Upgrade the program "
+                "that declares the queue that way, or delete the queue and let fibrpc "
+                f"declare it: rabbitmqctl delete_queue {queue}"
+            )
+        return (
+            f"RabbitMQ refused to declare queue {queue!r} as a {queue_type} queue "
+            f"({reply_code}: {reply_text})."
+        )
+    what = f"{found.argument} = {found.current}"
+    if found.argument == "x-queue-type":
+        current = "classic" if found.current == "none" else found.current
+        what = f"type {current}"
+        usable = current in ("classic", "quorum")
+        hint = f"serve it as it is with --queue-type {current}, or " if usable else ""
+    else:
+        hint = ""
+    return (
+        f"Queue {queue!r} already exists with {what}, but fibrpc declares it with "
+        f"{found.argument} = {found.received} (a {queue_type} queue). It was declared by "
+        f"another program or an older fibrpc: {hint}delete it (rabbitmqctl delete_queue "
+        f"{queue}; requests waiting in it are lost) and start the server again, or serve "
+        "another queue with --queue."
+    )
+
+
+def max_message_size(reply_text: str) -> int | None:
+    """The broker's largest message in bytes, from the ``406 PRECONDITION_FAILED -
+    message size N is larger than configured max size M`` with which RabbitMQ closes the
+    channel of a publisher that went over it; None for any other text."""
+    found = _MESSAGE_SIZE.search(reply_text)
+    return int(found[2]) if found is not None else None
