@@ -177,8 +177,8 @@ Examples:
     default="classic",
     type=click.Choice(["classic", "quorum"]),
     show_default=True,
-    help="classic: as the tutorial declares it; quorum: durable and replicated.  "
-    "[env: FIBRPC_QUEUE_TYPE]",
+    help="classic: a durable classic queue, for one broker node; quorum: replicated "
+    "over a RabbitMQ cluster.  [env: FIBRPC_QUEUE_TYPE]",
 )
 @click.option(
     "--heartbeat",
@@ -226,7 +226,9 @@ Examples:
     type=click.IntRange(64),
     default=config.DEFAULT_MAX_REPLY_BYTES,
     show_default=True,
-    help="Largest reply body.  [env: FIBRPC_MAX_REPLY_BYTES]",
+    help="Largest reply body, estimated before computing. Keep it under the broker's "
+    "max_message_size (16 MiB on RabbitMQ 4): a worker that meets a lower one limits "
+    "replies to it.  [env: FIBRPC_MAX_REPLY_BYTES]",
 )
 @click.option(
     "--memo-bytes",

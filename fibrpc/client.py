@@ -32,8 +32,9 @@ import gmpy2
 import pika
 import pika.exceptions
 
-from fibrpc import amqp, protocol
+from fibrpc import amqp, protocol, refusals
 from fibrpc.config import (
+    BROKER_MAX_MESSAGE_BYTES,
     DEFAULT_HEARTBEAT,
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT,
@@ -46,6 +47,7 @@ from fibrpc.errors import (
     CallTimeoutError,
     ClientClosedError,
     ConfigError,
+    ErrorCode,
     FibrpcError,
     NoServerError,
     RequestError,
@@ -216,6 +218,8 @@ class Client:
         self._grace_until = 0.0
         self._returned: collections.deque[tuple[float, str]] = collections.deque()
         self._start_error: BaseException | None = None
+        #: The broker's largest message: RabbitMQ 4's default until the broker says less.
+        self._max_message = BROKER_MAX_MESSAGE_BYTES
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._io_main, args=(ready,), name="fibrpc-client-io", daemon=True
@@ -348,7 +352,13 @@ class Client:
             raise CallTimeoutError(
                 f"The client's window of {self.window} calls stayed full for {timeout} s."
             )
-        call = _Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, timeout, future)
+        try:
+            call = _Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, timeout, future)
+            if len(call.body) > self._max_message:
+                raise _too_large(len(call.body), self._max_message)
+        except BaseException:
+            self._slots.release()  # a call that cannot be sent holds no slot
+            raise
         # ``_driving`` read without the lock is a hint: if it is stale, ``_kick`` or the
         # driver's ``_end_turn`` still gets the outbox flushed.
         if not self._broken and not self._driving and self._try_turn():
@@ -580,8 +590,23 @@ class Client:
     def _on_channel_closed(self) -> None:
         """The broker closed our channel (a refused permission, most likely): fail every
         call in flight with the broker's reason, then open a fresh channel so that the
-        client stays usable."""
+        client stays usable.
+
+        A request over the broker's ``max_message_size`` closes the channel too: then
+        only the calls too large for the broker fail (``body_too_large``, naming its
+        limit, which later calls are checked against before sending), and the others are
+        sent again on the new channel, since their replies were bound to the old one."""
         reason = amqp.closing_reason(self._channel)
+        largest = refusals.max_message_size(str(getattr(reason, "reply_text", "")))
+        if largest is not None:
+            self._max_message = min(self._max_message, largest)
+            self._open_channel()
+            for call in list(self._pending.values()):
+                if len(call.body) > largest:
+                    self._fail(call.corr_id, _too_large(len(call.body), largest))
+                else:
+                    self._publish(call)
+            return
         error: FibrpcError = ClientClosedError(f"RabbitMQ closed the client's channel: {reason}")
         if isinstance(reason, BaseException):
             translated = amqp.translate(reason, self.url)
@@ -753,6 +778,15 @@ class Client:
                 conn.close()
             except Exception as exc:  # the broker went away as we left: nothing to do
                 log.debug("close failed: %s", exc)
+
+
+def _too_large(size: int, largest: int) -> RequestError:
+    return RequestError(
+        ErrorCode.BODY_TOO_LARGE,
+        f"The request body has {size:,} bytes; the broker accepts messages of at most "
+        f"{largest:,} bytes (RabbitMQ's max_message_size). Send fewer values of n per "
+        "call (map's batch_size).",
+    )
 
 
 def _batches(ns: Iterable[int], size: int | None, algo: str) -> Iterator[list[int]]:

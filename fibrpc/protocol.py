@@ -233,7 +233,7 @@ def _check_reply_size(estimate: int, limits: Limits) -> None:
         raise RequestError(
             ErrorCode.REPLY_TOO_LARGE,
             f"The reply would be about {estimate:,} bytes; the limit is "
-            f"{limits.max_reply_bytes:,} bytes (the server's --max-reply-bytes).",
+            f"{limits.max_reply_bytes:,} bytes ({limits.max_reply_source}).",
         )
 
 

@@ -40,7 +40,7 @@ from typing import Any, Final
 import pika
 import pika.exceptions
 
-from fibrpc import amqp, metrics, state
+from fibrpc import amqp, metrics, refusals, state
 from fibrpc.config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -152,10 +152,14 @@ class Worker:
                     self._drain()
                     break
                 except pika.exceptions.ChannelClosedByBroker as exc:
-                    if exc.reply_code in (403, 530):  # a permission is missing: fatal
-                        raise amqp.translate(exc, self.settings.url) from None
+                    if exc.reply_code in refusals.ACCESS_REFUSED_CODES:  # fatal
+                        raise amqp.translate(exc, self.settings.url) from exc
                     self.stats.reconnects += 1
-                    log.warning("RabbitMQ closed the channel (%s); reconnecting", exc)
+                    largest = refusals.max_message_size(exc.reply_text)
+                    if largest is not None:
+                        self._limit_replies(largest)
+                    else:
+                        log.warning("RabbitMQ closed the channel (%s); reconnecting", exc)
                 except (pika.exceptions.ChannelClosed, pika.exceptions.ConsumerCancelled) as exc:
                     # The queue was deleted, say: reconnecting declares it again.
                     self.stats.reconnects += 1
@@ -176,6 +180,27 @@ class Worker:
             if self._report is not None:
                 self._report.remove()
             log.info("stopped: %s", self.stats)
+
+    def _limit_replies(self, largest: int) -> None:
+        """RabbitMQ closed the channel over a reply larger than its ``max_message_size``
+        (``largest`` bytes): from now on a request whose reply would not fit is refused
+        as ``reply_too_large`` before computing, naming the broker's limit, and so is the
+        one that went over when it comes back (``_handle_request``: refusals are never
+        charged as deliveries)."""
+        limits = self.handler.limits
+        if largest >= limits.max_reply_bytes:
+            return
+        log.warning(
+            "RabbitMQ refused a reply over its max_message_size of %d bytes; replies are "
+            "limited to that from now on (--max-reply-bytes is %d); reconnecting",
+            largest,
+            limits.max_reply_bytes,
+        )
+        self.handler.limits = dataclasses.replace(
+            limits,
+            max_reply_bytes=largest,
+            max_reply_source=f"RabbitMQ's max_message_size at {amqp.redact(self.settings.url)}",
+        )
 
     def _connect(self) -> None:
         s = self.settings
@@ -318,10 +343,15 @@ class Worker:
             self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
             amqp.ack_soon(channel, tag)
             return
-        redelivered = method.redelivered or _QUORUM_DELIVERIES in headers
-        if redelivered and self._held_back(channel, method, props, headers, body, started):
-            return
         request = self.handler.decode(body, props.content_type, props.type)
+        if method.redelivered or _QUORUM_DELIVERIES in headers:
+            self.stats.redelivered += 1
+            self._metrics.redelivered()
+            # A refusal computes nothing, so it cannot be what crashed a worker: it is
+            # answered, never charged as a delivery.
+            refused = isinstance(request, Reply)
+            if not refused and self._held_back(channel, method, props, headers, body, started):
+                return
         if isinstance(request, Reply):
             self._reply(channel, tag, props, request, metrics.UNKNOWN_ALGO, 0, started)
         elif self.handler.is_heavy(request):
@@ -357,8 +387,6 @@ class Worker:
     ) -> bool:
         """Handle a request that has been delivered before. Returns True when it is taken
         care of here (refused as poison, or re-published with its count)."""
-        self.stats.redelivered += 1
-        self._metrics.redelivered()
         if _QUORUM_DELIVERIES in headers:
             deliveries = _as_int(headers.get(_QUORUM_DELIVERIES)) + 1
         else:
