@@ -27,7 +27,7 @@ class _Counting:
         self.conn = amqp.connect(URL)
         self.channel = self.conn.channel()
         self.queue = f"fibrpc-bench-takein-{uuid.uuid4().hex[:10]}"
-        self.channel.queue_declare(self.queue, auto_delete=True)
+        self.channel.queue_declare(self.queue, durable=True, auto_delete=True)
         self.count = 0
         self.tag = amqp.consume_direct(
             self.conn, self.channel, self.queue, self._count, auto_ack=True

@@ -44,6 +44,7 @@ from fibrpc.config import (
 )
 from fibrpc.errors import (
     AccessRefusedError,
+    BrokerRefusedError,
     CallTimeoutError,
     ClientClosedError,
     ConfigError,
@@ -610,7 +611,7 @@ class Client:
         error: FibrpcError = ClientClosedError(f"RabbitMQ closed the client's channel: {reason}")
         if isinstance(reason, BaseException):
             translated = amqp.translate(reason, self.url)
-            if isinstance(translated, AccessRefusedError):
+            if isinstance(translated, AccessRefusedError | BrokerRefusedError):
                 error = translated
         log.warning("%s", error)
         for corr_id in list(self._pending):

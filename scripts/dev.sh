@@ -3,6 +3,8 @@
 #   scripts/dev.sh serve [fibrpc serve options]  install, start the broker if needed, serve
 #   scripts/dev.sh test  [pytest options]         install, start the broker if needed, lint,
 #                                                 type-check and run the whole test suite
+#                                                 twice: on a private RabbitMQ 4 node, then
+#                                                 on the local RabbitMQ (Debian 12: 3.10)
 # Both create ./.venv (Python 3.11+) on first use and install fibrpc into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,11 @@ case "$cmd" in
     "$venv/bin/ruff" check .
     "$venv/bin/ruff" format --check .
     "$venv/bin/mypy"
-    exec "$venv/bin/pytest" "$@"
+    scripts/rabbitmq4-root.sh >/dev/null  # once per machine: RabbitMQ 4 for private nodes
+    echo "== the test suite on a private RabbitMQ 4 node (every deprecated feature denied)"
+    FIBRPC_TEST_BROKER=rabbitmq4 "$venv/bin/pytest" "$@"
+    echo "== the test suite on the local RabbitMQ"
+    FIBRPC_TEST_BROKER=local exec "$venv/bin/pytest" "$@"
     ;;
   *)
     echo "usage: scripts/dev.sh serve|test [options]" >&2

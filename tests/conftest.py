@@ -1,19 +1,32 @@
 """Fixtures shared by the integration tests: the real broker, and real servers.
 
-Integration tests talk to the RabbitMQ broker at ``$FIBRPC_TEST_URL`` (default: the local
-one as guest) and fail, never skip, when it does not answer. Every server a test starts
-is a real ``fibrpc serve`` subprocess in its own process group, stopped (and if need be
-killed, with its workers) when the test ends; every queue a test uses is its own, and is
-deleted afterwards.
+Integration tests talk to a real RabbitMQ and fail, never skip, when it does not answer.
+Which one is the broker under test:
+
+* ``FIBRPC_TEST_BROKER=rabbitmq4``: a private RabbitMQ 4 node started for the session
+  (``tests/privatenode.py``, every deprecated feature denied, as RabbitMQ 4.3 ships);
+* otherwise (``local``): ``$FIBRPC_TEST_URL``, by default the local broker as guest.
+
+No test stops, restarts or reconfigures the local broker, or changes its users: tests
+that need to do that get a private node (``private_broker``) of the same RabbitMQ version
+as the broker under test. A connection to the local broker is held open for the whole
+session, and the session fails if it was dropped.
+
+Every server a test starts is a real ``fibrpc serve`` subprocess in its own process group,
+stopped (and if need be killed, with its workers) when the test ends; every queue a test
+uses is its own, and is deleted afterwards. A module can move all of that to another
+broker by overriding the ``broker_url`` fixture.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,26 +34,123 @@ from pathlib import Path
 
 import pika
 import pytest
+from privatenode import DENY_DEPRECATED, PrivateNode, private_node
 
-URL = os.environ.get("FIBRPC_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+BROKER = os.environ.get("FIBRPC_TEST_BROKER", "local")
+#: The broker under test (set for ``rabbitmq4`` when the session starts).
+URL = os.environ.get("FIBRPC_TEST_URL", LOCAL_URL)
+#: The RabbitMQ of private nodes, and their configuration: as the broker under test's.
+NODE_VERSION = "4" if BROKER == "rabbitmq4" else None
+NODE_CONFIG = DENY_DEPRECATED if BROKER == "rabbitmq4" else ""
 READY_TIMEOUT = 60.0
 
+_session = contextlib.ExitStack()
+#: The session's RabbitMQ 4 node, for ``rabbitmq4``.
+SESSION_NODE: PrivateNode | None = None
 
-def broker_connection() -> pika.BlockingConnection:
-    """A connection to the test broker, or a test failure saying how to start one."""
+
+def node_url(node: PrivateNode, user: str = "guest", password: str = "guest") -> str:
+    """The AMQP URL of a private node (guest may log in: it is on localhost)."""
+    return f"amqp://{user}:{password}@127.0.0.1:{node.node_port}/%2F"
+
+
+def start_private_node(
+    stack: contextlib.ExitStack, config: str = "", *, prefix: str = "fibrpc-test"
+) -> PrivateNode:
+    """A private node of the broker under test's version, with ``config`` added to its
+    configuration, stopped and removed when ``stack`` closes."""
+    root = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    stack.callback(shutil.rmtree, root, ignore_errors=True)
+    return stack.enter_context(
+        private_node(root / "node", NODE_CONFIG + config, prefix=prefix, version=NODE_VERSION)
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global URL, SESSION_NODE  # the test modules read them at import, after this
+    if BROKER not in ("local", "rabbitmq4"):
+        raise pytest.UsageError(f"FIBRPC_TEST_BROKER must be local or rabbitmq4, not {BROKER!r}")
+    if BROKER == "rabbitmq4":
+        try:
+            SESSION_NODE = start_private_node(_session, prefix="fibrpc-session")
+            URL = node_url(SESSION_NODE)
+        except BaseException as exc:  # pytest.fail's exception is no Exception
+            _session.close()
+            raise pytest.UsageError(f"The RabbitMQ 4 node did not start: {exc}") from exc
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _session.close()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"broker under test: {BROKER} at {URL}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_broker_left_alone() -> Iterator[None]:
+    """A connection to the local broker, open from the first test to the last: the
+    session fails if anything dropped it (a test restarting that broker, say)."""
     try:
-        return pika.BlockingConnection(pika.URLParameters(URL))
+        conn = pika.BlockingConnection(pika.URLParameters(LOCAL_URL + "?heartbeat=0"))
     except pika.exceptions.AMQPError as exc:
         pytest.fail(
-            f"No RabbitMQ at {URL} ({exc!r}); start it with scripts/ensure-broker.sh",
+            f"No RabbitMQ at {LOCAL_URL} ({exc!r}); start it with scripts/ensure-broker.sh",
+            pytrace=False,
+        )
+    channel = conn.channel()
+    witness = channel.queue_declare("", exclusive=True).method.queue
+    yield
+    try:
+        conn.process_data_events(0)
+        channel.queue_declare(witness, passive=True)
+    except pika.exceptions.AMQPError as exc:
+        pytest.fail(
+            f"The connection held open to the local broker was dropped during the tests "
+            f"({exc!r}): some test disturbed that broker.",
+            pytrace=False,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def connect(url: str) -> pika.BlockingConnection:
+    """A connection to ``url``, or a test failure saying how to start the broker."""
+    try:
+        return pika.BlockingConnection(pika.URLParameters(url))
+    except pika.exceptions.AMQPError as exc:
+        pytest.fail(
+            f"No RabbitMQ at {url} ({exc!r}); start it with scripts/ensure-broker.sh",
             pytrace=False,
         )
 
 
+def broker_connection() -> pika.BlockingConnection:
+    """A connection to the broker under test."""
+    return connect(URL)
+
+
 @pytest.fixture
-def broker() -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
-    """A channel on the real broker (closed afterwards)."""
-    conn = broker_connection()
+def broker_url() -> str:
+    """The URL the fixtures below use: the broker under test, unless a module overrides
+    this fixture (with a private node's, say)."""
+    return URL
+
+
+@pytest.fixture
+def private_broker() -> Iterator[PrivateNode]:
+    """A private node of the broker under test's version, for a test that restarts or
+    reconfigures its broker; stopped and removed afterwards."""
+    with contextlib.ExitStack() as stack:
+        yield start_private_node(stack)
+
+
+@pytest.fixture
+def broker(broker_url: str) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+    """A channel on the broker (closed afterwards)."""
+    conn = connect(broker_url)
     try:
         yield conn.channel()
     finally:
@@ -49,15 +159,21 @@ def broker() -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
 
 
 @pytest.fixture
-def queue() -> Iterator[str]:
+def queue(broker_url: str) -> Iterator[str]:
     """A request queue name of this test's own, deleted when the test ends."""
     name = f"fibrpc-test-{uuid.uuid4().hex[:10]}"
     yield name
-    conn = broker_connection()
+    delete_queue(broker_url, name)
+
+
+def delete_queue(url: str, name: str) -> None:
+    """Delete queue ``name`` at ``url`` if it is there."""
     with contextlib.suppress(Exception):
-        conn.channel().queue_delete(name)
-    with contextlib.suppress(Exception):
-        conn.close()
+        conn = connect(url)
+        with contextlib.suppress(Exception):
+            conn.channel().queue_delete(name)
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 class Server:
@@ -117,8 +233,10 @@ def start_server(
     workers: int = 2,
     env: dict[str, str] | None = None,
     wait: bool = True,
+    url: str | None = None,
 ) -> Server:
-    """Start ``fibrpc serve`` on ``queue`` and (by default) wait until it is ready."""
+    """Start ``fibrpc serve`` on ``queue`` at ``url`` (the broker under test by default)
+    and (by default) wait until it is ready."""
     log = tmp_path / f"serve-{uuid.uuid4().hex[:6]}.log"
     cmd = [
         sys.executable,
@@ -126,7 +244,7 @@ def start_server(
         "fibrpc",
         "serve",
         "--url",
-        URL,
+        url or URL,
         "--queue",
         queue,
         "--workers",
@@ -153,11 +271,13 @@ def start_server(
 
 
 @pytest.fixture
-def serve(queue: str, tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start servers on this test's queue; all are stopped when the test ends."""
+def serve(queue: str, tmp_path: Path, broker_url: str) -> Iterator[Callable[..., Server]]:
+    """Start servers on this test's queue at ``broker_url``; all are stopped when the
+    test ends."""
     servers: list[Server] = []
 
     def start(*args: str, **kwargs: object) -> Server:
+        kwargs.setdefault("url", broker_url)
         server = start_server(queue, tmp_path, *args, **kwargs)  # type: ignore[arg-type]
         servers.append(server)
         return server

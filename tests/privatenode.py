@@ -7,6 +7,14 @@ configuration, enabled-plugins file, data and log directories, and Erlang cookie
 reads nothing from ``/etc/rabbitmq`` and never touches the shared node's data.
 ``private_node`` stops it, and kills whatever is left of it, however the test ends.
 
+By default the node is the machine's own RabbitMQ (Debian 12: 3.10). ``version="4"`` runs
+RabbitMQ 4.x instead, from a Debian trixie root built once per machine by
+``scripts/rabbitmq4-root.sh`` (see ``rabbitmq4_root``): the node, and ``rabbitmqctl`` for
+it (the root's own), run chrooted in that root, each in a mount and PID namespace of its
+own (``unshare``), with /proc, /dev and the node's directory (at the same path) mounted
+inside. Those mounts vanish with the namespace, so nothing stays mounted on the host, and
+killing the node's process group ends every process of the namespace.
+
 Also here: ``make_ca`` and ``issue_certificate``, a throwaway certificate authority in
 a few ``openssl`` commands.
 """
@@ -14,6 +22,7 @@ a few ``openssl`` commands.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -30,6 +39,30 @@ import pytest
 #: to the rabbitmq user (whose HOME and cookie are the shared node's).
 _SCRIPT_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/local/lib/rabbitmq/bin")
 BOOT_TIMEOUT = 90.0
+
+#: Builds (once per machine) and prints the root that holds RabbitMQ 4.x.
+ROOT_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq4-root.sh"
+#: How long building that root may take (debootstrap: ~40 s here, slower on a cold mirror).
+ROOT_BUILD_TIMEOUT = 1200.0
+
+#: rabbitmq.conf lines that deny every deprecated feature RabbitMQ 4.0 knows (as listed by
+#: ``rabbitmqctl list_deprecated_features`` on 4.0.5 with no plugins enabled), so a 4.0
+#: node refuses what later 4.x releases refuse by default: e.g. declaring a non-durable,
+#: non-exclusive queue closes the connection with 541 (transient_nonexcl_queues). Not all
+#: are refusals: with global_qos denied, basic.qos global=true is accepted and silently
+#: applied per consumer (global=false). 4.0.5 boots with a name it does not
+#: know (it logs "Deprecated features: `NAME`: undefined" and permits it), so a misspelt
+#: line is silently ineffective: check with ``rabbitmqctl eval
+#: 'rabbit_deprecated_features:is_permitted(NAME).'``. Not for the 3.10 node: it does not
+#: know these keys and fails to boot (failed_to_prepare_configuration).
+DENY_DEPRECATED = """\
+deprecated_features.permit.amqp_address_v1 = false
+deprecated_features.permit.classic_queue_mirroring = false
+deprecated_features.permit.global_qos = false
+deprecated_features.permit.queue_master_locator = false
+deprecated_features.permit.ram_node_type = false
+deprecated_features.permit.transient_nonexcl_queues = false
+"""
 
 
 def spare_ports(count: int) -> list[int]:
@@ -69,10 +102,81 @@ def _script(name: str) -> str:
     return found
 
 
-class PrivateNode:
-    """One private RabbitMQ node living in ``root`` (see the module docstring)."""
+@functools.cache
+def rabbitmq4_root() -> Path:
+    """The root holding RabbitMQ 4.x, built by ``scripts/rabbitmq4-root.sh`` if it is not
+    there yet (~40 s, once per machine); a test failure with the script's output if that
+    fails. ``FIBRPC_RABBITMQ4_ROOT`` moves it (default /var/lib/fibrpc/rabbitmq4-root)."""
+    try:
+        result = subprocess.run(
+            ["bash", str(ROOT_SCRIPT)],
+            capture_output=True,
+            text=True,
+            timeout=ROOT_BUILD_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = "\n".join(
+            (x.decode(errors="replace") if isinstance(x, bytes) else x or "")
+            for x in (exc.stdout, exc.stderr)
+        )
+        pytest.fail(
+            f"{ROOT_SCRIPT} did not finish in {ROOT_BUILD_TIMEOUT:.0f} s:\n{output[-6000:]}",
+            pytrace=False,
+        )
+    lines = result.stdout.strip().splitlines()
+    path = Path(lines[-1]) if lines else None
+    if result.returncode != 0 or path is None or not path.is_dir():
+        pytest.fail(
+            f"{ROOT_SCRIPT} failed (exit code {result.returncode}); a RabbitMQ 4 node needs "
+            f"the root it builds:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}",
+            pytrace=False,
+        )
+    return path
 
-    def __init__(self, root: Path, config: str, *, prefix: str = "fibrpc-test") -> None:
+
+#: Run inside a new mount (and PID) namespace by ``unshare``: mount what the node needs
+#: into the root, then chroot into it and run the command. $1 the root, $2 the node's
+#: directory, the rest the command. Under /tmp, the mount point for the node's directory
+#: is made in a tmpfs private to the namespace, so the shared root gains nothing.
+_ENTER_ROOT = r"""
+set -eu
+fs=$1 dir=$2
+shift 2
+mount -t proc -o nosuid,nodev,noexec proc "$fs/proc"
+mount --rbind /dev "$fs/dev"
+mount -t tmpfs -o mode=1777 tmpfs "$fs/tmp"
+mkdir -p "$fs$dir"
+mount --bind "$dir" "$fs$dir"
+path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+exec chroot "$fs" /usr/bin/env PATH="$path" "$@"
+"""
+
+
+class PrivateNode:
+    """One private RabbitMQ node living in ``root`` (see the module docstring).
+
+    ``version="4"`` runs RabbitMQ 4.x from ``rabbitmq4_root()`` (built if missing);
+    ``root_fs`` names such a root explicitly. Neither: the machine's own RabbitMQ."""
+
+    def __init__(
+        self,
+        root: Path,
+        config: str,
+        *,
+        prefix: str = "fibrpc-test",
+        version: str | None = None,
+        root_fs: Path | None = None,
+    ) -> None:
+        if version is not None and version != "4":
+            raise ValueError(
+                f"version must be None (the machine's RabbitMQ) or '4', not {version!r}"
+            )
+        if root_fs is None and version == "4":
+            root_fs = rabbitmq4_root()
+        self.root_fs = root_fs
+        root = Path(os.path.abspath(root))
         self.root = root
         self.name = f"{prefix}-{secrets.token_hex(4)}@localhost"
         self.dist_port, self.node_port = spare_ports(2)
@@ -109,10 +213,21 @@ class PrivateNode:
         texts += [p.read_text(errors="replace") for p in sorted(self.root.glob("log/*.log"))]
         return "\n".join(texts)
 
+    def command(self, name: str, *args: str) -> list[str]:
+        """The argv that runs RabbitMQ script ``name`` (rabbitmq-server, rabbitmqctl,
+        rabbitmq-diagnostics...) for this node: the host's, or the root's inside it."""
+        if self.root_fs is None:
+            return [_script(name), *args]
+        return [
+            "unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+            "--kill-child", "--", "/bin/sh", "-c", _ENTER_ROOT, "enter-root",
+            str(self.root_fs), str(self.root), f"/usr/lib/rabbitmq/bin/{name}", *args,
+        ]  # fmt: skip
+
     def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run ``rabbitmqctl -n NODE ARGS`` against this node (not checked)."""
         return subprocess.run(
-            [_script("rabbitmqctl"), "-n", self.name, *args],
+            self.command("rabbitmqctl", "-n", self.name, *args),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -126,7 +241,7 @@ class PrivateNode:
         dies or does not come up within ``timeout`` seconds."""
         with (self.root / "console.log").open("wb") as out:
             self.proc = subprocess.Popen(
-                [_script("rabbitmq-server")],
+                self.command("rabbitmq-server"),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -170,10 +285,17 @@ class PrivateNode:
 
 
 @contextlib.contextmanager
-def private_node(root: Path, config: str, *, prefix: str = "fibrpc-test") -> Iterator[PrivateNode]:
+def private_node(
+    root: Path,
+    config: str,
+    *,
+    prefix: str = "fibrpc-test",
+    version: str | None = None,
+    root_fs: Path | None = None,
+) -> Iterator[PrivateNode]:
     """A started ``PrivateNode`` in ``root``, stopped (and its remains killed) afterwards.
-    ``root`` belongs to the caller, who removes it."""
-    node = PrivateNode(root, config, prefix=prefix)
+    ``root`` belongs to the caller, who removes it. ``version="4"``: RabbitMQ 4.x."""
+    node = PrivateNode(root, config, prefix=prefix, version=version, root_fs=root_fs)
     try:
         node.start()
         yield node

@@ -133,7 +133,7 @@ class _Recorder:
     def __init__(self, queue: str) -> None:
         self.conn = amqp.connect(URL)
         self.channel = self.conn.channel()
-        self.channel.queue_declare(queue, auto_delete=True)
+        self.channel.queue_declare(queue, durable=True, auto_delete=True)
         self.seen: list[tuple[Any, ...]] = []
         self.tag = amqp.consume_direct(self.conn, self.channel, queue, self._record, auto_ack=True)
 

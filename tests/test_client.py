@@ -35,7 +35,7 @@ class StandIn:
     def __init__(self, queue: str, on_request: Callable[..., None]) -> None:
         self.conn = pika.BlockingConnection(pika.URLParameters(URL))
         self.channel = self.conn.channel()
-        self.channel.queue_declare(queue)
+        self.channel.queue_declare(queue, durable=True)
         self.channel.basic_consume(queue, on_request)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -72,7 +72,7 @@ def _reply(ch: Any, props: Any, body: bytes) -> None:
 
 
 def test_a_call_with_no_server_fails_within_2_seconds_naming_queue_url_and_the_fix(queue, broker):
-    broker.queue_declare(queue)  # the queue exists, but nothing consumes it
+    broker.queue_declare(queue, durable=True)  # the queue exists, but nothing consumes it
     with Client(URL, queue=queue, timeout=30) as client:
         started = time.monotonic()
         with pytest.raises(NoServerError) as no_server:
@@ -94,7 +94,7 @@ def test_a_call_to_a_queue_that_does_not_exist_fails_at_once(queue):
 
 
 def test_fibrpc_call_with_no_server_exits_5(queue, broker):
-    broker.queue_declare(queue)
+    broker.queue_declare(queue, durable=True)
     result = run_cli("call", "30", "--url", URL, "--queue", queue)
     assert result.returncode == ExitCode.NO_SERVER
     assert "fibrpc serve" in result.stderr

@@ -1,5 +1,5 @@
-"""Least privilege, on the shared broker: a server user and a client user whose permissions
-cover only what each needs (README.md, "Least privilege"), and nothing more.
+"""Least privilege: a server user and a client user whose permissions cover only what each
+needs (README.md, "Least privilege"), and nothing more.
 
 What each needs, found by trying (RabbitMQ checks the default exchange as ``amq.default``):
 
@@ -8,22 +8,23 @@ What each needs, found by trying (RabbitMQ checks the default exchange as ``amq.
 - client: write ``amq.default`` (requests). Consuming direct reply-to and the passive
   declare that counts the queue's consumers need no permission at all.
 
-The users are made with ``rabbitmqctl`` for this module's own queue, and deleted afterwards.
+The users are made with ``rabbitmqctl`` on a private node of this module's own (of the
+broker under test's version): no test changes the users of the local broker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import secrets
-import subprocess
-import urllib.parse
 from collections.abc import Callable, Iterator
 
 import pika
 import pika.exceptions
 import pytest
-from conftest import URL, broker_connection, run_cli
+from conftest import delete_queue, node_url, run_cli, start_private_node
+from privatenode import PrivateNode
 from rawclient import RawClient
 
 from fibrpc import Client
@@ -39,37 +40,28 @@ def server_permissions(queue: str) -> tuple[str, str, str]:
     return own, r"^amq\.default$", own
 
 
-def rabbitmqctl(*args: str) -> None:
-    """Run ``rabbitmqctl ARGS`` on the test broker; if its app is stopped (another test
-    restarting it), wait for it to start and try once more."""
-    result = _rabbitmqctl(*args)
-    if result.returncode != 0 and "requires the 'rabbit' app to be running" in result.stderr:
-        _rabbitmqctl("await_startup", "--timeout", "60")
-        result = _rabbitmqctl(*args)
+@pytest.fixture(scope="module")
+def node() -> Iterator[PrivateNode]:
+    with contextlib.ExitStack() as stack:
+        yield start_private_node(stack, prefix="fibrpc-privileges")
+
+
+@pytest.fixture
+def broker_url(node: PrivateNode) -> str:
+    """Every fixture of conftest (servers, queues, channels) on this module's node."""
+    return node_url(node)
+
+
+def rabbitmqctl(node: PrivateNode, *args: str) -> None:
+    result = node.ctl("-q", *args)
     assert result.returncode == 0, f"rabbitmqctl {args[0]} failed: {result.stderr}"
-
-
-def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=90, check=False
-    )
-
-
-def _vhost() -> str:
-    return urllib.parse.unquote(urllib.parse.urlsplit(URL).path[1:]) or "/"
 
 
 @dataclasses.dataclass(frozen=True)
 class User:
     name: str
     password: str
-
-    @property
-    def url(self) -> str:
-        """The test broker's URL, logging in as this user."""
-        parts = urllib.parse.urlsplit(URL)
-        netloc = f"{self.name}:{self.password}@{parts.hostname}:{parts.port or 5672}"
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    url: str  #: the node's URL, logging in as this user
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,50 +77,31 @@ class Cast:
 
 
 @pytest.fixture(scope="module")
-def cast() -> Iterator[Cast]:
+def cast(node: PrivateNode) -> Cast:
     queue = f"fibrpc-test-privileges-{secrets.token_hex(4)}"
-    made: list[User] = []
 
     def make(role: str, permissions: tuple[str, str, str] | None = None) -> User:
-        user = User(f"fibrpc-test-{role}-{secrets.token_hex(4)}", secrets.token_hex(12))
-        rabbitmqctl("add_user", user.name, user.password)
-        made.append(user)
+        name, password = f"fibrpc-test-{role}", secrets.token_hex(12)
+        rabbitmqctl(node, "add_user", name, password)
         if permissions is not None:
-            rabbitmqctl("set_permissions", "-p", _vhost(), user.name, *permissions)
-        return user
+            rabbitmqctl(node, "set_permissions", "-p", "/", name, *permissions)
+        return User(name, password, node_url(node, name, password))
 
-    try:
-        yield Cast(
-            queue=queue,
-            server=make("server", server_permissions(queue)),
-            client=make("client", CLIENT_PERMISSIONS),
-            stranger=make("stranger"),
-            mute=make("mute", ("^$", "^$", "^$")),
-        )
-    finally:
-        leaked = []
-        for user in made:
-            try:
-                rabbitmqctl("delete_user", user.name)
-            except AssertionError as exc:
-                leaked.append(f"{user.name}: {exc}")
-        assert not leaked, leaked
+    return Cast(
+        queue=queue,
+        server=make("server", server_permissions(queue)),
+        client=make("client", CLIENT_PERMISSIONS),
+        stranger=make("stranger"),
+        mute=make("mute", ("^$", "^$", "^$")),
+    )
 
 
 @pytest.fixture
-def queue(cast: Cast) -> Iterator[str]:
+def queue(cast: Cast, broker_url: str) -> Iterator[str]:
     """The module's request queue, new for each test (the users' permissions name it)."""
-    _delete_queue(cast.queue)
+    delete_queue(broker_url, cast.queue)
     yield cast.queue
-    _delete_queue(cast.queue)
-
-
-def _delete_queue(name: str) -> None:
-    conn = broker_connection()
-    try:
-        conn.channel().queue_delete(name)
-    finally:
-        conn.close()
+    delete_queue(broker_url, cast.queue)
 
 
 def _refused(operation: Callable[[], object]) -> str:
@@ -158,7 +131,7 @@ def _fibs(count: int) -> Iterator[int]:
 
 
 def test_the_server_user_may_republish_a_redelivered_request(serve, queue, broker, cast):
-    broker.queue_declare(queue)
+    broker.queue_declare(queue, durable=True)
     raw = RawClient(cast.client.url, queue)
     try:
         raw.channel.confirm_delivery()  # so the request is in the queue before basic_get
@@ -185,8 +158,8 @@ def test_the_client_user_can_only_send_requests(serve, queue, cast):
             lambda ch: ch.basic_consume(queue, lambda *args: None),
             lambda ch: ch.queue_purge(queue),
             lambda ch: ch.queue_delete(queue),
-            lambda ch: ch.queue_declare(queue),
-            lambda ch: ch.queue_declare(f"{queue}-other"),
+            lambda ch: ch.queue_declare(queue, durable=True),
+            lambda ch: ch.queue_declare(f"{queue}-other", durable=True),
             lambda ch: ch.queue_declare("", exclusive=True),
         ]:
             text = _refused(lambda op=operation: op(connection.channel()))
@@ -208,8 +181,10 @@ def test_the_server_user_cannot_touch_other_queues(queue, cast):
     other = f"{queue}-other"
     connection = pika.BlockingConnection(pika.URLParameters(server.url))
     try:
-        _refused(lambda: connection.channel().queue_declare(other))
-        _refused(lambda: connection.channel().queue_declare(f"x{queue}"))  # anchored regex
+        _refused(lambda: connection.channel().queue_declare(other, durable=True))
+        _refused(
+            lambda: connection.channel().queue_declare(f"x{queue}", durable=True)
+        )  # anchored regex
         channel = connection.channel()
         channel.confirm_delivery()
         _refused(lambda: channel.basic_publish("amq.direct", queue, b"30"))

@@ -24,6 +24,7 @@ import pytest
 from conftest import URL, run_cli
 
 from fibrpc import Client, state
+from fibrpc.amqp import redact
 from fibrpc.exitcodes import ExitCode
 from fibrpc.kernels import FAST_TABLE
 from fibrpc.status import management_stats, parse_queue_stats
@@ -89,7 +90,7 @@ def test_status_json_counts_the_queue_and_each_workers_served_requests(
     assert report["exists"] is True
     assert report["messages"] == 0
     assert report["consumers"] == 2
-    assert report["url"] == "amqp://guest:***@127.0.0.1:5672/%2F"
+    assert report["url"] == redact(URL)
     [local] = report["servers"]
     assert local["pid"] == server.proc.pid
     assert local["queue"] == queue
@@ -114,7 +115,7 @@ def test_status_text_shows_depth_consumers_rates_and_a_workers_table(
     result = status(queue, state_dir, "--management-url", no_management)
     assert result.returncode == ExitCode.OK, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"queue {queue!r} at amqp://guest:***@127.0.0.1:5672/%2F"
+    assert lines[0] == f"queue {queue!r} at {redact(URL)}"
     assert "  messages ready:  0" in lines
     assert "  consumers:       2" in lines
     assert any(
@@ -173,7 +174,7 @@ def test_status_of_a_queue_nobody_declared_exits_5_and_says_how_to_start_a_serve
 
 
 def test_status_of_a_queue_without_consumers_exits_5(queue, broker, state_dir, no_management):
-    broker.queue_declare(queue)
+    broker.queue_declare(queue, durable=True)
     result = status(queue, state_dir, "--management-url", no_management)
     assert result.returncode == ExitCode.NO_SERVER
     assert "  consumers:       0  (no server consumes the queue)" in result.stdout

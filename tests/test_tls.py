@@ -1,10 +1,11 @@
 """TLS for real: a throwaway CA, a private RabbitMQ node with only a TLS listener, and
 ``fibrpc serve`` and ``fibrpc call`` talking through it over ``amqps://``.
 
-The node (``privatenode.py``) listens on 127.0.0.1 (and 127.0.0.2 where that is a local
-address) on a spare port, with a server certificate for ``localhost`` and 127.0.0.1 signed
-by the test CA. It asks clients for a certificate and checks any it gets against the same
-CA, but does not require one. A second, unrelated CA signs nothing the node trusts.
+The node (``privatenode.py``, of the broker under test's version) listens on 127.0.0.1
+(and 127.0.0.2 where that is a local address) on a spare port, with a server certificate
+for ``localhost`` and 127.0.0.1 signed by the test CA. It asks clients for a certificate
+and checks any it gets against the same CA, but does not require one. A second, unrelated
+CA signs nothing the node trusts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Server, run_cli, start_server
+from conftest import NODE_CONFIG, NODE_VERSION, Server, run_cli, start_server
 from privatenode import (
     PrivateNode,
     can_bind,
@@ -62,7 +63,11 @@ def tls_broker() -> Iterator[TLSBroker]:
         yield from _tls_broker(Path(tmp))
 
 
-def _tls_broker(root: Path) -> Iterator[TLSBroker]:
+def _tls_broker(top: Path) -> Iterator[TLSBroker]:
+    # The certificates live in the node's own directory: a RabbitMQ 4 node runs in a root
+    # of its own, where it sees that directory and nothing else of the host's.
+    root = top / "node" / "tls"
+    root.mkdir(parents=True)
     ca = make_ca(root, "fibrpc-test-ca")
     other_ca = make_ca(root, "unrelated-ca")
     server = issue_certificate(
@@ -85,7 +90,9 @@ def _tls_broker(root: Path) -> Iterator[TLSBroker]:
             "",
         ]
     )
-    with private_node(root / "node", config, prefix="fibrpc-tls") as node:
+    with private_node(
+        top / "node", NODE_CONFIG + config, prefix="fibrpc-tls", version=NODE_VERSION
+    ) as node:
         password = secrets.token_hex(8)
         for args in [
             ("add_user", "fibrpc", password),
