@@ -99,20 +99,22 @@ def explain_queue_refusal(queue: str, queue_type: str, reply_code: int, reply_te
             f"RabbitMQ refused to declare queue {queue!r} as a {queue_type} queue "
             f"({reply_code}: {reply_text})."
         )
-    what = f"{found.argument} = {found.current}"
     if found.argument == "x-queue-type":
         current = "classic" if found.current == "none" else found.current
-        what = f"type {current}"
         usable = current in ("classic", "quorum")
         hint = f"serve it as it is with --queue-type {current}, or " if usable else ""
+        what = f"Queue {queue!r} already exists as a {current} queue, but fibrpc declares a "
+        what += f"{queue_type} queue (--queue-type {queue_type})"
     else:
         hint = ""
+        what = (
+            f"Queue {queue!r} already exists with {found.argument} = {found.current}, but "
+            f"fibrpc declares it with {found.argument} = {found.received} (a {queue_type} queue)"
+        )
     return (
-        f"Queue {queue!r} already exists with {what}, but fibrpc declares it with "
-        f"{found.argument} = {found.received} (a {queue_type} queue). It was declared by "
-        f"another program or an older fibrpc: {hint}delete it (rabbitmqctl delete_queue "
-        f"{queue}; requests waiting in it are lost) and start the server again, or serve "
-        "another queue with --queue."
+        f"{what}. It was declared by another program or an older fibrpc: {hint}delete it "
+        f"(rabbitmqctl delete_queue {queue}; requests waiting in it are lost) and start the "
+        "server again, or serve another queue with --queue."
     )
 
 

@@ -224,6 +224,16 @@ def test_the_broker_health_check_runs_rabbitmq_diagnostics_with_its_timings(
 
 
 @pytest.mark.parametrize(("name", "service"), SERVERS, ids=SERVER_IDS)
+def test_the_broker_is_a_supported_rabbitmq_4(name, service, monkeypatch):
+    url = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch).params["url"]
+    image = broker_service(url)["image"]
+    repository, _, tag = image.partition(":")
+    assert repository == "rabbitmq", image
+    major, minor = (int(part) for part in tag.split("-")[0].split(".")[:2])
+    assert (major, minor) >= (4, 0), f"{image}: RabbitMQ before 4.0 is out of support"
+
+
+@pytest.mark.parametrize(("name", "service"), SERVERS, ids=SERVER_IDS)
 def test_servers_connect_as_the_user_the_broker_service_creates(name, service, monkeypatch):
     url = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch).params["url"]
     broker = environment(broker_service(url))

@@ -116,7 +116,7 @@ def test_a_quorum_server_on_a_classic_queue_is_told_to_use_the_classic_type(queu
     )
     assert result.returncode == ExitCode.BROKER_REFUSED, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert f"Queue '{queue}' already exists with type classic" in last, last
+    assert f"Queue '{queue}' already exists as a classic queue" in last, last
     assert "--queue-type classic" in last
 
 

@@ -134,7 +134,7 @@ def test_a_queue_of_the_name_in_another_form_is_refused_by_name_within_seconds(
     assert result.returncode == ExitCode.BROKER_REFUSED, result.stderr
     assert time.monotonic() - started < 10
     last = result.stderr.strip().splitlines()[-1]
-    assert "Queue 'rpc_queue' already exists with type quorum" in last, last
+    assert "Queue 'rpc_queue' already exists as a quorum queue" in last, last
     assert "--queue-type quorum" in last
     assert "Cannot connect" not in result.stderr
 

@@ -70,7 +70,7 @@ def test_a_durability_mismatch_names_the_queue_both_values_and_the_fix():
 
 def test_a_type_mismatch_suggests_serving_the_queue_as_it_is():
     text = refusals.explain_queue_refusal("rpc_queue", "quorum", 406, QUEUE_TYPE)
-    assert "already exists with type classic" in text
+    assert "already exists as a classic queue, but fibrpc declares a quorum queue" in text
     assert "--queue-type classic" in text
 
 
