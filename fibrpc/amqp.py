@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -29,10 +30,11 @@ import struct
 import time
 import types
 import urllib.parse
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import pika
 import pika.adapters.blocking_connection
+import pika.adapters.utils.connection_workflow as pika_workflow
 import pika.adapters.utils.io_services_utils as pika_io
 import pika.connection
 import pika.data
@@ -338,13 +340,25 @@ class TLSOptions:
         return context
 
 
+#: Seconds a connection may take from the TCP connect to AMQP's open-ok (TLS included):
+#: a broker that accepts TCP and never speaks AMQP (a paused VM, a hung load balancer)
+#: is unreachable after this long, not forever.
+CONNECT_TIMEOUT: Final = 15.0
+
+
 def parameters(
-    url: str, *, heartbeat: int | None = None, name: str = "fibrpc", tls: TLSOptions | None = None
+    url: str,
+    *,
+    heartbeat: int | None = None,
+    name: str = "fibrpc",
+    tls: TLSOptions | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> Any:
     """pika connection parameters for ``url``, or ``ConfigError`` naming the bad URL.
 
     An ``amqps://`` URL always gets a verifying TLS context (``tls`` or the defaults):
-    pika's own default for amqps does not check certificates.
+    pika's own default for amqps does not check certificates. ``connect_timeout``
+    (seconds) bounds the whole opening of the connection.
     """
     try:
         params = pika.URLParameters(url)
@@ -360,21 +374,31 @@ def parameters(
         params.heartbeat = heartbeat
     params.client_properties = {"connection_name": name, "product": "fibrpc"}
     params.connection_attempts = 1
-    params.socket_timeout = 5
+    timeout = max(0.1, min(connect_timeout, CONNECT_TIMEOUT))
+    params.socket_timeout = min(5.0, timeout)
+    params.stack_timeout = timeout
     params.blocked_connection_timeout = 60
     return params
 
 
 def connect(
-    url: str, *, heartbeat: int | None = None, name: str = "fibrpc", tls: TLSOptions | None = None
+    url: str,
+    *,
+    heartbeat: int | None = None,
+    name: str = "fibrpc",
+    tls: TLSOptions | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> Any:
-    """Open a ``pika.BlockingConnection`` to ``url``.
+    """Open a ``pika.BlockingConnection`` to ``url`` within ``connect_timeout`` seconds.
 
-    Raises ``BrokerUnreachableError`` when nothing answers (or the TLS handshake fails)
-    and ``AccessRefusedError`` when the broker refuses the login, vhost or permission;
-    both name the URL without its password.
+    Raises ``BrokerUnreachableError`` when nothing answers in time (refused, unroutable,
+    a TLS failure, a broker that accepts TCP and never speaks AMQP) and
+    ``AccessRefusedError`` when the broker refuses the login, vhost or permission; both
+    name the URL without its password.
     """
-    params = parameters(url, heartbeat=heartbeat, name=name, tls=tls)
+    params = parameters(
+        url, heartbeat=heartbeat, name=name, tls=tls, connect_timeout=connect_timeout
+    )
     try:
         connection = pika.BlockingConnection(params)
     except Exception as exc:
@@ -420,6 +444,13 @@ def translate(exc: BaseException, url: str) -> BrokerError:
             "the CA file (--tls-ca-file), the client certificate (--tls-cert-file), and "
             "that the broker's certificate names the URL's host."
         )
+    if isinstance(exc, pika_workflow.AMQPConnectorException) or _find(
+        exc, pika_workflow.AMQPConnectorStackTimeout
+    ):
+        return BrokerUnreachableError(
+            f"RabbitMQ at {where} did not complete the connection in time ({_describe(exc)}): "
+            "something accepts TCP there but does not speak AMQP, or the network stalls."
+        )
     if isinstance(exc, pika.exceptions.AMQPConnectionError | OSError | socket.gaierror):
         detail = _describe(exc)
         return BrokerUnreachableError(
@@ -429,7 +460,10 @@ def translate(exc: BaseException, url: str) -> BrokerError:
     return BrokerError(f"RabbitMQ at {where} failed: {_describe(exc)}")
 
 
-def _find(exc: BaseException, kind: type[ssl.SSLError]) -> ssl.SSLError | None:
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
     """The ``kind`` error behind ``exc``: pika nests the real cause in args and chains."""
     seen: set[int] = set()
     stack: list[object] = [exc]
@@ -614,6 +648,9 @@ def consume_direct(
     if on_cancel is not None:
         impl.add_on_cancel_callback(on_cancel)
     confirmed: list[object] = []
+    # The BlockingChannel signals every consume-ok to a result of its own, which only its
+    # own basic_consume clears: a second consume (after a cancel) would find it set.
+    channel._basic_consume_ok_result.reset()
     tag: str = impl.basic_consume(queue, on_message, auto_ack=auto_ack, callback=confirmed.append)
     while not confirmed:
         if channel.is_closed:
@@ -697,6 +734,91 @@ def wake(connection: Any) -> None:
 
 def _nothing() -> None:
     """A callback that only wakes the I/O loop."""
+
+
+def close_within(connection: Any, seconds: float = 1.0) -> None:
+    """Close ``connection`` politely (Connection.Close, then its close-ok), but give the
+    broker at most ``seconds``: a blocked broker reads nothing, and a stalled or
+    half-open network answers nothing, so after that the socket is dropped. Never
+    raises; the connection is closed when it returns."""
+    impl = connection._impl
+    try:
+        if impl.is_open:
+            impl.close(200, "Normal shutdown")
+        deadline = time.monotonic() + seconds
+        ioloop = impl.ioloop
+        while not impl.is_closed and (left := deadline - time.monotonic()) > 0:
+            timer = ioloop.call_later(min(0.05, left), _nothing)  # bound the wait
+            ioloop.poll()
+            ioloop.process_timeouts()
+            ioloop.remove_timeout(timer)
+        if not impl.is_closed:
+            impl._terminate_stream(
+                pika.exceptions.ConnectionClosedByClient(200, "the broker did not answer")
+            )
+            for _ in range(3):  # the transport's abort completes on the loop
+                if impl.is_closed:
+                    break
+                ioloop.call_later(0.01, _nothing)
+                ioloop.poll()
+                ioloop.process_timeouts()
+    except Exception as exc:  # closing must not fail: there is nothing left to do
+        log.debug("closing the connection: %r", exc)
+    finally:
+        with contextlib.suppress(Exception):
+            connection._cleanup()
+
+
+def on_blocked(connection: Any, callback: Any) -> None:
+    """``callback(reason)`` when RabbitMQ blocks the connection's publishing (a memory or
+    disk alarm: ``connection.blocked``), ``callback(None)`` when it unblocks it."""
+    impl = connection._impl
+    impl.add_on_connection_blocked_callback(
+        lambda _conn, frame: callback(str(getattr(frame.method, "reason", "") or "an alarm"))
+    )
+    impl.add_on_connection_unblocked_callback(lambda _conn, _frame: callback(None))
+
+
+class QueueProbe:
+    """Counts a queue's consumers without waiting for the answer: a passive declare on a
+    channel of the probe's own (a 404 closes the channel it happens on), answered on the
+    connection's next turns by ``on_answer(consumers)``, with None when the queue does
+    not exist. A synchronous round trip would stall the thread that drives the
+    connection for as long as the broker does not answer (blocked, a half-open network):
+    every call's deadline with it."""
+
+    def __init__(self, connection: Any, queue: str, on_answer: Any) -> None:
+        self._impl = connection._impl
+        self._queue = queue
+        self._on_answer = on_answer
+        self._channel: Any = None
+        self._asking = False
+
+    def ask(self) -> None:
+        """Send the question unless one is on its way already (any thread that drives
+        the connection)."""
+        if self._asking or not self._impl.is_open:
+            return
+        self._asking = True
+        channel = self._channel
+        if channel is not None and channel.is_open:
+            self._declare(channel)
+        elif channel is None or channel.is_closed:
+            self._channel = self._impl.channel(on_open_callback=self._declare)
+            self._channel.add_on_close_callback(self._on_close)
+
+    def _declare(self, channel: Any) -> None:
+        channel.queue_declare(self._queue, passive=True, callback=self._on_declared)
+
+    def _on_declared(self, frame: Any) -> None:
+        self._asking = False
+        self._on_answer(int(frame.method.consumer_count))
+
+    def _on_close(self, channel: Any, reason: Any) -> None:
+        asking, self._asking = self._asking, False
+        self._channel = None
+        if asking and getattr(reason, "reply_code", None) == 404:
+            self._on_answer(None)
 
 
 def quiet_pika() -> None:

@@ -40,7 +40,7 @@ from typing import Any, Final
 import pika
 import pika.exceptions
 
-from fibrpc import amqp, metrics, refusals, state
+from fibrpc import amqp, deliveries, inflight, metrics, refusals, state
 from fibrpc.config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -63,6 +63,8 @@ _QUORUM_DELIVERIES: Final = "x-delivery-count"
 _RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: The longest the consume loop waits for I/O before it looks at its flags again.
 _TURN: Final = 0.25
+#: Seconds a closing worker gives the broker to acknowledge before dropping the socket.
+_CLOSE_WITHIN: Final = 2.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,8 +101,21 @@ class WorkerStats:
 class Worker:
     """Consumes requests until asked to stop, reconnecting as needed, then drains."""
 
-    def __init__(self, settings: WorkerSettings, handler: Handler | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        handler: Handler | None = None,
+        *,
+        board: inflight.Board | None = None,
+        index: int = 0,
+    ) -> None:
+        """``board`` and ``index``: the supervisor's board of requests in flight and this
+        worker's place on it (``fibrpc.inflight``); without one, every redelivery is
+        charged as a delivery, since no crash's suspect can be told from the others."""
         self.settings = settings
+        self._board = board
+        self._index = index
+        self._slot = board.slot(index) if board is not None else None
         self.handler = handler or Handler(settings.limits, settings.memo_bytes)
         self.stats = WorkerStats()
         self._stopping = False
@@ -240,7 +255,7 @@ class Worker:
                     raise reason
                 raise pika.exceptions.ChannelClosed(0, f"The channel closed: {reason}")
             if self._consumer_cancelled:
-                raise pika.exceptions.ConsumerCancelled("RabbitMQ cancelled the consumer")
+                self._consume_again()
             self._log_expired()
             self._tick()
             if os.getppid() != parent:
@@ -248,9 +263,33 @@ class Worker:
                 self._stopping = True
 
     def _on_cancelled_by_broker(self, frame: Any) -> None:
-        """RabbitMQ cancels a consumer whose queue is deleted: consume again (on a
-        fresh connection, declaring the queue) rather than sit idle."""
+        """RabbitMQ cancels a consumer whose queue is deleted (or, on a cluster, whose
+        queue moved): consume again (``_consume_again``) rather than sit idle."""
         self._consumer_cancelled = True
+
+    def _consume_again(self) -> None:
+        """Declare the queue again and consume it on the same channel. The requests this
+        worker holds are still its own (their delivery tags live on the channel, not in
+        the queue), so those being computed are answered and acked as usual: their
+        callers' reply addresses do not depend on the queue."""
+        s = self.settings
+        log.warning(
+            "RabbitMQ cancelled the consumer of %r (the queue was deleted?); declaring it "
+            "again, %d request(s) still held",
+            s.queue,
+            self._in_flight,
+        )
+        self._consumer_cancelled = False
+        amqp.declare_request_queue(self._channel, s.queue, queue_type=s.queue_type)
+        self._consumer_tag = amqp.consume_direct(
+            self._conn,
+            self._channel,
+            s.queue,
+            self._on_request,
+            auto_ack=False,
+            on_cancel=self._on_cancelled_by_broker,
+        )
+        self.stats.reconnects += 1
 
     def _drain(self) -> None:
         """Cancel the consumer (what reaches us after that is rejected, to be requeued),
@@ -272,9 +311,7 @@ class Worker:
     def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                if conn.is_open:
-                    conn.close()
+            amqp.close_within(conn, _CLOSE_WITHIN)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -326,6 +363,7 @@ class Worker:
 
     def _handle_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         started = time.perf_counter()
+        received = time.monotonic()
         tag = method.delivery_tag
         if not amqp.valid_reply_to(props.reply_to):
             self.stats.dropped += 1
@@ -338,7 +376,8 @@ class Worker:
             amqp.ack_soon(channel, tag)
             return
         headers = props.headers if isinstance(props.headers, dict) else {}
-        if headers and _expired(headers):
+        budget = _budget_ms(props.expiration)
+        if (headers or budget is not None) and _expired(headers, budget, received):
             self.stats.expired += 1
             self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
             amqp.ack_soon(channel, tag)
@@ -357,7 +396,10 @@ class Worker:
         elif self.handler.is_heavy(request):
             self._in_flight += 1
             conn, generation = self._conn, self._generation
-            future = self._compute.submit(self._compute_unless_expired, request, headers)
+            key = inflight.key(props.reply_to, props.correlation_id)
+            future = self._compute.submit(
+                self._compute_unless_expired, request, headers, budget, received, key
+            )
 
             def done(f: concurrent.futures.Future[Reply | None]) -> None:
                 if f.cancelled():
@@ -373,7 +415,12 @@ class Worker:
 
             future.add_done_callback(done)
         else:
+            slot = self._slot
+            if slot is not None:
+                slot.begin(inflight.INLINE, inflight.key(props.reply_to, props.correlation_id))
             reply = self.handler.compute(request)
+            if slot is not None:
+                slot.end(inflight.INLINE)
             self._reply(channel, tag, props, reply, request.algo, len(request.ns), started)
 
     def _held_back(
@@ -386,47 +433,79 @@ class Worker:
         started: float,
     ) -> bool:
         """Handle a request that has been delivered before. Returns True when it is taken
-        care of here (refused as poison, or re-published with its count)."""
-        if _QUORUM_DELIVERIES in headers:
-            deliveries = _as_int(headers.get(_QUORUM_DELIVERIES)) + 1
-        else:
-            deliveries = max(1, _as_int(headers.get(DELIVERIES_HEADER))) + 1
-        if deliveries > self.settings.max_deliveries:
+        care of here: refused as poison, or re-published with its count
+        (``fibrpc.deliveries.judge``: only a suspect of a crash is charged)."""
+        board = self._board
+        suspect = board is None or board.is_suspect(
+            inflight.key(props.reply_to, props.correlation_id), worker=self._index
+        )
+        counted = headers.get(DELIVERIES_HEADER)
+        verdict = deliveries.judge(
+            redelivered=True,
+            suspect=suspect,
+            counted=counted if _is_int(counted) else None,
+            max_deliveries=self.settings.max_deliveries,
+        )
+        if verdict.action is deliveries.Action.COMPUTE:
+            return False
+        if verdict.action is deliveries.Action.REFUSE_POISON:
             self.stats.poison += 1
             log.error(
-                "refusing %r: delivered %d times without an answer (limit %d)",
+                "refusing %r: delivered %d times without an answer, computing when a worker "
+                "died each time (limit %d)",
                 props.correlation_id,
-                deliveries,
+                verdict.deliveries,
                 self.settings.max_deliveries,
             )
             error = RequestError(
                 ErrorCode.POISON,
-                f"This request was delivered {deliveries} times without being answered "
-                f"(the limit is {self.settings.max_deliveries}); it may be what crashed "
-                "the workers, so it is not computed again.",
+                f"This request was delivered {verdict.deliveries} times without being "
+                f"answered (the limit is {self.settings.max_deliveries}); a worker died "
+                "computing it each time, so it is not computed again.",
             )
             # Ack first: if replying is what breaks the connection (a reply_to the broker
             # chokes on), the request must not come back once more.
             amqp.ack_soon(channel, method.delivery_tag)
             self._reply(channel, None, props, error_reply(error), metrics.UNKNOWN_ALGO, 0, started)
             return True
-        if _QUORUM_DELIVERIES in headers:
-            return False  # the queue counts for us
-        # A classic queue only says "redelivered": carry the count in a copy.
+        # The count must outlive this delivery: carry it in a copy (on quorum queues too,
+        # whose own count also charges the requests that were only prefetched).
+        log.warning(
+            "request %r was being computed when a worker died; computing it again "
+            "(delivery %d of at most %d)",
+            props.correlation_id,
+            verdict.deliveries,
+            self.settings.max_deliveries,
+        )
         amqp.publish_properties_soon(
             channel,
             method.routing_key,
             body,
-            _copy_properties(props, {**headers, DELIVERIES_HEADER: deliveries}),
+            _copy_properties(props, _recount(headers, verdict.deliveries)),
         )
         amqp.ack_soon(channel, method.delivery_tag)
         return True
 
-    def _compute_unless_expired(self, request: Any, headers: dict[str, Any]) -> Reply | None:
-        """On the compute thread: skip a request whose deadline passed while it waited."""
-        if headers and _expired(headers):
+    def _compute_unless_expired(
+        self,
+        request: Any,
+        headers: dict[str, Any],
+        budget: int | None,
+        received: float,
+        key: bytes,
+    ) -> Reply | None:
+        """On the compute thread: skip a request whose deadline passed while it waited;
+        mark it on the board while it is computed."""
+        if (headers or budget is not None) and _expired(headers, budget, received):
             return None
-        return self.handler.compute(request)
+        slot = self._slot
+        if slot is None:
+            return self.handler.compute(request)
+        slot.begin(inflight.HEAVY, key)
+        try:
+            return self.handler.compute(request)
+        finally:
+            slot.end(inflight.HEAVY)
 
     def _finish_heavy(
         self,
@@ -479,22 +558,38 @@ class Worker:
         self._metrics.answered(algo, reply.error or "ok", time.perf_counter() - started, values)
 
 
-def _expired(headers: dict[str, Any]) -> bool:
+def _expired(headers: dict[str, Any], budget: int | None, received: float) -> bool:
     deadline = headers.get(DEADLINE_HEADER)
     # pika decodes 64-bit table integers as its own int subclass: no ``type() is int``.
-    return (
-        isinstance(deadline, int)
-        and not isinstance(deadline, bool)
-        and (time.time() * 1000 > deadline)
+    return deliveries.expired(
+        now_wall_ms=time.time() * 1000,
+        now=time.monotonic(),
+        received=received,
+        deadline_ms=deadline if _is_int(deadline) else None,
+        budget_ms=budget,
     )
+
+
+def _budget_ms(expiration: object) -> int | None:
+    """A request's TTL in milliseconds (its ``expiration``), or None."""
+    if not isinstance(expiration, str | bytes) or not expiration:
+        return None
+    try:
+        return int(expiration)
+    except ValueError:
+        return None
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _as_int(value: Any) -> int:
-    return int(value) if _is_int(value) else 0
+def _recount(headers: dict[str, Any], deliveries: int) -> dict[str, Any]:
+    """The headers of a re-published copy: its count, and not the broker's own count of
+    the original (a copy is a new message, not a redelivery)."""
+    copied = {k: v for k, v in headers.items() if k != _QUORUM_DELIVERIES}
+    copied[DELIVERIES_HEADER] = deliveries
+    return copied
 
 
 def _copy_properties(props: Any, headers: dict[str, Any]) -> Any:

@@ -19,7 +19,6 @@ Both are removed when it stops.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fibrpc import amqp, kernels, metrics, state
+from fibrpc import amqp, inflight, kernels, metrics, state
 from fibrpc.config import DEFAULT_METRICS_HOST, QUORUM_DELIVERY_LIMIT
 from fibrpc.errors import (
     AccessRefusedError,
@@ -101,6 +100,8 @@ class Supervisor:
         self._metrics: metrics.Metrics = metrics.Metrics()
         self._state_dir: Path | None = None
         self._started_at = time.time()
+        #: What each worker computes, shared with them (made here, before any fork).
+        self.board = inflight.Board(workers)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -220,8 +221,7 @@ class Supervisor:
                 raise error from exc
             log.warning("%s The workers will keep trying.", error)
         finally:
-            with contextlib.suppress(Exception):
-                connection.close()
+            amqp.close_within(connection)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -263,7 +263,7 @@ class Supervisor:
         receive, send = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=_worker_main,
-            args=(self.settings, send),
+            args=(self.settings, send, self.board, slot.index),
             name=f"fibrpc-worker-{slot.index}",
             daemon=False,
         )
@@ -333,6 +333,16 @@ class Supervisor:
             slot.ready_pipe.close()
             slot.process = None
             self._forget(process.pid)
+            for key in self.board.convict(slot.index):
+                reply_to, _, correlation_id = key.decode(errors="replace").partition("\0")
+                log.warning(
+                    "worker %d (pid %d) died computing request %r (reply_to %r): if it comes "
+                    "back, it counts as a delivery",
+                    slot.index,
+                    process.pid,
+                    correlation_id,
+                    reply_to,
+                )
             if code in (ExitCode.ACCESS_REFUSED, ExitCode.BROKER_REFUSED):
                 log.error(
                     "worker %d (pid %d) was refused by RabbitMQ (its log line above says "
@@ -388,10 +398,11 @@ def _explain(code: int) -> str:
         return "a crash"
 
 
-def _worker_main(settings: WorkerSettings, ready: Any) -> None:
-    """The body of a worker process (forked: it inherits the warmed kernels)."""
+def _worker_main(settings: WorkerSettings, ready: Any, board: inflight.Board, index: int) -> None:
+    """The body of a worker process (forked: it inherits the warmed kernels and the
+    board of requests in flight)."""
     die_with_parent()
-    worker = Worker(settings)
+    worker = Worker(settings, board=board, index=index)
     install_stop_handlers(worker)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 

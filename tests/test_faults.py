@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
 
+import gmpy2
 import pika
 import pika.exceptions
 import pytest
@@ -134,27 +136,34 @@ def test_serve_with_a_wrong_password_exits_7_with_one_line_and_no_password(queue
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
-def test_a_request_that_keeps_killing_workers_is_refused_as_poison(serve, queue, queue_type):
-    """On quorum queues RabbitMQ counts the deliveries (``x-delivery-count``; RabbitMQ 4
-    drops a message after 20 of them): fibrpc's limit comes first."""
-    server = serve(
-        "--naive-max-n", "38", "--max-deliveries", "2", "--queue-type", queue_type, workers=1
-    )
+def test_a_request_that_keeps_killing_workers_is_refused_as_poison_and_only_it(
+    serve, queue, queue_type
+):
+    """The worker holds 30 ordinary requests prefetched behind the one that kills it: they
+    are redelivered with it after every crash, and answered; only the one that was being
+    computed is charged. (On quorum queues RabbitMQ counts every redelivery in
+    ``x-delivery-count``, and RabbitMQ 4 drops a message after 20: fibrpc counts its own.)"""
+    server = serve("--naive-max-n", "38", "--queue-type", queue_type, workers=1)
     with Client(URL, queue=queue, timeout=90) as client:
         poison = client.submit(36, algo="naive")  # ~1.5 s: long enough to be killed in
-        for kill in range(2):
+        neighbours = {n: client.submit(n) for n in range(100_001, 100_031)}
+        for kill in range(3):
             _wait_for(lambda k=kill: server.text.count("consuming") >= k + 1, 15, "a worker")
-            time.sleep(0.4)
+            time.sleep(0.5)
             [worker] = server.worker_pids()
             os.kill(worker, signal.SIGKILL)
             _wait_for(lambda w=worker: server.worker_pids() not in ([], [w]), 5, "a respawn")
         with pytest.raises(RequestError) as refused:
             poison.result(30)
         assert refused.value.code == "poison"
-        assert "delivered 3 times" in refused.value.message
+        assert "delivered 4 times" in refused.value.message
+        for n, future in neighbours.items():
+            assert future.result(30) == int(gmpy2.fib(n)), n
         # Traffic around it flows: the queue is not stuck behind the poison.
         assert client.map(range(91), batch_size=1) == list(FAST_TABLE[:91])
     server.wait_for_log("refusing", timeout=5)
+    assert server.text.count("refusing") == 1, server.text
+    assert server.text.count("died computing request") == 3, server.text
 
 
 # -- 3. graceful shutdown ---------------------------------------------------------------
@@ -310,8 +319,24 @@ def test_a_deleted_queue_is_declared_again_and_served(serve, queue):
     with Client(URL, queue=queue, timeout=10) as client:
         assert client.map(range(91), batch_size=1) == list(FAST_TABLE[:91])
     assert server.stop() == 0
-    assert "RabbitMQ cancelled the consumer; reconnecting" in server.text, server.text
+    assert "RabbitMQ cancelled the consumer of" in server.text, server.text
     assert "lost the connection" not in server.text, server.text
+
+
+def test_requests_a_worker_holds_are_answered_when_their_queue_is_deleted(serve, queue, broker):
+    """The callers' reply addresses outlive the queue: what a worker holds when RabbitMQ
+    cancels its consumer is computed and answered, not thrown away."""
+    server = serve(workers=1)
+    with Client(URL, queue=queue, timeout=20) as client:
+        futures = [client.submit(31, algo="naive") for _ in range(6)]  # ~0.3 s each
+        time.sleep(0.3)  # all delivered: the worker computes one, holds the rest
+        broker.queue_delete(queue)
+        started = time.monotonic()
+        assert [f.result(20) for f in futures] == [fib_naive(31)] * 6
+        assert time.monotonic() - started < 10
+        assert client.call(30) == 832040  # and it consumes the queue declared again
+    held = re.search(r"declaring it again, (\d+) request\(s\) still held", server.text)
+    assert held is not None and int(held[1]) >= 1, server.text  # the test tested something
 
 
 def test_two_servers_share_one_queue_and_stopping_one_loses_nothing(serve, queue):
