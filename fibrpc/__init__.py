@@ -13,6 +13,7 @@ from fibrpc.client import Client
 from fibrpc.errors import (
     AccessRefusedError,
     BrokerError,
+    BrokerRefusedError,
     BrokerUnreachableError,
     CallTimeoutError,
     ClientClosedError,
@@ -26,6 +27,7 @@ from fibrpc.errors import (
 __all__ = [
     "AccessRefusedError",
     "BrokerError",
+    "BrokerRefusedError",
     "BrokerUnreachableError",
     "CallTimeoutError",
     "Client",

@@ -18,8 +18,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from fibrpc import amqp, config, logs
-from fibrpc.client import Client
-from fibrpc.errors import FibrpcError
+from fibrpc.client import Client, check_timeout
+from fibrpc.errors import ConfigError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 from fibrpc.kernels import ALGORITHMS, DEFAULT_ALGORITHM
 
@@ -122,6 +122,30 @@ def tls_options(func: F) -> F:
         help="Do not check the broker's certificate (testing only).  [env: FIBRPC_TLS_NO_VERIFY]",
     )(wrapper)
     return wrapper  # type: ignore[return-value]
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: object) -> float:
+    """``--timeout``: any positive number of seconds, ``inf`` for none; zero, negatives
+    and ``nan`` are usage errors (``fibrpc.client.check_timeout``)."""
+    try:
+        return check_timeout(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError, ConfigError):
+        raise click.BadParameter(
+            f"{value!r} is not a number of seconds above 0 (or inf)."
+        ) from None
+
+
+def timeout_option(envvar: str, help_text: str) -> Callable[[F], F]:
+    """``--timeout`` with its environment variable."""
+    return click.option(
+        "--timeout",
+        envvar=envvar,
+        callback=_seconds,
+        metavar="SECONDS",
+        default=config.DEFAULT_TIMEOUT,
+        show_default=True,
+        help=f"{help_text}  [env: {envvar}]",
+    )
 
 
 def _fail(error: BaseException) -> NoReturn:
@@ -369,14 +393,7 @@ Examples:
     show_default=True,
     help="Algorithm.  [env: FIBRPC_ALGO]",
 )
-@click.option(
-    "--timeout",
-    envvar="FIBRPC_TIMEOUT",
-    type=click.FloatRange(0, min_open=True),
-    default=config.DEFAULT_TIMEOUT,
-    show_default=True,
-    help="Seconds to wait for the reply.  [env: FIBRPC_TIMEOUT]",
-)
+@timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the reply (inf: no limit).")
 @click.option(
     "--json",
     "as_json",
@@ -399,7 +416,8 @@ def call(
 ) -> None:
     """Compute F(N) on a running server and print it.
 
-    Exit codes: 3 refused, 4 timeout, 5 no server, 6 broker unreachable, 7 access refused.
+    Exit codes: 3 refused, 4 timeout, 5 no server, 6 broker unreachable, 7 access refused,
+    11 broker refused.
     """
     setup_logging(log_level, log_format)
     started = time.perf_counter()
@@ -443,10 +461,12 @@ Examples:
     is_flag=True,
     help="Print one JSON object instead of text.  [env: FIBRPC_STATUS_JSON]",
 )
+@timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the broker to answer.")
 @log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
 def status(
     url: str,
     queue: str,
+    timeout: float,
     management_url: str | None,
     state_dir: str | None,
     as_json: bool,
@@ -470,6 +490,7 @@ def status(
         tls=tls,
         management_url=management_url,
         state_dir=Path(state_dir) if state_dir else None,
+        timeout=timeout,
     )
     if as_json:
         click.echo(json.dumps(report))
@@ -561,14 +582,7 @@ Examples:
     show_default=True,
     help="Values of n per message in 'batched'.  [env: FIBRPC_BENCH_BATCH_SIZE]",
 )
-@click.option(
-    "--timeout",
-    envvar="FIBRPC_BENCH_TIMEOUT",
-    type=click.FloatRange(0, min_open=True),
-    default=config.DEFAULT_TIMEOUT,
-    show_default=True,
-    help="Seconds each call may wait for its reply.  [env: FIBRPC_BENCH_TIMEOUT]",
-)
+@timeout_option("FIBRPC_BENCH_TIMEOUT", "Seconds each call may wait for its reply.")
 @click.option(
     "--spawn",
     envvar="FIBRPC_BENCH_SPAWN",

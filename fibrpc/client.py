@@ -22,6 +22,8 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
+import os
 import threading
 import time
 import uuid
@@ -29,8 +31,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
 import gmpy2
-import pika
-import pika.exceptions
 
 from fibrpc import amqp, protocol, refusals
 from fibrpc.config import (
@@ -74,6 +74,53 @@ _TICK: Final = 0.05
 #: Seconds the idle I/O thread sleeps between turns that keep heartbeats flowing.
 _IDLE: Final = 1.0
 _RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
+#: Seconds past its deadline after which a waiting thread fails its call itself.
+_LATE: Final = 0.25
+#: Seconds ``close`` gives the broker to acknowledge, before the socket is dropped.
+_CLOSE_WITHIN: Final = 1.0
+#: RabbitMQ's largest per-message TTL in milliseconds (ten years): a longer one closes
+#: the channel the message was published on, failing every call on it.
+MAX_TTL_MS: Final = 315_360_000_000
+_FORK_LOCK = threading.Lock()
+
+
+def check_timeout(timeout: object) -> float:
+    """``timeout`` as seconds: any positive number; ``math.inf`` for no deadline.
+
+    Raises ``ConfigError`` for zero, a negative number, NaN or anything not a number
+    (a bool included), before anything is sent.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigError(f"A timeout is a number of seconds; got {timeout!r}.")
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int too large for a float: no deadline that matters
+        seconds = math.inf
+    if not seconds > 0:  # NaN too
+        raise ConfigError(
+            f"A timeout must be more than 0 seconds (math.inf: no deadline); got {timeout!r}."
+        )
+    return seconds
+
+
+def _wait_limit(timeout: float, block: bool) -> float | None:
+    """A timeout for ``threading`` waits: None (no limit) for an infinite or too long one."""
+    if not block or timeout >= threading.TIMEOUT_MAX:
+        return None
+    return timeout
+
+
+class _Future(concurrent.futures.Future[Any]):
+    """A future whose done-callbacks run on the client's callback thread, never on the
+    thread that drives the connection (where a slow one would stall every call)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self._client = client
+
+    def add_done_callback(self, fn: Any) -> None:
+        client = self._client
+        super().add_done_callback(lambda future: client._run_callback(fn, future))
 
 
 def to_int(text: str) -> int:
@@ -183,16 +230,22 @@ class Client:
         heartbeat: int = DEFAULT_HEARTBEAT,
         tls: amqp.TLSOptions | None = None,
     ) -> None:
-        if timeout <= 0 or window < 1:
-            raise ConfigError(f"timeout must be > 0 and window >= 1; got {timeout}, {window}.")
+        self.timeout = check_timeout(timeout)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window must be a whole number of 1 or more; got {window!r}.")
         self.url = url
         self.queue = queue
-        self.timeout = timeout
         self.window = window
-        self.dropped_unknown = 0
-        self.dropped_duplicates = 0
         self._heartbeat = heartbeat
         self._tls = tls
+        self._start()
+
+    def _start(self) -> None:
+        """Everything but the settings: the calls in flight, the connection and its I/O
+        thread. Done again, from scratch, in a forked child (``_after_fork``)."""
+        self._pid = os.getpid()
+        self.dropped_unknown = 0
+        self.dropped_duplicates = 0
         self._prefix = uuid.uuid4().hex[:12] + "."
         self._ids = itertools.count()
         self._pending: dict[str, _Call] = {}
@@ -209,7 +262,7 @@ class Client:
         self._settled = 0  # calls settled so far: tells a driver whom to wake
         self._last_step = time.monotonic()
         self._broken = False  # the connection dropped: the I/O thread reconnects
-        self._slots = threading.BoundedSemaphore(window)
+        self._slots = threading.BoundedSemaphore(self.window)
         self._closing = False
         self._conn: Any = None
         self._channel: Any = None
@@ -221,6 +274,8 @@ class Client:
         self._start_error: BaseException | None = None
         #: The broker's largest message: RabbitMQ 4's default until the broker says less.
         self._max_message = BROKER_MAX_MESSAGE_BYTES
+        self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
+        self._callbacks: concurrent.futures.ThreadPoolExecutor | None = None
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._io_main, args=(ready,), name="fibrpc-client-io", daemon=True
@@ -258,9 +313,12 @@ class Client:
     ) -> concurrent.futures.Future[int]:
         """Send one call now and return its future; blocks while the window is full.
 
-        The I/O thread drives the connection until the future resolves.
+        The I/O thread drives the connection until the future resolves. Callbacks added
+        with ``add_done_callback`` run on a thread of the client's own, never on the one
+        that drives the connection: a slow callback, or one that calls the client,
+        holds up nobody else's calls.
         """
-        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        future: concurrent.futures.Future[int] = _Future(self)
         self._submit(n, algo, timeout, _AS_INT, block=True, future=future)
         if not self._driving:  # a driver, or _end_turn, sees the call anyway
             self._notify()
@@ -344,10 +402,12 @@ class Client:
         window is full) and whether this thread still has the turn: with ``hold``, a
         caller that published its call itself keeps the turn to wait for the reply,
         rather than giving it up and taking it back (``_wait(call, held)``)."""
+        if self._pid != os.getpid():
+            self._after_fork()
         if self._closing:
             raise ClientClosedError("The client is closed.")
-        timeout = self.timeout if timeout is None else timeout
-        if not self._slots.acquire(blocking=block, timeout=timeout if block else None):
+        timeout = self.timeout if timeout is None else check_timeout(timeout)
+        if not self._slots.acquire(blocking=block, timeout=_wait_limit(timeout, block)):
             if not block:
                 return None, False
             raise CallTimeoutError(
@@ -420,10 +480,12 @@ class Client:
         ``held``: this thread has the turn already (see ``_submit``)."""
         if held:
             self._drive_until(call)
-        deadline = time.monotonic() + self.timeout + 30.0
         while not call.done:
-            if time.monotonic() > deadline:  # only if the I/O thread itself has died
-                raise ClientClosedError("The client's I/O thread stopped answering.")
+            if time.monotonic() > call.deadline + _LATE:
+                # Whoever drives the connection should have expired it by now: it is
+                # stuck (in a broker round trip, say). The deadline is kept all the same.
+                self._abandon(call)
+                break
             with self._turn:
                 if self._broken or self._closing:
                     self._turn.wait(_TICK)  # the I/O thread reconnects (or shuts down)
@@ -514,8 +576,14 @@ class Client:
 
     def _connect(self) -> None:
         self._conn = amqp.connect(
-            self.url, heartbeat=self._heartbeat, name="fibrpc-client", tls=self._tls
+            self.url,
+            heartbeat=self._heartbeat,
+            name="fibrpc-client",
+            tls=self._tls,
+            connect_timeout=self.timeout,
         )
+        self._blocked = None
+        amqp.on_blocked(self._conn, self._on_blocked)
         amqp.keep_ticking(self._conn, _TICK)  # once per connection, not per channel
         self._open_channel()
         self._probe = None
@@ -635,7 +703,22 @@ class Client:
                 self._fail(call.corr_id, ClientClosedError(f"The call could not be sent: {exc}"))
 
     def _publish(self, call: _Call) -> None:
-        remaining_ms = max(1, int((call.deadline - time.monotonic()) * 1000))
+        """Publish ``call`` with what is left of its time as the message's TTL (at most
+        the broker's largest) and a deadline header; with no deadline, neither."""
+        left = call.deadline - time.monotonic()
+        if left == math.inf:
+            amqp.publish_soon(
+                self._channel,
+                self.queue,
+                call.body,
+                mandatory=True,
+                reply_to=amqp.DIRECT_REPLY_TO,
+                correlation_id=call.corr_id,
+                content_type=call.content_type,
+                message_type=call.msg_type,
+            )
+            return
+        remaining_ms = max(1, min(MAX_TTL_MS, int(left * 1000)))
         amqp.publish_soon(
             self._channel,
             self.queue,
@@ -716,18 +799,83 @@ class Client:
             _, corr_id = heapq.heappop(self._deadlines)
             call = self._pending.get(corr_id)
             if call is not None:
-                self._fail(
-                    corr_id,
-                    CallTimeoutError(
-                        f"No reply to {call.describe()} within {call.timeout} s from queue "
-                        f"{self.queue!r} at {amqp.redact(self.url)}."
-                    ),
-                )
+                self._fail(corr_id, self._timed_out(call))
+
+    def _timed_out(self, call: _Call) -> CallTimeoutError:
+        blocked = self._blocked
+        why = f" RabbitMQ blocks this client's publishing ({blocked})." if blocked else ""
+        return CallTimeoutError(
+            f"No reply to {call.describe()} within {call.timeout} s from queue "
+            f"{self.queue!r} at {amqp.redact(self.url)}.{why}"
+        )
+
+    def _abandon(self, call: _Call) -> None:
+        """Fail ``call`` with its timeout from the thread waiting for it, wherever it is
+        (the outbox or the calls in flight); whoever settles it first wins."""
+        with self._lock:
+            try:
+                self._outbox.remove(call)
+            except ValueError:
+                queued = False
+            else:
+                queued = True
+        if queued:
+            self._slots.release()
+            call.settle(self._timed_out(call), ok=False)
+        else:
+            self._fail(call.corr_id, self._timed_out(call))
 
     def _check_consumers(self, now: float) -> None:
+        """Ask the broker how many consumers the queue has; the answer comes on a later
+        turn (``_on_consumers``), never holding this one up."""
+        if self._probe is None:
+            self._probe = amqp.QueueProbe(self._conn, self.queue, self._on_consumers)
+        self._probe.ask()
+
+    def _run_callback(self, fn: Any, future: concurrent.futures.Future[Any]) -> None:
+        """Run a future's done-callback on the client's callback thread (made on first
+        use); where that is shut down (the client closed), in this thread."""
+        with self._lock:
+            if self._callbacks is None:
+                self._callbacks = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="fibrpc-callbacks"
+                )
+            callbacks = self._callbacks
+        try:
+            callbacks.submit(_call_back, fn, future)
+        except RuntimeError:  # shut down
+            _call_back(fn, future)
+
+    def _on_blocked(self, reason: str | None) -> None:
+        if reason is not None:
+            log.warning(
+                "RabbitMQ at %s blocks this client's publishing (%s): calls wait, up to "
+                "their timeout",
+                amqp.redact(self.url),
+                reason,
+            )
+        self._blocked = reason
+
+    def _after_fork(self) -> None:
+        """This client was made in another process, which forked: its connection, its
+        I/O thread and its calls belong to the parent. Start afresh, with a connection
+        of this process's own (the parent's is left untouched)."""
+        with _FORK_LOCK:
+            if self._pid == os.getpid():
+                return
+            log.info(
+                "client made in process %d, used in process %d: opening a connection of its own",
+                self._pid,
+                os.getpid(),
+            )
+            self._start()
+
+    def _on_consumers(self, consumers: int | None) -> None:
         """Fail every waiting call with ``NoServerError`` once the queue has had no
         consumer for ``NO_SERVER_GRACE`` seconds (or does not exist at all)."""
-        consumers = self._consumer_count()
+        now = time.monotonic()
+        if now < self._grace_until:
+            return
         if consumers:
             self._no_consumer_since = None
             return
@@ -740,20 +888,6 @@ class Client:
         message = self._no_server_message(missing=consumers is None)
         for corr_id in list(self._pending):
             self._fail(corr_id, NoServerError(message))
-
-    def _consumer_count(self) -> int | None:
-        """Consumers on the queue, or None when it does not exist (a passive declare on a
-        channel of its own, since a 404 closes the channel it happens on)."""
-        if self._probe is None or not self._probe.is_open:
-            self._probe = self._conn.channel()
-        try:
-            frame = self._probe.queue_declare(self.queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return None
-            raise
-        count: int = frame.method.consumer_count
-        return count
 
     def _no_server_message(self, *, missing: bool) -> str:
         state = "does not exist" if missing else "has no consumer"
@@ -774,11 +908,17 @@ class Client:
         for corr_id in list(self._pending):
             self._fail(corr_id, closed)
         conn, self._conn = self._conn, None
-        if conn is not None and conn.is_open:
-            try:
-                conn.close()
-            except Exception as exc:  # the broker went away as we left: nothing to do
-                log.debug("close failed: %s", exc)
+        if conn is not None:
+            amqp.close_within(conn, _CLOSE_WITHIN)
+        if self._callbacks is not None:
+            self._callbacks.shutdown(wait=False)
+
+
+def _call_back(fn: Any, future: concurrent.futures.Future[Any]) -> None:
+    try:
+        fn(future)
+    except Exception:
+        log.exception("a done-callback of a fibrpc future raised")
 
 
 def _too_large(size: int, largest: int) -> RequestError:

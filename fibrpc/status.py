@@ -17,7 +17,6 @@ Three sources, each optional but the first:
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import time
 import urllib.error
@@ -54,13 +53,17 @@ def default_management_url(url: str) -> str:
 
 
 def queue_counts(
-    url: str, queue: str, tls: amqp.TLSOptions | None = None
+    url: str,
+    queue: str,
+    tls: amqp.TLSOptions | None = None,
+    timeout: float = amqp.CONNECT_TIMEOUT,
 ) -> tuple[int, int] | None:
     """The messages ready in ``queue`` and its consumers, or None if it does not exist.
+    ``timeout`` (seconds) bounds the connection's opening.
 
     Raises ``BrokerUnreachableError``, ``AccessRefusedError`` or ``ConfigError``.
     """
-    conn = amqp.connect(url, name="fibrpc-status", tls=tls)
+    conn = amqp.connect(url, name="fibrpc-status", tls=tls, connect_timeout=timeout)
     try:
         channel = conn.channel()
         try:
@@ -73,8 +76,7 @@ def queue_counts(
             raise amqp.translate(exc, url) from None
         return int(frame.method.message_count), int(frame.method.consumer_count)
     finally:
-        with contextlib.suppress(Exception):  # closing is best effort
-            conn.close()
+        amqp.close_within(conn)
 
 
 def management_stats(
@@ -159,6 +161,7 @@ def gather(
     management_url: str | None = None,
     state_dir: Path | None = None,
     now: float | None = None,
+    timeout: float = amqp.CONNECT_TIMEOUT,
 ) -> tuple[dict[str, Any], FibrpcError | None]:
     """Everything ``fibrpc status`` reports, as a JSON-ready dict, and the broker error
     that stopped it from counting the queue (None when it could)."""
@@ -173,7 +176,7 @@ def gather(
     }
     error: FibrpcError | None = None
     try:
-        counts = queue_counts(url, queue, tls)
+        counts = queue_counts(url, queue, tls, timeout)
     except FibrpcError as exc:
         error = exc
         report["broker_error"] = str(exc)
