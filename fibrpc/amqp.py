@@ -4,50 +4,47 @@ Every other module that talks to RabbitMQ gets its connection from ``connect`` a
 ``translate`` turn pika's exceptions into fibrpc's own (``fibrpc.errors``), so callers
 catch one tree and no message ever carries a password.
 
-The hot path's shortcuts through pika live here too, each where pika's general machinery
-cost a measurable share of a round trip: frames queued and written in one ``sendmsg``
-per turn (``publish_soon``, ``ack_soon``, encoded by ``fibrpc.frames``), pika's I/O loop
+The hot path goes through here too: frames queued and written together at the end of a
+turn (``publish_soon``, ``ack_soon``, encoded by ``fibrpc.frames``), pika's I/O loop
 turned directly with deliveries handed straight to the consumer (``run_io``,
-``consume_direct``), deliveries taken in without pika's frame objects (``_take_in``), and
-reads that stop at a short read. They reach into pika's
-internals (pinned in pyproject.toml; tests/test_amqp.py and tests/test_frames.py check
-them against pika itself), and nothing outside this module does.
+``consume_direct``). With ``fibrpc.fastpath`` (installed on fibrpc's own connections
+only, never on pika's classes) the frames are encoded and written by fibrpc and
+deliveries taken in whole; without it, pika encodes, writes and reads as it always does.
+Only this module and ``fibrpc.fastpath`` reach into pika's internals (tests/test_amqp.py
+and tests/test_frames.py check them against pika itself).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import socket
 import ssl
-import struct
 import time
-import types
 import urllib.parse
-from typing import Any, Final, Literal, TypeVar
+from collections.abc import Iterator
+from typing import Any, Final, TypeVar
 
 import pika
 import pika.adapters.blocking_connection
 import pika.adapters.utils.connection_workflow as pika_workflow
-import pika.adapters.utils.io_services_utils as pika_io
 import pika.connection
 import pika.data
 import pika.exceptions
 import pika.spec
 
-from fibrpc import frames, refusals
+from fibrpc import fastpath, frames, refusals
 from fibrpc.errors import (
     AccessRefusedError,
     BrokerError,
     BrokerRefusedError,
     BrokerUnreachableError,
     ConfigError,
+    FibrpcError,
 )
 
 log = logging.getLogger(__name__)
@@ -94,194 +91,6 @@ def valid_reply_to(reply_to: object) -> bool:
 _PID_TERMS = frozenset({b"\x83X", b"\x83g"})
 
 
-def _tolerant_decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
-    """pika's header decoder, except that a timestamp Python cannot represent (year
-    10000, say) decodes to its integer instead of raising: pika raises while reading the
-    frame, which drops the connection, and the message comes back first every time."""
-    try:
-        decoded: tuple[Any, int] = _pika_decode_value(encoded, offset)
-    except (ValueError, OverflowError, OSError):
-        if encoded[offset : offset + 1] != b"T":
-            raise
-        (seconds,) = struct.unpack_from(">Q", encoded, offset + 1)
-        return seconds, offset + 9
-    return decoded
-
-
-_pika_decode_value = pika.data.decode_value
-pika.data.decode_value = _tolerant_decode_value  # decode_table looks it up at call time
-
-#: Buffers handed to one ``sendmsg``: well under Linux's IOV_MAX (1024).
-_GATHER: Final = 256
-
-
-def _produce_gathered(self: Any) -> None:
-    """pika's plaintext transport, writing all its queued frames in one system call.
-
-    pika sends each frame with a ``send`` of its own: a message is three frames (method,
-    header, body), so a request cost the client three calls and a reply plus its ack
-    cost a worker four, and RabbitMQ woke for each. ``sendmsg`` hands the kernel every
-    queued buffer at once (no copy); a partial write keeps the rest queued, as pika does.
-    Exceptions (``EAGAIN`` among them) reach pika's own handler unchanged.
-    """
-    buffers: collections.deque[bytes] = self._tx_buffers
-    while buffers:
-        sent: int = self._sock.sendmsg(list(itertools.islice(buffers, _GATHER)))
-        self._tx_buffered_byte_count -= sent
-        while sent:
-            head = buffers[0]
-            if sent < len(head):
-                buffers[0] = head[sent:]
-                break
-            buffers.popleft()
-            sent -= len(head)
-
-
-def _consume_until_short(self: Any) -> None:
-    """pika's plaintext transport, reading until a read comes back short.
-
-    pika reads until ``recv`` raises EAGAIN: on an RPC connection, where one message
-    arrives at a time, every readable socket cost a second ``recv`` and an exception.
-    A short read means the kernel had no more just then; if more arrives, the poll
-    (level-triggered) reports the socket again. pika's cap per turn stays.
-    """
-    size = self._MAX_RECV_BYTES
-    consumed = 0
-    while self._state == self._STATE_ACTIVE and consumed < self._MAX_CONSUME_BYTES:
-        data = self._sock.recv(size)
-        if not data:
-            raise self.RxEndOfFile()
-        consumed += len(data)
-        self._protocol.data_received(data)
-        if len(data) < size:
-            return
-
-
-_FRAME_HEAD: Final = struct.Struct(">BHI")
-_BODY_SIZE: Final = struct.Struct(">Q")
-_BASIC_DELIVER: Final = struct.pack(">HH", 60, 60)
-_FRAME_END: Final = 0xCE
-
-
-def _take_in(self: Any, data: bytes) -> None:
-    """pika's ``Connection._on_data_available`` with a short way for deliveries.
-
-    pika turns every frame into objects and routes it through its callback registry and
-    a content assembler: three frames per message, most of a client's CPU per reply in a
-    profile of pipelined calls. Here a delivery whose frames have all arrived (method,
-    header, body) goes straight to its consumer, decoded by pika's own method and
-    property decoders; every other frame, and any delivery that is not plainly for a
-    live consumer, goes through pika one frame at a time, as before. A delivery is never
-    split between the two ways, so pika never holds half of one. Installed per
-    connection by ``connect``.
-    """
-    buffer = self._frame_buffer + data if self._frame_buffer else data
-    start = 0
-    while len(buffer) - start >= 8:
-        kind, channel_number, length = _FRAME_HEAD.unpack_from(buffer, start)
-        if start + length + 8 > len(buffer):
-            break  # the frame has not all arrived
-        if kind == 1 and buffer[start + 7 : start + 11] == _BASIC_DELIVER:
-            whole = _whole_delivery(buffer, start, channel_number)
-            if whole is None:
-                break  # wait for the rest of the message
-            if whole is not False:
-                end, frames, body = whole
-                channel = self._channels.get(channel_number)
-                method = pika.spec.Basic.Deliver()
-                method.decode(buffer, start + 11)
-                tag = method.consumer_tag
-                consumer = channel._consumers.get(tag) if channel is not None else None
-                if consumer is not None and channel.is_open and tag not in channel._cancelled:
-                    properties = pika.spec.BasicProperties()
-                    properties.decode(buffer, start + length + 8 + 19)
-                    self.frames_received += frames
-                    self.bytes_received += end - start
-                    self._frame_buffer = buffer[end:]  # consistent while the consumer runs
-                    consumer(channel, method, properties, body)
-                    buffer, start = self._frame_buffer, 0
-                    continue
-        # Anything else: one frame, pika's way.
-        self._frame_buffer = buffer[start:]
-        consumed, frame_value = self._read_frame()
-        if not frame_value:
-            return
-        self._trim_frame_buffer(consumed)
-        self._process_frame(frame_value)
-        buffer, start = self._frame_buffer, 0
-    self._frame_buffer = buffer[start:]
-
-
-def _whole_delivery(
-    buffer: bytes, start: int, channel: int
-) -> tuple[int, int, bytes] | Literal[False] | None:
-    """Where the delivery whose method frame starts at ``start`` ends, how many frames it
-    has and its body: None if some of it has not arrived yet, False if it is not laid
-    out as a delivery should be (pika then takes it, and says what is wrong)."""
-    at = start + _FRAME_HEAD.unpack_from(buffer, start)[2] + 8
-    if buffer[at - 1] != _FRAME_END:
-        return False
-    length = _frame_length(buffer, at, 2, channel)
-    if length is None or length is False:
-        return length
-    (body_size,) = _BODY_SIZE.unpack_from(buffer, at + 11)
-    at += length + 8
-    parts = []
-    got = 0
-    while got < body_size:
-        length = _frame_length(buffer, at, 3, channel)
-        if length is None or length is False:
-            return length
-        parts.append(buffer[at + 7 : at + 7 + length])
-        got += length
-        at += length + 8
-    if got != body_size:
-        return False
-    body = parts[0] if len(parts) == 1 else b"".join(parts)
-    return at, 2 + len(parts), body
-
-
-def _frame_length(buffer: bytes, at: int, kind: int, channel: int) -> int | Literal[False] | None:
-    """The payload length of the frame at ``at``, if it is a whole frame of ``kind`` on
-    ``channel``: None if it has not all arrived, False if it is something else. (A whole
-    content header is at least 22 bytes: its body size can be read.)"""
-    if len(buffer) - at < 8:
-        return None
-    head: tuple[int, int, int] = _FRAME_HEAD.unpack_from(buffer, at)
-    found, number, length = head
-    if found != kind or number != channel:
-        return False
-    if at + length + 8 > len(buffer):
-        return None
-    if buffer[at + length + 7] != _FRAME_END:
-        return False
-    return length
-
-
-def _check_pika() -> None:
-    """Fail at import, with the reason, if this pika lacks the internals used here."""
-    needed = {
-        pika_io._AsyncPlaintextTransport: ("_produce", "_consume", "_on_socket_writable"),
-        pika.BlockingConnection: ("_cleanup",),
-        pika.connection.Connection: ("_read_frame", "_trim_frame_buffer", "_process_frame"),
-        pika.adapters.blocking_connection.BlockingChannel: ("_on_consumer_cancelled_by_broker",),
-    }
-    missing = [
-        f"{c.__name__}.{a}" for c, names in needed.items() for a in names if not hasattr(c, a)
-    ]
-    if missing:
-        raise ImportError(
-            f"fibrpc needs pika 1.4 (pika {pika.__version__} lacks {', '.join(missing)})."
-        )
-
-
-_check_pika()
-# Only the plaintext transport: TLS must retry a blocked write with the same buffer, and
-# a TLS socket may hold decrypted bytes that no poll reports.
-pika_io._AsyncPlaintextTransport._produce = _produce_gathered
-pika_io._AsyncPlaintextTransport._consume = _consume_until_short
-
-
 def redact(url: str) -> str:
     """``url`` with its password replaced by ``***``, safe for logs and messages."""
     try:
@@ -325,7 +134,7 @@ class TLSOptions:
             if self.ca_file:
                 context.load_verify_locations(cafile=self.ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"Cannot load the CA file {self.ca_file!r}: {exc}.") from None
+            raise ConfigError(f"Cannot load the CA file {self.ca_file!r}: {exc}.") from exc
         try:
             if self.cert_file:
                 context.load_cert_chain(self.cert_file, self.key_file)
@@ -364,7 +173,9 @@ def parameters(
         params = pika.URLParameters(url)
         scheme = urllib.parse.urlsplit(url).scheme
     except Exception as exc:  # pika raises ValueError, TypeError, KeyError...
-        raise ConfigError(f"The broker URL {redact(url)} is not a valid AMQP URL: {exc}") from None
+        raise ConfigError(
+            f"The broker URL {redact(url)} is not a valid AMQP URL: {exc}", url=redact(url)
+        ) from exc
     if scheme == "amqps":
         options = tls or TLSOptions()
         params.ssl_options = pika.SSLOptions(options.context(), server_hostname=params.host)
@@ -399,12 +210,9 @@ def connect(
     params = parameters(
         url, heartbeat=heartbeat, name=name, tls=tls, connect_timeout=connect_timeout
     )
-    try:
+    with translating(url):
         connection = pika.BlockingConnection(params)
-    except Exception as exc:
-        raise translate(exc, url) from None
-    impl = connection._impl
-    impl._on_data_available = types.MethodType(_take_in, impl)
+    fastpath.install(connection)
     return connection
 
 
@@ -424,43 +232,61 @@ def translate(exc: BaseException, url: str) -> BrokerError:
     ):
         return AccessRefusedError(
             f"RabbitMQ at {where} refused the login or the virtual host: check the user, "
-            "password and vhost in the URL."
+            "password and vhost in the URL.",
+            url=where,
         )
     code = _reply_code(exc)
     if code in refusals.ACCESS_REFUSED_CODES:
         return AccessRefusedError(
-            f"RabbitMQ at {where} refused access ({code}): {_reply_text(exc)}"
+            f"RabbitMQ at {where} refused access ({code}): {_reply_text(exc)}", url=where
         )
     if code is not None and refusals.is_refusal(code, text := _reply_text(exc)):
         return BrokerRefusedError(
             f"RabbitMQ at {where} refused a request ({code}: {text}); retrying cannot help.",
             reply_code=code,
             reply_text=text,
+            url=where,
         )
     tls_failure = _find(exc, ssl.SSLError) or _tls_alert(exc)
     if tls_failure is not None:
         return BrokerUnreachableError(
             f"The TLS handshake with RabbitMQ at {where} failed: {tls_failure}. Check "
             "the CA file (--tls-ca-file), the client certificate (--tls-cert-file), and "
-            "that the broker's certificate names the URL's host."
+            "that the broker's certificate names the URL's host.",
+            url=where,
         )
     if isinstance(exc, pika_workflow.AMQPConnectorException) or _find(
         exc, pika_workflow.AMQPConnectorStackTimeout
     ):
         return BrokerUnreachableError(
             f"RabbitMQ at {where} did not complete the connection in time ({_describe(exc)}): "
-            "something accepts TCP there but does not speak AMQP, or the network stalls."
+            "something accepts TCP there but does not speak AMQP, or the network stalls.",
+            url=where,
         )
     if isinstance(exc, pika.exceptions.AMQPConnectionError | OSError | socket.gaierror):
         detail = _describe(exc)
         return BrokerUnreachableError(
             f"Cannot connect to RabbitMQ at {where}: {detail}. Is the broker running "
-            "(rabbitmq-server -detached) and is the URL right?"
+            "(rabbitmq-server -detached) and is the URL right?",
+            url=where,
         )
-    return BrokerError(f"RabbitMQ at {where} failed: {_describe(exc)}")
+    return BrokerError(f"RabbitMQ at {where} failed: {_describe(exc)}", url=where)
 
 
 _E = TypeVar("_E", bound=BaseException)
+
+
+@contextlib.contextmanager
+def translating(url: str) -> Iterator[None]:
+    """The one seam where pika's exceptions become fibrpc's: any exception (but a fibrpc
+    error) raised in the block leaves it as ``translate`` makes it, the original kept as
+    ``__cause__``."""
+    try:
+        yield
+    except FibrpcError:
+        raise
+    except Exception as exc:
+        raise translate(exc, url) from exc
 
 
 def _find(exc: BaseException, kind: type[_E]) -> _E | None:
@@ -572,7 +398,7 @@ def publish_soon(
         "reply_to": reply_to,
         "expiration": expiration,
     }
-    if impl.is_open and 0 < len(body) <= connection._body_max_length:
+    if impl.is_open and 0 < len(body) <= connection._body_max_length and fastpath.enabled():
         try:
             props = frames.properties(message_type=message_type, **fields)
         except (ValueError, TypeError):
@@ -608,10 +434,10 @@ def closing_reason(channel: Any) -> object:
 def ack_soon(channel: Any, delivery_tag: int) -> None:
     """Ack without flushing the socket now (see ``publish_soon``)."""
     impl = channel._impl
-    if impl.is_open:
+    if impl.is_open and fastpath.enabled():
         _emit(impl.connection, frames.ack(impl.channel_number, delivery_tag), 1)
     else:
-        impl.basic_ack(delivery_tag)  # raises pika's ChannelWrongStateError
+        impl.basic_ack(delivery_tag)  # pika's way; raises ChannelWrongStateError if closed
 
 
 def _emit(connection: Any, data: bytes, count: int) -> None:
@@ -684,10 +510,10 @@ def run_io(connection: Any) -> None:
     pika raises when the connection is lost (every one in ``ConnectionLost``).
     """
     impl = connection._impl
-    _flush(impl)
+    fastpath.flush(impl)
     impl.ioloop.poll()
     impl.ioloop.process_timeouts()
-    _flush(impl)
+    fastpath.flush(impl)
     closed = connection._closed_result
     if closed.ready:
         error = closed.value.error
@@ -695,18 +521,6 @@ def run_io(connection: Any) -> None:
         if isinstance(error, BaseException):
             raise error
         raise pika.exceptions.StreamLostError(f"The connection closed: {error!r}")
-
-
-def _flush(impl: Any) -> None:
-    """Write what is queued now, rather than on the I/O loop's next turn: a request goes
-    out before the wait for its reply, a reply as soon as its callback has queued it,
-    each without a turn of pika's loop to learn that the socket is writable. What the
-    kernel does not take stays queued, and the loop writes it when it can. Plaintext
-    only: pika's TLS transport decides for itself whether a write or a read comes next.
-    """
-    transport = impl._transport
-    if type(transport) is pika_io._AsyncPlaintextTransport and transport._tx_buffers:
-        transport._on_socket_writable()
 
 
 def keep_ticking(connection: Any, interval: float) -> None:

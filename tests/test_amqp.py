@@ -1,5 +1,6 @@
-"""fibrpc.amqp's changes to how pika writes (all queued frames in one ``sendmsg``) and
-reads (until a read comes back short).
+"""fibrpc's fast path (``fibrpc.fastpath``): how its connections write (all queued frames
+in one ``sendmsg``), read (until a read comes back short) and take in deliveries (whole,
+and in time linear in their size), and that nothing of pika is changed for anyone else.
 
 The write path runs against a real socket pair whose buffers are far smaller than what
 is queued, so that the kernel takes partial writes and refuses some with EAGAIN, as a
@@ -25,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pika import frame, spec
 
-from fibrpc import amqp
+from fibrpc import amqp, fastpath
 
 
 class _Transport:
@@ -37,10 +38,55 @@ class _Transport:
         self._tx_buffered_byte_count = sum(map(len, chunks))
 
 
-def test_the_plaintext_transport_writes_with_the_gathering_produce() -> None:
-    produce: Any = pika_io._AsyncPlaintextTransport._produce
-    assert produce is amqp._produce_gathered
-    assert pika_io._AsyncSSLTransport._produce is not amqp._produce_gathered
+_SNAPSHOT = """
+import json, sys, pika, pika.adapters.blocking_connection as blocking, pika.connection
+import pika.adapters.utils.io_services_utils as io, pika.data, pika.spec
+def snap():
+    seen = {}
+    for owner in (pika.data, pika.spec, pika.connection, io, blocking, pika.spec.BasicProperties,
+                  io._AsyncPlaintextTransport, io._AsyncSSLTransport, io._AsyncTransportBase,
+                  pika.connection.Connection, blocking.BlockingConnection,
+                  blocking.BlockingChannel):
+        for name, value in vars(owner).items():
+            seen[f"{getattr(owner, '__name__', owner)}.{name}"] = id(value)
+    return seen
+before = snap()
+import fibrpc, fibrpc.server, fibrpc.supervisor
+with fibrpc.Client(sys.argv[1], queue="fibrpc-test-no-such-queue", timeout=1) as client:
+    try:
+        client.call(30)
+    except fibrpc.FibrpcError:
+        pass
+after = snap()
+print(json.dumps(sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))))
+"""
+
+
+def test_importing_and_using_fibrpc_leaves_every_attribute_of_pika_as_it_was() -> None:
+    import json  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    result = subprocess.run(
+        [sys.executable, "-c", _SNAPSHOT, URL],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_fibrpc_connections_and_only_they_write_with_the_gathering_produce() -> None:
+    assert pika_io._AsyncPlaintextTransport._produce is not fastpath._produce_gathered
+    conn = amqp.connect(URL)
+    try:
+        transport = conn._impl._transport
+        assert transport._produce.__func__ is fastpath._produce_gathered
+        assert type(transport)._produce is not fastpath._produce_gathered
+    finally:
+        conn.close()
 
 
 def test_partial_writes_keep_every_byte_in_order_and_the_count_right() -> None:
@@ -57,7 +103,7 @@ def test_partial_writes_keep_every_byte_in_order_and_the_count_right() -> None:
         refused = 0
         while transport._tx_buffers:
             try:
-                amqp._produce_gathered(transport)
+                fastpath._produce_gathered(transport)
             except BlockingIOError:
                 refused += 1
             queued = sum(map(len, transport._tx_buffers))
@@ -83,11 +129,10 @@ class _Receiver:
     that keeps what it is given."""
 
     _STATE_ACTIVE = 1
-    _MAX_RECV_BYTES = pika_io._AsyncTransportBase._MAX_RECV_BYTES
-    _MAX_CONSUME_BYTES = pika_io._AsyncTransportBase._MAX_CONSUME_BYTES
     RxEndOfFile = pika_io._AsyncTransportBase.RxEndOfFile
 
     def __init__(self, sock: socket.socket) -> None:
+        self._fibrpc_rx = bytearray(4096)
         self._sock = sock
         self._state = self._STATE_ACTIVE
         self.received = bytearray()
@@ -105,7 +150,7 @@ def test_reads_stop_at_a_short_read_and_the_next_poll_gets_the_rest() -> None:
         receiver.setblocking(False)
         transport = _Receiver(receiver)
         sender.sendall(payload[:1000])
-        amqp._consume_until_short(transport)  # one short read; no EAGAIN raised
+        fastpath._consume_until_short(transport)  # one short read; no EAGAIN raised
         assert transport.received == payload[:1000]
 
         def send_the_rest() -> None:  # more than the socket buffers hold: from a thread
@@ -119,7 +164,7 @@ def test_reads_stop_at_a_short_read_and_the_next_poll_gets_the_rest() -> None:
         with pytest.raises(pika_io._AsyncTransportBase.RxEndOfFile):
             for _ in range(10_000):
                 assert poller.poll(5000), "readable data was never reported"
-                amqp._consume_until_short(transport)
+                fastpath._consume_until_short(transport)
         writer.join(5)
     assert transport.received == payload
 
@@ -195,7 +240,7 @@ def test_deliveries_reach_the_consumer_exactly_as_through_pika(
     bodies: list[bytes], frame_max: int, cuts: list[int]
 ) -> None:
     """The same bytes, cut into reads anywhere, give the consumer the same calls whether
-    ``amqp._take_in`` or pika's own ``_on_data_available`` takes them in."""
+    ``fastpath._take_in`` or pika's own ``_on_data_available`` takes them in."""
     queue = f"fibrpc-test-takein-{random.getrandbits(40):x}"
     ours, theirs = _Recorder(queue), _Recorder(queue + "-pika")
     try:
@@ -214,8 +259,68 @@ def test_deliveries_reach_the_consumer_exactly_as_through_pika(
         assert len(theirs_stream) == len(stream)
         pika.connection.Connection._on_data_available(twin, theirs_stream)
         assert impl._frame_buffer == b""
+        assert impl._fibrpc_pending is None
         assert [s[1:] for s in ours.seen] == [s[1:] for s in theirs.seen]
         assert len(ours.seen) == sum(1 for i in range(len(bodies)) if i % 3)
     finally:
         for recorder in (ours, theirs):
             recorder.conn.close()
+
+
+def test_a_large_delivery_in_small_reads_is_scanned_a_few_times_not_once_a_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Intake is linear: a 2 MB message in 128 KB frames, fed 4 KB at a time (512 reads),
+    is looked at as a whole only when enough bytes are there for it."""
+    queue = f"fibrpc-test-takein-{random.getrandbits(40):x}"
+    ours = _Recorder(queue)
+    scans = []
+    real = fastpath._whole_delivery
+
+    def counting(*args: Any) -> Any:
+        scans.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(fastpath, "_whole_delivery", counting)
+    try:
+        body = random.Random(3).randbytes(2 << 20)
+        frame_max = ours.conn._impl._body_max_length
+        stream = b"".join(
+            _deliveries(ours.channel.channel_number, ours.tag, [b"", body], frame_max)
+        )
+        impl = ours.conn._impl
+        for at in range(0, len(stream), 4096):
+            impl._on_data_available(stream[at : at + 4096])
+        assert [s[-1] for s in ours.seen] == [body]
+        assert len(scans) <= 4, len(scans)
+    finally:
+        ours.conn.close()
+
+
+def test_a_header_table_pika_cannot_decode_is_dropped_and_the_message_kept() -> None:
+    queue = f"fibrpc-test-takein-{random.getrandbits(40):x}"
+    ours = _Recorder(queue)
+    try:
+        props = pika.BasicProperties(
+            content_type="text/plain", correlation_id="c1", reply_to="r", headers={"x": 1}
+        )
+        deliver = spec.Basic.Deliver(ours.tag, 1, False, "", queue)
+        channel = ours.channel.channel_number
+        header = frame.Header(channel, 2, props).marshal()  # type: ignore[arg-type]
+        # The header table's value: an int (b"I" + 4 bytes) becomes a timestamp of the
+        # year 10000 and more (b"T" + 8 bytes): pika cannot make a datetime of it.
+        table = b"\x01xI\x00\x00\x00\x01"
+        assert table in header
+        bad_table = b"\x01xT" + (300_000_000_000).to_bytes(8, "big")
+        header = header.replace(table, bad_table)
+        length = int.from_bytes(header[3:7], "big") + len(bad_table) - len(table)
+        header = header[:3] + length.to_bytes(4, "big") + header[7:]
+        header = header.replace(b"\x00\x00\x00\x07\x01xT", b"\x00\x00\x00\x0b\x01xT")
+        stream = frame.Method(channel, deliver).marshal() + header
+        stream += frame.Body(channel, b"30").marshal()
+        ours.conn._impl._on_data_available(stream)
+        assert ours.conn.is_open
+        [seen] = ours.seen
+        assert seen[5:] == ("c1", "text/plain", {}, "r", b"30")
+    finally:
+        ours.conn.close()
