@@ -22,6 +22,7 @@ from fibrpc.errors import (
     FibrpcError,
     NoServerError,
     RequestError,
+    UnreadableReplyError,
 )
 
 __all__ = [
@@ -38,5 +39,6 @@ __all__ = [
     "NoServerError",
     "RequestError",
     "TLSOptions",
+    "UnreadableReplyError",
 ]
 __version__ = "0.1.0"

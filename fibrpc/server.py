@@ -243,7 +243,7 @@ class Worker:
             amqp.keep_ticking(self._conn, _TURN)
         except Exception as exc:
             self._close()
-            raise amqp.translate(exc, s.url) from None
+            raise amqp.translate(exc, s.url) from exc
         log.info("consuming %r at %s", s.queue, amqp.redact(s.url))
 
     def _consume(self, parent: int) -> None:

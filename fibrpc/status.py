@@ -65,15 +65,13 @@ def queue_counts(
     """
     conn = amqp.connect(url, name="fibrpc-status", tls=tls, connect_timeout=timeout)
     try:
-        channel = conn.channel()
-        try:
-            frame = channel.queue_declare(queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return None
-            raise amqp.translate(exc, url) from None
-        except Exception as exc:
-            raise amqp.translate(exc, url) from None
+        with amqp.translating(url):
+            try:
+                frame = conn.channel().queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:
+                    return None
+                raise
         return int(frame.method.message_count), int(frame.method.consumer_count)
     finally:
         amqp.close_within(conn)

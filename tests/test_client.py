@@ -21,12 +21,13 @@ from fibrpc import (
     Client,
     ClientClosedError,
     ConfigError,
+    FibrpcError,
     NoServerError,
-    RequestError,
+    UnreadableReplyError,
 )
-from fibrpc.client import to_ints
 from fibrpc.exitcodes import ExitCode
 from fibrpc.kernels import FAST_TABLE
+from fibrpc.protocol import to_ints
 
 
 class StandIn:
@@ -217,13 +218,53 @@ def test_to_ints_converts_short_and_long_texts_alike() -> None:
         to_ints(["12", "x"])
 
 
-def test_a_batch_answered_with_a_single_text_is_a_malformed_reply(stand_in, queue):
+def test_a_batch_answered_with_a_single_text_is_an_unreadable_reply(stand_in, queue):
     """A server that answers a batch with one text (``b"123"``) must not have the client
-    read it as the batch [1, 2, 3]."""
+    read it as the batch [1, 2, 3]: a protocol error, not a refusal."""
     stand_in(lambda ch, method, props, body: _reply(ch, props, b"123"))
     with (
         Client(URL, queue=queue, timeout=10) as client,
-        pytest.raises(RequestError, match="list of results") as refused,
+        pytest.raises(UnreadableReplyError, match="list of results") as unreadable,
     ):
         client.map([1, 2, 3], batch_size=3)
-    assert refused.value.code == "malformed"
+    assert unreadable.value.queue == queue
+    assert isinstance(unreadable.value.__cause__, TypeError)
+
+
+def test_every_misuse_is_a_fibrpc_error_and_leaks_no_slot(queue, serve):
+    """Each error path, more times than the window, then a call answered at once."""
+    import numpy as np  # noqa: PLC0415 - numpy's integers are integers
+
+    serve(workers=1)
+    huge = 10**5000  # past Python's 4,300-digit str limit: sent by GMP, refused by bound
+    with Client(URL, queue=queue, window=3, timeout=10) as client:
+        for bad in (30.0, "30", None, True, [30], b"30", huge):
+            for _ in range(4):
+                with pytest.raises(FibrpcError) as refused:
+                    client.call(bad)  # type: ignore[arg-type]
+                assert not isinstance(refused.value, CallTimeoutError), bad
+        for bad_timeout in (0, -1, float("nan"), "1"):
+            for _ in range(4):
+                with pytest.raises(ConfigError):
+                    client.submit(30, timeout=bad_timeout)  # type: ignore[arg-type]
+        with pytest.raises(FibrpcError):
+            client.map([1, 2, "3"])  # type: ignore[list-item]
+        assert client.in_flight == 0
+        started = time.monotonic()
+        assert client.call(30) == 832040
+        assert time.monotonic() - started < 1.0
+        assert client.call(np.int64(30)) == 832040  # type: ignore[arg-type]
+        assert client.map(np.arange(5)) == [0, 1, 1, 2, 3]
+        assert client.map(np.arange(5), batch_size=1) == [0, 1, 1, 2, 3]
+
+
+def test_leaving_imap_early_frees_the_window_at_once(serve, queue):
+    serve(workers=1)
+    with Client(URL, queue=queue, window=4, timeout=30) as client:
+        for value in client.imap(range(10_000), batch_size=10):
+            assert value == 0
+            break
+        assert client.in_flight == 0
+        started = time.monotonic()
+        assert client.map(range(91)) == list(FAST_TABLE[:91])
+        assert time.monotonic() - started < 2.0

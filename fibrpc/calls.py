@@ -1,0 +1,211 @@
+"""The calls a client has in flight: pure bookkeeping, no I/O and no pika.
+
+``Registry`` holds what a client must know of its calls: the window (at most ``window``
+calls in flight; ``reserve`` blocks while it is full), the pending calls by correlation
+id, and their deadlines. Settling a call frees its slot exactly once, however many
+threads race to settle it (the reply, its deadline, the waiting thread, ``close``).
+Memory is bounded by the calls in flight, not by the call rate times the timeout: the
+deadlines of calls settled early are dropped as the heap outgrows the pending calls.
+
+The client's driver (``fibrpc.driver``) is its only user; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import math
+import threading
+import time
+from typing import Any, Final
+
+#: What a reply is turned into for the caller.
+AS_INT: Final = 0
+AS_TEXT: Final = 1
+AS_INTS: Final = 2
+
+#: The heap of deadlines is rebuilt from the pending calls when it holds more than
+#: twice their number plus this many entries (calls settled before their deadline).
+_HEAP_SLACK: Final = 1024
+
+
+class Call:
+    """One request in flight: its message, its deadline and, once settled, its outcome.
+
+    Only ``submit`` hands out a ``Future`` (``future``); ``call`` and ``imap`` read the
+    outcome from the call itself, which costs no lock (a future takes one on every
+    ``done()``, and a round trip asked it several times).
+    """
+
+    __slots__ = (
+        "algo",
+        "as_",
+        "body",
+        "content_type",
+        "corr_id",
+        "deadline",
+        "done",
+        "future",
+        "msg_type",
+        "n",
+        "ok",
+        "outcome",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        corr_id: str,
+        n: int | list[int],
+        algo: str,
+        as_: int,
+        timeout: float,
+        encoded: tuple[bytes, str | None, str | None],
+        future: concurrent.futures.Future[Any] | None = None,
+    ) -> None:
+        """``timeout`` in seconds (``math.inf``: none); ``encoded`` is the request's body,
+        content type and AMQP ``type`` (``fibrpc.protocol.encode_request``)."""
+        self.corr_id = corr_id
+        self.n = n
+        self.algo = algo
+        self.as_ = as_
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.body, self.content_type, self.msg_type = encoded
+        self.future = future
+        self.done = False
+        self.ok = False
+        self.outcome: Any = None
+
+    def settle(self, outcome: Any, *, ok: bool) -> bool:
+        """Record the result (``ok``) or the exception; resolve the future if any (unless
+        its caller cancelled it). Returns False if the call was settled already. ``done``
+        is set last: a waiting thread that sees it set finds the outcome in place."""
+        if self.done:
+            return False
+        self.ok = ok
+        self.outcome = outcome
+        self.done = True
+        if self.future is not None:
+            try:
+                if ok:
+                    self.future.set_result(outcome)
+                else:
+                    self.future.set_exception(outcome)
+            except concurrent.futures.InvalidStateError:
+                pass
+        return True
+
+    def result(self) -> Any:
+        """The outcome: the result, or the exception raised."""
+        if self.ok:
+            return self.outcome
+        raise self.outcome
+
+    def describe(self) -> str:
+        """``fib(30) with 'fast'``, or ``a batch of 1000 value(s) with 'iter'``."""
+        if isinstance(self.n, list):
+            return f"a batch of {len(self.n)} value(s) with {self.algo!r}"
+        return f"fib({self.n}) with {self.algo!r}"
+
+
+class Registry:
+    """The window, the pending calls and their deadlines (see the module docstring).
+
+    ``reserve`` and ``release`` may be called from any thread. Everything else is called
+    by whichever thread drives the connection, except ``fail``, which a waiting thread
+    may also call on its own call (a dict's ``pop`` decides who settles it).
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._slots = threading.BoundedSemaphore(window)
+        self._pending: dict[str, Call] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        #: Calls settled so far: tells a driver whom to wake.
+        self.settled = 0
+
+    # -- the window ---------------------------------------------------------------------
+
+    def reserve(self, timeout: float, *, block: bool = True) -> bool:
+        """Take a slot of the window, waiting up to ``timeout`` seconds (``math.inf``:
+        as long as it takes) if ``block``. Returns False if none came free."""
+        if not block:
+            return self._slots.acquire(blocking=False)
+        if timeout == math.inf or timeout >= threading.TIMEOUT_MAX:
+            return self._slots.acquire()
+        return self._slots.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        """Give back a slot taken for a call that was never sent."""
+        self._slots.release()
+
+    # -- the calls in flight ------------------------------------------------------------
+
+    def track(self, call: Call) -> None:
+        """``call`` is in flight: its reply or its deadline will settle it."""
+        self._pending[call.corr_id] = call
+        if call.deadline != math.inf:
+            heapq.heappush(self._deadlines, (call.deadline, call.corr_id))
+            if len(self._deadlines) > 2 * len(self._pending) + _HEAP_SLACK:
+                self._compact()
+
+    def pop(self, corr_id: str | None) -> Call | None:
+        """The call ``corr_id`` answers, taken out of the calls in flight (None: unknown,
+        or settled already)."""
+        return self._pending.pop(corr_id, None) if corr_id is not None else None
+
+    def settle(self, call: Call, outcome: Any, *, ok: bool) -> None:
+        """Settle ``call`` (taken out with ``pop``, or never tracked): free its slot,
+        count it, resolve it. A call settled already frees nothing."""
+        if call.settle(outcome, ok=ok):
+            self._slots.release()
+            self.settled += 1
+
+    def fail(self, corr_id: str, error: BaseException) -> bool:
+        """Fail the call ``corr_id`` if it is still in flight; whether it was."""
+        call = self._pending.pop(corr_id, None)
+        if call is None:
+            return False
+        self.settle(call, error, ok=False)
+        return True
+
+    def due(self, now: float) -> list[Call]:
+        """The calls whose deadline has passed by ``now``, taken out of the calls in
+        flight (the caller fails them)."""
+        calls = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, corr_id = heapq.heappop(deadlines)
+            call = self._pending.pop(corr_id, None)
+            if call is not None:
+                calls.append(call)
+        return calls
+
+    def next_deadline(self) -> float:
+        """The earliest deadline among the calls in flight (``math.inf``: none), give or
+        take deadlines of calls already settled."""
+        return self._deadlines[0][0] if self._deadlines else math.inf
+
+    def calls(self) -> list[Call]:
+        """The calls in flight, oldest first."""
+        return list(self._pending.values())
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, corr_id: object) -> bool:
+        return corr_id in self._pending
+
+    @property
+    def heap_size(self) -> int:
+        """Entries in the deadline heap (for tests of its bound)."""
+        return len(self._deadlines)
+
+    def _compact(self) -> None:
+        self._deadlines = [
+            (call.deadline, corr_id)
+            for corr_id, call in self._pending.items()
+            if call.deadline != math.inf
+        ]
+        heapq.heapify(self._deadlines)

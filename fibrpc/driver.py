@@ -1,0 +1,576 @@
+"""The client's driver: who turns the connection, and how calls and replies are handed
+between threads. No pika: the broker is behind a ``Link`` (``fibrpc.link.AmqpLink``;
+tests use a fake one).
+
+One thread at a time drives the link (has the *turn*): a caller waiting for its own reply
+when it can, so the hot path has no thread switch, or the driver's I/O thread when nobody
+else does (and to keep heartbeats flowing while the client is idle). Other callers hand
+their calls over through a locked outbox and wake the driver (``Link.wake``). The I/O
+thread also reconnects when the link is lost and re-sends every call in flight
+(Fibonacci is pure, so a retry is safe), and asks the broker now and then whether anyone
+consumes the queue, failing the calls with ``NoServerError`` after a short grace when
+nobody does.
+
+Every call keeps its deadline: the driver expires calls at every turn, and a waiting
+thread fails its own call if the driver has not by shortly after its deadline (a link
+stuck in a round trip, say). The registry (``fibrpc.calls``) settles each call once.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Final, Protocol
+
+from fibrpc import protocol, refusals
+from fibrpc.calls import AS_INT, AS_INTS, Call, Registry
+from fibrpc.config import NO_SERVER_GRACE
+from fibrpc.errors import (
+    AccessRefusedError,
+    BrokerRefusedError,
+    CallTimeoutError,
+    ClientClosedError,
+    ErrorCode,
+    FibrpcError,
+    NoServerError,
+    RequestError,
+    UnreadableReplyError,
+)
+
+log = logging.getLogger(__name__)
+
+_PROBE_INTERVAL: Final = 0.5
+#: After a reconnect, seconds before an empty queue counts as "no server": the servers
+#: are reconnecting to the same broker at the same time.
+RECONNECT_GRACE: Final = 10.0
+_RETURN_RETRY: Final = 0.2
+#: The longest a turn waits for I/O (the link's tick), and a waiting thread's poll.
+TICK: Final = 0.05
+#: Seconds the idle I/O thread sleeps between turns that keep heartbeats flowing.
+_IDLE: Final = 1.0
+_RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
+#: Seconds past its deadline after which a waiting thread fails its call itself.
+_LATE: Final = 0.25
+
+
+class LinkLost(Exception):  # noqa: N818 - internal, never raised out of the driver
+    """The link's connection is gone (the driver reconnects). Never leaves fibrpc."""
+
+
+class LinkEvents(Protocol):
+    """What a link reports, on the thread that turns it."""
+
+    def on_reply(self, corr_id: str | None, content_type: str | None, body: bytes) -> None: ...
+    def on_return(self, corr_id: str | None) -> None: ...
+    def on_consumers(self, consumers: int | None) -> None: ...
+    def on_blocked(self, reason: str | None) -> None: ...
+
+
+class Link(Protocol):
+    """The broker, as the driver sees it (``fibrpc.link.AmqpLink`` is the real one)."""
+
+    url: str
+    queue: str
+
+    def open(self, events: LinkEvents) -> None:
+        """Connect; raise ``BrokerError``."""
+
+    def publish(self, call: Call) -> None:
+        """Queue the request of ``call``; raise ``LinkLost``."""
+
+    def turn(self, *, wait: bool) -> None:
+        """Write, wait up to a tick if ``wait``, read; raise ``LinkLost``."""
+
+    def channel_closed(self) -> FibrpcError | None:
+        """Why the broker closed the channel (a ``BrokerError``), or None."""
+
+    def reopen(self) -> None:
+        """A new channel after ``channel_closed``; raise ``LinkLost``."""
+
+    def ask_consumers(self) -> None:
+        """Ask how many consumers the queue has (answered by ``on_consumers``)."""
+
+    def wake(self) -> None:
+        """Make a waiting ``turn`` return (thread-safe)."""
+
+    def close(self) -> None:
+        """Close within about a second."""
+
+
+class Driver:
+    """Turns a ``Link`` for a client's calls (see the module docstring).
+
+    ``describe_url`` is the URL with its password hidden, for messages.
+    """
+
+    def __init__(self, link: Link, registry: Registry, *, describe_url: str) -> None:
+        self.link = link
+        self.registry = registry
+        self.url = describe_url
+        self.dropped_unknown = 0
+        self.dropped_duplicates = 0
+        self.prefix = ""  # the client's correlation id prefix: tells duplicates apart
+        self.max_message = 0  # the broker's largest message, once it has named one
+        self._outbox: collections.deque[Call] = collections.deque()
+        self._lock = threading.Lock()  # guards the outbox
+        # ``_turn`` is where threads wait, for their reply or for the turn; the driver
+        # notifies it after every turn that settled calls.
+        self._turn = threading.Condition()
+        self._driving = False
+        self._wanting = 0  # callers waiting for the turn: the I/O thread yields to them
+        self._last_step = time.monotonic()
+        self._broken = False  # the link was lost: the I/O thread reconnects
+        self.closing = False
+        self._next_probe = 0.0
+        self._no_consumer_since: float | None = None
+        self._grace_until = 0.0
+        self._returned: collections.deque[tuple[float, str]] = collections.deque()
+        self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
+        self._start_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Open the link and start the I/O thread; raise what opening raised."""
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._io_main, args=(ready,), name="fibrpc-client-io", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Fail the calls still in flight with ``ClientClosedError`` and close the link."""
+        if self.closing:
+            return
+        self.closing = True
+        self._notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent (or about to be) and not yet settled."""
+        return len(self.registry) + len(self._outbox)
+
+    # -- submitting and waiting (any thread) ---------------------------------------------
+
+    def submit(self, call: Call, *, hold: bool = False) -> bool:
+        """Publish ``call`` now if nobody drives the link, else hand it to the driver.
+        The call's window slot is taken already. Returns whether this thread kept the
+        turn (``hold``: to wait for the reply at once, see ``wait``)."""
+        # ``_driving`` read without the lock is a hint: if it is stale, ``_kick`` or the
+        # driver's ``_end_turn`` still gets the outbox flushed.
+        if not self._broken and not self._driving and self._try_turn():
+            held = False
+            try:  # nobody is driving: publish now, from this thread
+                self._send([call])
+                held = hold
+            except LinkLost:
+                self._broken = True  # the call is pending: re-sent after the reconnect
+            finally:
+                if not held:
+                    self._end_turn(wake_io=self._broken)
+            return held
+        with self._lock:
+            first = not self._outbox
+            self._outbox.append(call)
+        if first:  # later ones ride on the first one's kick: the driver takes them all
+            self._kick()
+        return False
+
+    def notify_io(self) -> None:
+        """A call was handed over for the I/O thread to drive (``submit``'s future)."""
+        if not self._driving:  # a driver, or _end_turn, sees the call anyway
+            self._notify()
+
+    def wait(self, call: Call, held: bool = False) -> Any:
+        """The call's result, driving the link from this thread while it waits (unless
+        another thread drives it already, or the I/O thread is reconnecting).
+        ``held``: this thread has the turn already (see ``submit``)."""
+        if held:
+            self._drive_until(call)
+        while not call.done:
+            if time.monotonic() > call.deadline + _LATE:
+                # Whoever drives the link should have expired it by now: it is stuck
+                # (in a broker round trip, say). The deadline is kept all the same.
+                self.abandon(call, self.timed_out(call))
+                break
+            with self._turn:
+                if self._broken or self.closing:
+                    self._turn.wait(TICK)  # the I/O thread reconnects (or shuts down)
+                    continue
+                if self._driving:
+                    self._wanting += 1
+                    self._kick()  # the I/O thread yields its turn to a caller
+                    self._turn.wait(TICK)
+                    self._wanting -= 1
+                    continue
+                self._driving = True
+            self._drive_until(call)
+        return call.result()
+
+    def abandon(self, call: Call, error: BaseException) -> None:
+        """Fail ``call`` with ``error`` from any thread, wherever it is (the outbox or
+        the calls in flight): whoever settles it first wins, and its slot is freed once."""
+        with self._lock:
+            try:
+                self._outbox.remove(call)
+            except ValueError:
+                queued = False
+            else:
+                queued = True
+        if queued:
+            self.registry.settle(call, error, ok=False)
+        else:
+            self.registry.fail(call.corr_id, error)
+
+    def timed_out(self, call: Call) -> CallTimeoutError:
+        """The error of ``call`` past its deadline."""
+        blocked = self._blocked
+        why = f" RabbitMQ blocks this client's publishing ({blocked})." if blocked else ""
+        return CallTimeoutError(
+            f"No reply to {call.describe()} within {call.timeout} s from queue "
+            f"{self.link.queue!r} at {self.url}.{why}",
+            url=self.url,
+            queue=self.link.queue,
+            timeout=call.timeout,
+        )
+
+    # -- whose turn it is ----------------------------------------------------------------
+
+    def _try_turn(self) -> bool:
+        with self._turn:
+            if self._driving:
+                return False
+            self._driving = True
+            return True
+
+    def _end_turn(self, *, wake_io: bool = True) -> None:
+        """Give up the turn. Others are woken only if they have something to do: waking
+        the idle I/O thread after every call would cost a thread switch on the hot path,
+        and a caller that has just published its call (``wake_io=False``) is about to
+        take the turn again to wait for the reply."""
+        with self._turn:
+            self._driving = False
+            if self._wanting or (wake_io and (self._needs_io() or self.closing)):
+                self._turn.notify_all()
+
+    def _notify(self) -> None:
+        with self._turn:
+            self._turn.notify_all()
+
+    def _kick(self) -> None:
+        """Get the outbox flushed: wake the driver out of its wait, or the I/O thread."""
+        if self._driving:
+            try:
+                self.link.wake()
+            except Exception:  # reconnecting: the outbox is flushed once back
+                log.debug("waking the link failed", exc_info=True)
+        else:
+            self._notify()
+
+    def _drive_until(self, call: Call) -> None:
+        """Turn the link (this thread has the turn) until ``call`` settles, the link is
+        lost or the client closes; then give up the turn."""
+        try:
+            while not call.done and not self.closing and not self._broken:
+                self._step(wait=True)
+        except LinkLost:
+            self._broken = True
+        except Exception:
+            log.exception("the client failed while waiting for a reply; closing it")
+            self.closing = True
+        finally:
+            self._end_turn()
+
+    def _my_turn(self) -> bool:
+        """Whether the I/O thread should drive now: calls wait and no caller drives, or
+        the link has been idle long enough to owe the broker a heartbeat."""
+        if self._driving:
+            return False
+        if self._broken:
+            return True  # only the I/O thread reconnects
+        if self._wanting:
+            return False
+        return self._needs_io() or time.monotonic() - self._last_step >= _IDLE
+
+    def _needs_io(self) -> bool:
+        return bool(len(self.registry) or self._outbox or self._returned or self._broken)
+
+    # -- the I/O thread ------------------------------------------------------------------
+
+    def _io_main(self, ready: threading.Event) -> None:
+        """Open the link; then drive it whenever calls wait and no caller drives it,
+        reconnect when it is lost, and keep heartbeats flowing while the client idles."""
+        try:
+            self._open()
+        except BaseException as exc:
+            self._start_error = exc
+            ready.set()
+            return
+        ready.set()
+        while not self.closing:
+            with self._turn:
+                while not self.closing and not self._my_turn():
+                    self._turn.wait(_IDLE)
+                if self.closing:
+                    break
+                self._driving = True
+            try:
+                if self._broken:
+                    self._reconnect()
+                self._step(wait=False)
+                while not self.closing and self._needs_io() and not self._wanting:
+                    self._step(wait=True)
+            except LinkLost as exc:
+                if not self.closing:
+                    log.warning("lost the connection to %s (%s); reconnecting", self.url, exc)
+                    self._broken = True
+            except Exception:
+                # A bug must not leave callers waiting forever: fail them all, loudly.
+                log.exception("the client's I/O thread failed; closing the client")
+                self.closing = True
+            finally:
+                self._end_turn()
+        with self._turn:
+            while self._driving:
+                self._turn.wait(TICK)
+            self._driving = True
+        self._shutdown()
+        self._end_turn()
+
+    def _open(self) -> None:
+        self._blocked = None
+        self.link.open(self)
+
+    def _reconnect(self) -> None:
+        """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
+        flight."""
+        self.link.close()
+        for attempt in itertools.count():
+            if self.closing:
+                return
+            self._expire(time.monotonic())
+            try:
+                self._open()
+            except FibrpcError as exc:
+                delay = _RECONNECT_BACKOFF[min(attempt, len(_RECONNECT_BACKOFF) - 1)]
+                log.info("reconnect failed (%s); retrying in %.2f s", exc, delay)
+                self._pause(delay)
+                continue
+            log.info("reconnected; re-sending %d call(s)", len(self.registry))
+            # Servers reconnect too (and redeclare the queue, which a broker restart may
+            # have deleted): give them time before calling the queue unserved.
+            self._grace_until = time.monotonic() + RECONNECT_GRACE
+            self._next_probe = self._grace_until
+            self._no_consumer_since = None
+            self._broken = False
+            for call in self.registry.calls():
+                self.link.publish(call)
+            return
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep while reconnecting, still expiring calls on time."""
+        until = time.monotonic() + seconds
+        while not self.closing and (now := time.monotonic()) < until:
+            self._expire(now)
+            time.sleep(min(TICK, until - now))
+
+    def _step(self, *, wait: bool) -> None:
+        """One turn of the link (the caller has the turn): publish what waits in the
+        outbox, take in replies, expire calls past their deadline."""
+        if self._outbox:
+            with self._lock:
+                calls = list(self._outbox)
+                self._outbox.clear()
+            self._send(calls)
+        registry = self.registry
+        settled = registry.settled
+        self.link.turn(wait=wait)
+        reason = self.link.channel_closed()
+        if reason is not None:
+            self._on_channel_closed(reason)
+        self._last_step = now = time.monotonic()
+        if self._returned and now >= self._returned[0][0]:
+            self._resend_returned(now)
+        if registry.next_deadline() <= now:
+            self._expire(now)
+        if len(registry) and now >= self._next_probe:
+            self._next_probe = now + _PROBE_INTERVAL
+            self.link.ask_consumers()
+        if registry.settled != settled and self._wanting:
+            self._notify()  # some waiter's reply may be in
+
+    def _send(self, calls: list[Call]) -> None:
+        """Publish ``calls`` (the caller has the turn).
+
+        Every call is tracked before any is published: if the link is lost midway, the
+        unpublished ones are re-sent with the rest after the reconnect."""
+        registry = self.registry
+        for call in calls:
+            registry.track(call)
+        for call in calls:
+            try:
+                self.link.publish(call)
+            except LinkLost:
+                raise  # the call stays pending and is re-sent after the reconnect
+            except Exception as exc:  # this call cannot be sent; the others can
+                registry.fail(call.corr_id, ClientClosedError(f"The call could not be sent: {exc}"))
+
+    def _on_channel_closed(self, reason: FibrpcError) -> None:
+        """The broker closed the channel: a refusal (a permission, most likely) fails
+        every call in flight with the broker's reason; then a fresh channel keeps the
+        client usable.
+
+        A request over the broker's ``max_message_size`` closes the channel too: then
+        only the calls too large for the broker fail (``body_too_large``, naming its
+        limit, which later calls are checked against before sending), and the others are
+        sent again on the new channel, since their replies were bound to the old one."""
+        largest = refusals.max_message_size(str(getattr(reason, "reply_text", "")))
+        registry = self.registry
+        if largest is not None:
+            self.max_message = largest
+            self.link.reopen()
+            for call in registry.calls():
+                if len(call.body) > largest:
+                    registry.fail(call.corr_id, too_large(len(call.body), largest))
+                else:
+                    self.link.publish(call)
+            return
+        error: FibrpcError = reason
+        if not isinstance(reason, AccessRefusedError | BrokerRefusedError):
+            error = ClientClosedError(f"RabbitMQ closed the client's channel: {reason}")
+        log.warning("%s", error)
+        for call in registry.calls():
+            registry.fail(call.corr_id, error)
+        self.link.reopen()
+
+    # -- what the link reports (the thread that has the turn) ----------------------------
+
+    def on_reply(self, corr_id: str | None, content_type: str | None, body: bytes) -> None:
+        call = self.registry.pop(corr_id)
+        if call is None:
+            self._count_stray(corr_id)
+            return
+        try:
+            value = protocol.decode_reply(body, content_type)
+            if call.as_ == AS_INT:
+                result: Any = protocol.to_int(value)  # type: ignore[arg-type]
+            elif call.as_ == AS_INTS:
+                if not isinstance(value, list):
+                    raise TypeError("a reply to a batch must be a list of results")
+                result = protocol.to_ints(value)
+            else:
+                result = value
+        except RequestError as exc:
+            self.registry.settle(call, exc, ok=False)
+        except Exception as exc:
+            error = UnreadableReplyError(
+                f"The reply to {call.describe()} could not be read: {exc}",
+                url=self.url,
+                queue=self.link.queue,
+            )
+            error.__cause__ = exc
+            self.registry.settle(call, error, ok=False)
+        else:
+            self.registry.settle(call, result, ok=True)
+
+    def on_return(self, corr_id: str | None) -> None:
+        """The broker returned a request: no queue of that name exists. Just after a
+        reconnect the servers may not have redeclared it yet, so it is sent again a
+        little later; otherwise the call fails with ``NoServerError``."""
+        now = time.monotonic()
+        if corr_id is None:
+            return
+        if now < self._grace_until and corr_id in self.registry:
+            self._returned.append((now + _RETURN_RETRY, corr_id))
+            return
+        self.registry.fail(corr_id, self._no_server(missing=True))
+
+    def on_consumers(self, consumers: int | None) -> None:
+        """Fail every waiting call with ``NoServerError`` once the queue has had no
+        consumer for ``NO_SERVER_GRACE`` seconds (or does not exist at all)."""
+        now = time.monotonic()
+        if now < self._grace_until:
+            return
+        if consumers:
+            self._no_consumer_since = None
+            return
+        if consumers is not None:
+            if self._no_consumer_since is None:
+                self._no_consumer_since = now
+                return
+            if now - self._no_consumer_since < NO_SERVER_GRACE:
+                return
+        error = self._no_server(missing=consumers is None)
+        for call in self.registry.calls():
+            self.registry.fail(call.corr_id, error)
+
+    def on_blocked(self, reason: str | None) -> None:
+        if reason is not None:
+            log.warning(
+                "RabbitMQ at %s blocks this client's publishing (%s): calls wait, up to "
+                "their timeout",
+                self.url,
+                reason,
+            )
+        self._blocked = reason
+
+    def _count_stray(self, corr_id: str | None) -> None:
+        """A reply to nothing waiting: a duplicate (one of ours, already settled) or an
+        unknown id. Dropped, counted, logged at debug."""
+        mine = corr_id is not None and bool(self.prefix) and corr_id.startswith(self.prefix)
+        if mine:
+            self.dropped_duplicates += 1
+        else:
+            self.dropped_unknown += 1
+        log.debug("dropped a %s reply %r", "duplicate" if mine else "unknown", corr_id)
+
+    def _resend_returned(self, now: float) -> None:
+        while self._returned and now >= self._returned[0][0]:
+            _, corr_id = self._returned.popleft()
+            for call in self.registry.calls():
+                if call.corr_id == corr_id:
+                    self.link.publish(call)
+                    break
+
+    def _expire(self, now: float) -> None:
+        for call in self.registry.due(now):
+            self.registry.settle(call, self.timed_out(call), ok=False)
+
+    def _no_server(self, *, missing: bool) -> NoServerError:
+        queue = self.link.queue
+        state = "does not exist" if missing else "has no consumer"
+        return NoServerError(
+            f"No fibrpc server is serving queue {queue!r} at {self.url} (the queue "
+            f"{state}). Start one with: fibrpc serve --url URL --queue {queue}",
+            url=self.url,
+            queue=queue,
+        )
+
+    def _shutdown(self) -> None:
+        closed = ClientClosedError("The client was closed with this call in flight.")
+        with self._lock:
+            waiting = list(self._outbox)
+            self._outbox.clear()
+        for call in waiting:
+            self.registry.settle(call, closed, ok=False)
+        for call in self.registry.calls():
+            self.registry.fail(call.corr_id, closed)
+        self.link.close()
+
+
+def too_large(size: int, largest: int) -> RequestError:
+    """The error of a request over the broker's ``max_message_size`` (``largest``)."""
+    return RequestError(
+        ErrorCode.BODY_TOO_LARGE,
+        f"The request body has {size:,} bytes; the broker accepts messages of at most "
+        f"{largest:,} bytes (RabbitMQ's max_message_size). Send fewer values of n per "
+        "call (map's batch_size).",
+    )

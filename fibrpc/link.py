@@ -1,0 +1,160 @@
+"""The client's link to RabbitMQ: one connection, a channel that consumes direct reply-to,
+publishing requests, and asking how many consumers the queue has. Everything of pika the
+client needs goes through ``fibrpc.amqp`` from here; the driver (``fibrpc.driver``) sees
+only the ``Link`` protocol it defines, which tests implement without a broker.
+
+Every pika error that means the connection is gone leaves here as ``LinkLost``; a refusal
+on the channel is reported by ``channel_closed`` and the channel reopened with ``reopen``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Final
+
+from fibrpc import amqp, protocol
+from fibrpc.calls import Call
+from fibrpc.driver import LinkEvents, LinkLost
+from fibrpc.errors import BrokerError
+
+#: RabbitMQ's largest per-message TTL in milliseconds (ten years): a longer one closes
+#: the channel the message was published on, failing every call on it.
+MAX_TTL_MS: Final = 315_360_000_000
+
+
+class AmqpLink:
+    """The ``fibrpc.driver.Link`` over a real RabbitMQ connection (see the module
+    docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        *,
+        heartbeat: int,
+        tls: amqp.TLSOptions | None,
+        connect_timeout: float,
+        tick: float,
+    ) -> None:
+        self.url = url
+        self.queue = queue
+        self._heartbeat = heartbeat
+        self._tls = tls
+        self._connect_timeout = connect_timeout
+        self._tick = tick
+        self._events: LinkEvents | None = None
+        self._conn: Any = None
+        self._channel: Any = None
+        self._probe: amqp.QueueProbe | None = None
+
+    def open(self, events: LinkEvents) -> None:
+        """Connect, consume replies, and report to ``events``. Raises ``BrokerError``."""
+        self._events = events
+        self._conn = amqp.connect(
+            self.url,
+            heartbeat=self._heartbeat,
+            name="fibrpc-client",
+            tls=self._tls,
+            connect_timeout=self._connect_timeout,
+        )
+        try:
+            with amqp.translating(self.url):
+                amqp.on_blocked(self._conn, events.on_blocked)
+                amqp.keep_ticking(self._conn, self._tick)  # once per connection
+                self._probe = amqp.QueueProbe(self._conn, self.queue, events.on_consumers)
+                self._open_channel()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_channel(self) -> None:
+        events = self._events
+        assert events is not None
+        self._channel = self._conn.channel()
+
+        def on_reply(channel: Any, method: Any, props: Any, body: bytes) -> None:
+            events.on_reply(props.correlation_id, props.content_type, body)
+
+        def on_return(channel: Any, method: Any, props: Any, body: bytes) -> None:
+            events.on_return(props.correlation_id)
+
+        amqp.consume_direct(
+            self._conn, self._channel, amqp.DIRECT_REPLY_TO, on_reply, auto_ack=True
+        )
+        amqp.on_return(self._channel, on_return)
+
+    def publish(self, call: Call) -> None:
+        """Queue ``call``'s request with what is left of its time as the message's TTL
+        (at most RabbitMQ's largest) and a deadline header; with no deadline, neither.
+        Raises ``LinkLost``."""
+        left = call.deadline - time.monotonic()
+        expiration: str | None = None
+        headers: dict[str, int] | None = None
+        if left != math.inf:
+            remaining_ms = max(1, min(MAX_TTL_MS, int(left * 1000)))
+            expiration = str(remaining_ms)
+            headers = {protocol.DEADLINE_HEADER: int(time.time() * 1000) + remaining_ms}
+        try:
+            amqp.publish_soon(
+                self._channel,
+                self.queue,
+                call.body,
+                mandatory=True,
+                reply_to=amqp.DIRECT_REPLY_TO,
+                correlation_id=call.corr_id,
+                content_type=call.content_type,
+                message_type=call.msg_type,
+                expiration=expiration,
+                headers=headers,
+            )
+        except amqp.ConnectionLost as exc:
+            raise LinkLost(exc) from exc
+
+    def turn(self, *, wait: bool) -> None:
+        """Write what is queued and take in what has arrived (waiting up to a tick if
+        ``wait``); the events fire meanwhile. Raises ``LinkLost``."""
+        try:
+            if wait:
+                amqp.run_io(self._conn)  # returns within a tick (keep_ticking)
+            else:
+                self._conn.process_data_events(time_limit=0)
+        except amqp.ConnectionLost as exc:
+            raise LinkLost(exc) from exc
+
+    def channel_closed(self) -> BrokerError | None:
+        """Why the broker closed the channel, if it has (a refusal, translated); None
+        while it is open."""
+        if self._channel is None or not self._channel.is_closed:
+            return None
+        reason = amqp.closing_reason(self._channel)
+        if isinstance(reason, BaseException):
+            return amqp.translate(reason, self.url)
+        return BrokerError(f"RabbitMQ closed the client's channel: {reason}")
+
+    def reopen(self) -> None:
+        """A fresh channel after ``channel_closed``. Raises ``LinkLost``."""
+        try:
+            self._open_channel()
+        except amqp.ConnectionLost as exc:
+            raise LinkLost(exc) from exc
+
+    def ask_consumers(self) -> None:
+        """Ask how many consumers the queue has; ``events.on_consumers`` answers on a
+        later turn (never a round trip on this one)."""
+        if self._probe is not None:
+            self._probe.ask()
+
+    def wake(self) -> None:
+        """Make a ``turn`` waiting in another thread return (thread-safe)."""
+        conn = self._conn
+        if conn is not None:
+            amqp.wake(conn)
+
+    def close(self) -> None:
+        """Close within about a second, whatever the broker does."""
+        conn, self._conn = self._conn, None
+        self._channel = None
+        self._probe = None
+        if conn is not None:
+            amqp.close_within(conn, 1.0)

@@ -1,0 +1,206 @@
+"""The client's driver (``fibrpc.driver``) over a fake link: the hand-off of calls and
+replies between threads, deadlines, reconnects and the window, with no broker.
+
+The fake is a ``Link`` that answers F(n) from the table on a later turn, or never (a
+stalled broker), and can be told to lose its connection. Nothing here crosses a wire:
+what crosses one is tested against real RabbitMQ nodes elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from fibrpc import protocol
+from fibrpc.calls import AS_INT, Call, Registry
+from fibrpc.driver import Driver, LinkEvents, LinkLost
+from fibrpc.errors import CallTimeoutError, ClientClosedError, NoServerError
+from fibrpc.numbers import FAST_TABLE
+
+
+class FakeLink:
+    """Answers every request on the turn after it is published, unless ``stalled``."""
+
+    url = "amqp://fake"
+    queue = "fake_queue"
+
+    def __init__(self) -> None:
+        self.events: LinkEvents | None = None
+        self.opened = 0
+        self.published: list[str] = []
+        self.stalled = False
+        self.consumers: int | None = 1
+        self.lose_next_turn = False
+        self._waiting: list[Call] = []
+        self._asked = False
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self.turning = 0  # threads inside turn() at once: must never exceed 1
+        self.max_turning = 0
+
+    def open(self, events: LinkEvents) -> None:
+        self.events = events
+        self.opened += 1
+
+    def publish(self, call: Call) -> None:
+        self.published.append(call.corr_id)
+        self._waiting.append(call)
+
+    def turn(self, *, wait: bool) -> None:
+        with self._lock:
+            self.turning += 1
+            self.max_turning = max(self.max_turning, self.turning)
+        try:
+            if self.lose_next_turn:
+                self.lose_next_turn = False
+                raise LinkLost("the fake lost its connection")
+            if wait and (self.stalled or not self._waiting):
+                self._wake.wait(0.02)
+                self._wake.clear()
+            assert self.events is not None
+            if self._asked:
+                self._asked = False
+                self.events.on_consumers(self.consumers)
+            if not self.stalled:
+                waiting, self._waiting = self._waiting, []
+                for call in waiting:
+                    assert isinstance(call.n, int)
+                    self.events.on_reply(call.corr_id, None, str(FAST_TABLE[call.n]).encode())
+        finally:
+            with self._lock:
+                self.turning -= 1
+
+    def channel_closed(self) -> Any:
+        return None
+
+    def reopen(self) -> None:
+        pass
+
+    def ask_consumers(self) -> None:
+        self._asked = True
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._waiting = []
+
+
+def _driver(window: int = 8) -> tuple[Driver, FakeLink]:
+    link = FakeLink()
+    driver = Driver(link, Registry(window), describe_url="amqp://fake")
+    driver.start()
+    return driver, link
+
+
+_ids = iter(range(10**9))
+
+
+def _call(driver: Driver, n: int, timeout: float = 5.0) -> Any:
+    assert driver.registry.reserve(timeout)
+    call = Call(f"c{next(_ids)}", n, "fast", AS_INT, timeout, protocol.encode_request(n, "fast"))
+    return driver.wait(call, driver.submit(call, hold=True))
+
+
+def test_many_threads_each_get_their_own_answer_and_one_thread_turns_at_a_time():
+    driver, link = _driver(window=4)
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            results[k] = [_call(driver, (k * 7 + i) % 91) for i in range(200)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    driver.close()
+    assert not errors, errors
+    for k, got in results.items():
+        assert got == [FAST_TABLE[(k * 7 + i) % 91] for i in range(200)]
+    assert link.max_turning == 1
+    assert driver.in_flight == 0
+
+
+def test_a_stalled_link_fails_each_call_at_its_own_deadline():
+    driver, link = _driver()
+    link.stalled = True
+    times: list[float] = []
+
+    def run(timeout: float) -> None:
+        started = time.monotonic()
+        with pytest.raises(CallTimeoutError) as timed_out:
+            _call(driver, 30, timeout)
+        assert timed_out.value.timeout == timeout
+        times.append((time.monotonic() - started) - timeout)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (0.2, 0.5, 0.8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(times) == 3 and all(0 <= late < 0.5 for late in times), times
+    link.stalled = False
+    assert _call(driver, 30) == 832040  # every slot came back
+    assert driver.in_flight == 0
+    driver.close()
+
+
+def test_calls_in_flight_are_sent_again_after_the_link_is_lost():
+    driver, link = _driver()
+    link.stalled = True
+    results: list[int] = []
+    thread = threading.Thread(target=lambda: results.append(_call(driver, 40)))
+    thread.start()
+    time.sleep(0.1)
+    link.lose_next_turn = True
+    time.sleep(0.2)  # the connection is lost, the driver reconnects
+    link.stalled = False
+    thread.join(10)
+    assert results == [FAST_TABLE[40]]
+    assert link.opened == 2
+    assert link.published.count(link.published[0]) == 2  # published, then re-sent
+    driver.close()
+
+
+def test_no_consumer_fails_the_waiting_calls_with_no_server_error():
+    driver, link = _driver()
+    link.stalled = True
+    link.consumers = 0
+    started = time.monotonic()
+    with pytest.raises(NoServerError):
+        _call(driver, 30, math.inf)
+    assert time.monotonic() - started < 3
+    driver.close()
+
+
+def test_closing_fails_what_is_in_flight_and_frees_the_window():
+    driver, link = _driver(window=2)
+    link.stalled = True
+    outcomes: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _call(driver, 30, 30)
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    driver.close()
+    for thread in threads:
+        thread.join(5)
+    assert time.monotonic() - started < 2
+    assert len(outcomes) == 2 and all(isinstance(e, ClientClosedError) for e in outcomes)
+    assert driver.registry.reserve(0.1, block=True) and driver.registry.reserve(0.1)
