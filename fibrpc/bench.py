@@ -52,12 +52,11 @@ from typing import Any, Final, TextIO
 import gmpy2
 import numpy as np
 
-from fibrpc import amqp
+from fibrpc import amqp, config
 from fibrpc.client import Client
 from fibrpc.config import DEFAULT_QUEUE, DEFAULT_TIMEOUT, DEFAULT_URL
 from fibrpc.errors import CallTimeoutError, FibrpcError, RequestError
-from fibrpc.kernels import DEFAULT_ALGORITHM, FAST_TABLE, ITER_MAX_N
-from fibrpc.server import die_with_parent
+from fibrpc.numbers import DEFAULT_ALGORITHM, FAST_TABLE, ITER_MAX_N
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -83,27 +82,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCENARIOS: Final = ("sequential", "pipelined", "batched")
-"""The scenarios, in the order a run takes them."""
-
-DEFAULT_CALLS: Final = {"sequential": 3_000, "pipelined": 20_000, "batched": 2_000_000}
-"""Calls per scenario when ``--calls`` is not given: a few seconds each on a 2-core
-machine, and the counts bench/compare.py runs the baselines of ``../shared/baselines``
-with."""
-
-DEFAULT_MAX_N: Final = 90
-"""n is drawn uniformly from 0..max_n; 90 is the baselines' workload."""
-
-DEFAULT_SEED: Final = 1
-
-DEFAULT_WINDOW: Final = 128
-"""Calls in flight in ``pipelined``: raw_pipeline.py's window in the baseline figures."""
-
-DEFAULT_BATCH_WINDOW: Final = 8
-"""Batch messages in flight in ``batched``: raw_batched.py's window."""
-
-DEFAULT_BATCH_SIZE: Final = 1000
-"""Values of n per batch message: the client's own automatic batch size."""
+#: The bench command's defaults, documented in fibrpc.config (the CLI reads them there).
+SCENARIOS: Final = config.BENCH_SCENARIOS
+DEFAULT_CALLS: Final = config.BENCH_CALLS
+DEFAULT_MAX_N: Final = config.BENCH_MAX_N
+DEFAULT_SEED: Final = config.BENCH_SEED
+DEFAULT_WINDOW: Final = config.BENCH_WINDOW
+DEFAULT_BATCH_WINDOW: Final = config.BENCH_BATCH_WINDOW
+DEFAULT_BATCH_SIZE: Final = config.BENCH_BATCH_SIZE
 
 SPAWN_READY_TIMEOUT: Final = 60.0
 """Seconds a spawned server may take to log ``ready:``."""
@@ -535,7 +521,7 @@ def spawned_server(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=env,
-                preexec_fn=die_with_parent,  # noqa: PLW1509
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
             )
         try:
             _wait_ready(proc, log_path, ready_timeout)
@@ -619,3 +605,9 @@ def _delete_queue(url: str, queue: str) -> None:
     finally:
         with contextlib.suppress(Exception):
             conn.close()
+
+
+def _die_with_parent() -> None:
+    from fibrpc.server import die_with_parent  # noqa: PLC0415 - only a spawn needs it
+
+    die_with_parent()

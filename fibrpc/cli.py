@@ -21,7 +21,7 @@ from fibrpc import amqp, config, logs
 from fibrpc.client import Client, check_timeout
 from fibrpc.errors import ConfigError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
-from fibrpc.kernels import ALGORITHMS, DEFAULT_ALGORITHM
+from fibrpc.numbers import ALGORITHMS, DEFAULT_ALGORITHM
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,26 +34,32 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     logs.setup(level, fmt)
 
 
+def option(*decls: str, env: str, help: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option read from the environment variable ``env`` too, which its help
+    names: every option of every command is declared through here."""
+    return click.option(*decls, envvar=env, help=f"{help}  [env: {env}]", **kwargs)
+
+
 def log_options(default_level: str) -> Callable[[F], F]:
     """``--log-level`` (default ``default_level``) and ``--log-format``."""
 
     def decorate(func: F) -> F:
-        func = click.option(
+        func = option(
             "--log-format",
-            envvar="FIBRPC_LOG_FORMAT",
+            env="FIBRPC_LOG_FORMAT",
             default=config.DEFAULT_LOG_FORMAT,
             show_default=True,
             type=click.Choice(logs.FORMATS),
             help="text, or json: one JSON object a line (time, level, logger, pid, message, "
-            "exc_info) for log collectors.  [env: FIBRPC_LOG_FORMAT]",
+            "exc_info) for log collectors.",
         )(func)
-        func = click.option(
+        func = option(
             "--log-level",
-            envvar="FIBRPC_LOG_LEVEL",
+            env="FIBRPC_LOG_LEVEL",
             default=default_level,
             show_default=True,
             type=click.Choice(logs.LEVELS, case_sensitive=False),
-            help="Least severe level logged to stderr.  [env: FIBRPC_LOG_LEVEL]",
+            help="Least severe level logged to stderr.",
         )(func)
         return func
 
@@ -62,31 +68,31 @@ def log_options(default_level: str) -> Callable[[F], F]:
 
 def state_dir_option(func: F) -> F:
     """``--state-dir``: where servers on this machine report to ``fibrpc status``."""
-    return click.option(
+    return option(
         "--state-dir",
-        envvar="FIBRPC_STATE_DIR",
+        env="FIBRPC_STATE_DIR",
         type=click.Path(file_okay=False),
         default=None,
         help="Where servers on this machine report to `fibrpc status` (default: "
-        "$XDG_RUNTIME_DIR/fibrpc, else /tmp/fibrpc-UID).  [env: FIBRPC_STATE_DIR]",
+        "$XDG_RUNTIME_DIR/fibrpc, else /tmp/fibrpc-UID).",
     )(func)
 
 
 def broker_options(func: F) -> F:
     """``--url`` and ``--queue``, shared by every command that talks to the broker."""
-    func = click.option(
+    func = option(
         "--queue",
-        envvar="FIBRPC_QUEUE",
+        env="FIBRPC_QUEUE",
         default=config.DEFAULT_QUEUE,
         show_default=True,
-        help="Request queue.  [env: FIBRPC_QUEUE]",
+        help="Request queue.",
     )(func)
-    func = click.option(
+    func = option(
         "--url",
-        envvar="FIBRPC_URL",
+        env="FIBRPC_URL",
         default=config.DEFAULT_URL,
         show_default=True,
-        help="Broker URL (amqp:// or amqps://).  [env: FIBRPC_URL]",
+        help="Broker URL (amqp:// or amqps://).",
     )(func)
     return func
 
@@ -112,14 +118,12 @@ def tls_options(func: F) -> F:
         ("--tls-ca-file", "CA bundle (PEM) that signed the broker's certificate."),
     ]:
         env = "FIBRPC_" + name[2:].upper().replace("-", "_")
-        wrapper = click.option(name, envvar=env, type=path, help=f"{help_text}  [env: {env}]")(
-            wrapper
-        )
-    wrapper = click.option(
+        wrapper = option(name, env=env, type=path, help=help_text)(wrapper)
+    wrapper = option(
         "--tls-no-verify",
-        envvar="FIBRPC_TLS_NO_VERIFY",
+        env="FIBRPC_TLS_NO_VERIFY",
         is_flag=True,
-        help="Do not check the broker's certificate (testing only).  [env: FIBRPC_TLS_NO_VERIFY]",
+        help="Do not check the broker's certificate (testing only).",
     )(wrapper)
     return wrapper  # type: ignore[return-value]
 
@@ -135,16 +139,16 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: object) -> float
         ) from None
 
 
-def timeout_option(envvar: str, help_text: str) -> Callable[[F], F]:
-    """``--timeout`` with its environment variable."""
-    return click.option(
+def timeout_option(env: str, help_text: str) -> Callable[[F], F]:
+    """``--timeout``, read from ``env`` too."""
+    return option(
         "--timeout",
-        envvar=envvar,
+        env=env,
         callback=_seconds,
         metavar="SECONDS",
         default=config.DEFAULT_TIMEOUT,
         show_default=True,
-        help=f"{help_text}  [env: {envvar}]",
+        help=help_text,
     )
 
 
@@ -180,121 +184,118 @@ Examples:
 )
 @broker_options
 @tls_options
-@click.option(
+@option(
     "--workers",
-    envvar="FIBRPC_WORKERS",
+    env="FIBRPC_WORKERS",
     default="auto",
     show_default=True,
-    help="Worker processes: a number, or 'auto' for one per CPU.  [env: FIBRPC_WORKERS]",
+    help="Worker processes: a number, or 'auto' for one per CPU.",
 )
-@click.option(
+@option(
     "--prefetch",
-    envvar="FIBRPC_PREFETCH",
+    env="FIBRPC_PREFETCH",
     type=click.IntRange(1, 65535),
     default=config.DEFAULT_PREFETCH,
     show_default=True,
-    help="Unacked requests per worker.  [env: FIBRPC_PREFETCH]",
+    help="Unacked requests per worker.",
 )
-@click.option(
+@option(
     "--queue-type",
-    envvar="FIBRPC_QUEUE_TYPE",
+    env="FIBRPC_QUEUE_TYPE",
     default="classic",
     type=click.Choice(["classic", "quorum"]),
     show_default=True,
     help="classic: a durable classic queue, for one broker node; quorum: replicated "
-    "over a RabbitMQ cluster.  [env: FIBRPC_QUEUE_TYPE]",
+    "over a RabbitMQ cluster.",
 )
-@click.option(
+@option(
     "--heartbeat",
-    envvar="FIBRPC_HEARTBEAT",
+    env="FIBRPC_HEARTBEAT",
     type=click.IntRange(0),
     default=config.DEFAULT_HEARTBEAT,
     show_default=True,
-    help="AMQP heartbeat in seconds.  [env: FIBRPC_HEARTBEAT]",
+    help="AMQP heartbeat in seconds.",
 )
-@click.option(
+@option(
     "--naive-max-n",
-    envvar="FIBRPC_NAIVE_MAX_N",
+    env="FIBRPC_NAIVE_MAX_N",
     type=click.IntRange(1, 92),
     default=config.DEFAULT_NAIVE_MAX_N,
     show_default=True,
-    help="Largest n for 'naive'.  [env: FIBRPC_NAIVE_MAX_N]",
+    help="Largest n for 'naive'.",
 )
-@click.option(
+@option(
     "--fast-max-n",
-    envvar="FIBRPC_FAST_MAX_N",
+    env="FIBRPC_FAST_MAX_N",
     type=click.IntRange(93),
     default=config.DEFAULT_FAST_MAX_N,
     show_default=True,
-    help="Largest n for 'fast'.  [env: FIBRPC_FAST_MAX_N]",
+    help="Largest n for 'fast'.",
 )
-@click.option(
+@option(
     "--max-body-bytes",
-    envvar="FIBRPC_MAX_BODY_BYTES",
+    env="FIBRPC_MAX_BODY_BYTES",
     type=click.IntRange(64),
     default=config.DEFAULT_MAX_BODY_BYTES,
     show_default=True,
-    help="Largest request body.  [env: FIBRPC_MAX_BODY_BYTES]",
+    help="Largest request body.",
 )
-@click.option(
+@option(
     "--max-batch",
-    envvar="FIBRPC_MAX_BATCH",
+    env="FIBRPC_MAX_BATCH",
     type=click.IntRange(1),
     default=config.DEFAULT_MAX_BATCH,
     show_default=True,
-    help="Most values of n in one request.  [env: FIBRPC_MAX_BATCH]",
+    help="Most values of n in one request.",
 )
-@click.option(
+@option(
     "--max-reply-bytes",
-    envvar="FIBRPC_MAX_REPLY_BYTES",
+    env="FIBRPC_MAX_REPLY_BYTES",
     type=click.IntRange(64),
     default=config.DEFAULT_MAX_REPLY_BYTES,
     show_default=True,
     help="Largest reply body, estimated before computing. Keep it under the broker's "
     "max_message_size (16 MiB on RabbitMQ 4): a worker that meets a lower one limits "
-    "replies to it.  [env: FIBRPC_MAX_REPLY_BYTES]",
+    "replies to it.",
 )
-@click.option(
+@option(
     "--memo-bytes",
-    envvar="FIBRPC_MEMO_BYTES",
+    env="FIBRPC_MEMO_BYTES",
     type=click.IntRange(0),
     default=config.DEFAULT_MEMO_BYTES,
     show_default=True,
-    help="Bytes of large results each worker remembers.  [env: FIBRPC_MEMO_BYTES]",
+    help="Bytes of large results each worker remembers.",
 )
-@click.option(
+@option(
     "--drain-timeout",
-    envvar="FIBRPC_DRAIN_TIMEOUT",
+    env="FIBRPC_DRAIN_TIMEOUT",
     type=click.FloatRange(0),
     default=config.DEFAULT_DRAIN_TIMEOUT,
     show_default=True,
-    help="Seconds a worker may take to finish its requests on SIGTERM.  "
-    "[env: FIBRPC_DRAIN_TIMEOUT]",
+    help="Seconds a worker may take to finish its requests on SIGTERM.",
 )
-@click.option(
+@option(
     "--max-deliveries",
-    envvar="FIBRPC_MAX_DELIVERIES",
+    env="FIBRPC_MAX_DELIVERIES",
     type=click.IntRange(1),
     default=config.DEFAULT_MAX_DELIVERIES,
     show_default=True,
-    help="Deliveries of one request before it is refused as poison.  [env: FIBRPC_MAX_DELIVERIES]",
+    help="Deliveries of one request before it is refused as poison.",
 )
-@click.option(
+@option(
     "--metrics-port",
-    envvar="FIBRPC_METRICS_PORT",
+    env="FIBRPC_METRICS_PORT",
     type=click.IntRange(0, 65535),
     default=config.DEFAULT_METRICS_PORT,
     show_default=True,
-    help="Serve Prometheus metrics of all workers at http://METRICS_HOST:PORT/metrics; "
-    "0: none.  [env: FIBRPC_METRICS_PORT]",
+    help="Serve Prometheus metrics of all workers at http://METRICS_HOST:PORT/metrics; 0: none.",
 )
-@click.option(
+@option(
     "--metrics-host",
-    envvar="FIBRPC_METRICS_HOST",
+    env="FIBRPC_METRICS_HOST",
     default=config.DEFAULT_METRICS_HOST,
     show_default=True,
-    help="Address the metrics endpoint listens on (0.0.0.0: every interface).  "
-    "[env: FIBRPC_METRICS_HOST]",
+    help="Address the metrics endpoint listens on (0.0.0.0: every interface).",
 )
 @state_dir_option
 @log_options(config.DEFAULT_LOG_LEVEL)
@@ -385,22 +386,21 @@ Examples:
 @click.argument("n", type=int)
 @broker_options
 @tls_options
-@click.option(
+@option(
     "--algo",
-    envvar="FIBRPC_ALGO",
+    env="FIBRPC_ALGO",
     type=click.Choice(ALGORITHMS),
     default=DEFAULT_ALGORITHM,
     show_default=True,
-    help="Algorithm.  [env: FIBRPC_ALGO]",
+    help="Algorithm.",
 )
 @timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the reply (inf: no limit).")
-@click.option(
+@option(
     "--json",
     "as_json",
-    envvar="FIBRPC_CALL_JSON",
+    env="FIBRPC_CALL_JSON",
     is_flag=True,
-    help='Print {"n", "algo", "result", "seconds"}; the result as a string.  '
-    "[env: FIBRPC_CALL_JSON]",
+    help='Print {"n", "algo", "result", "seconds"}; the result as a string.',
 )
 @log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
 def call(
@@ -445,21 +445,20 @@ Examples:
 )
 @broker_options
 @tls_options
-@click.option(
+@option(
     "--management-url",
-    envvar="FIBRPC_MANAGEMENT_URL",
+    env="FIBRPC_MANAGEMENT_URL",
     default=None,
     help="RabbitMQ management API, for message rates (default: http://HOST:15672, HOST "
-    "from --url; the user and password from --url unless this URL has its own).  "
-    "[env: FIBRPC_MANAGEMENT_URL]",
+    "from --url; the user and password from --url unless this URL has its own).",
 )
 @state_dir_option
-@click.option(
+@option(
     "--json",
     "as_json",
-    envvar="FIBRPC_STATUS_JSON",
+    env="FIBRPC_STATUS_JSON",
     is_flag=True,
-    help="Print one JSON object instead of text.  [env: FIBRPC_STATUS_JSON]",
+    help="Print one JSON object instead of text.",
 )
 @timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the broker to answer.")
 @log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
@@ -503,8 +502,6 @@ def status(
 
 # -- fibrpc bench --------------------------------------------------------------------------
 
-from fibrpc import bench as _bench  # noqa: E402 - appended with the command it serves
-
 
 @main.command(
     epilog="""\b
@@ -517,94 +514,92 @@ Examples:
 """
 )
 @broker_options
-@click.option(
+@option(
     "--scenario",
     "scenarios",
-    envvar="FIBRPC_BENCH_SCENARIO",
+    env="FIBRPC_BENCH_SCENARIO",
     multiple=True,
-    type=click.Choice(_bench.SCENARIOS),
+    type=click.Choice(config.BENCH_SCENARIOS),
     help="Scenario to run; repeat for several (default: all three, in this order: "
-    "sequential, pipelined, batched).  [env: FIBRPC_BENCH_SCENARIO, space-separated]",
+    "sequential, pipelined, batched); the variable takes them space-separated.",
 )
-@click.option(
+@option(
     "--calls",
-    envvar="FIBRPC_BENCH_CALLS",
+    env="FIBRPC_BENCH_CALLS",
     type=click.IntRange(1),
     default=None,
-    help="Calls per scenario (default: sequential 3,000, pipelined 20,000, batched "
-    "2,000,000).  [env: FIBRPC_BENCH_CALLS]",
+    help="Calls per scenario (default: sequential 3,000, pipelined 20,000, batched 2,000,000).",
 )
-@click.option(
+@option(
     "--algo",
-    envvar="FIBRPC_BENCH_ALGO",
+    env="FIBRPC_BENCH_ALGO",
     type=click.Choice(ALGORITHMS),
     default=DEFAULT_ALGORITHM,
     show_default=True,
-    help="Algorithm.  [env: FIBRPC_BENCH_ALGO]",
+    help="Algorithm.",
 )
-@click.option(
+@option(
     "--max-n",
-    envvar="FIBRPC_BENCH_MAX_N",
+    env="FIBRPC_BENCH_MAX_N",
     type=click.IntRange(0),
-    default=_bench.DEFAULT_MAX_N,
+    default=config.BENCH_MAX_N,
     show_default=True,
-    help="n is drawn uniformly from 0..MAX_N.  [env: FIBRPC_BENCH_MAX_N]",
+    help="n is drawn uniformly from 0..MAX_N.",
 )
-@click.option(
+@option(
     "--seed",
-    envvar="FIBRPC_BENCH_SEED",
+    env="FIBRPC_BENCH_SEED",
     type=int,
-    default=_bench.DEFAULT_SEED,
+    default=config.BENCH_SEED,
     show_default=True,
-    help="Seed of the values of n.  [env: FIBRPC_BENCH_SEED]",
+    help="Seed of the values of n.",
 )
-@click.option(
+@option(
     "--window",
-    envvar="FIBRPC_BENCH_WINDOW",
+    env="FIBRPC_BENCH_WINDOW",
     type=click.IntRange(1),
-    default=_bench.DEFAULT_WINDOW,
+    default=config.BENCH_WINDOW,
     show_default=True,
-    help="Calls in flight in 'pipelined'.  [env: FIBRPC_BENCH_WINDOW]",
+    help="Calls in flight in 'pipelined'.",
 )
-@click.option(
+@option(
     "--batch-window",
-    envvar="FIBRPC_BENCH_BATCH_WINDOW",
+    env="FIBRPC_BENCH_BATCH_WINDOW",
     type=click.IntRange(1),
-    default=_bench.DEFAULT_BATCH_WINDOW,
+    default=config.BENCH_BATCH_WINDOW,
     show_default=True,
-    help="Batch messages in flight in 'batched'.  [env: FIBRPC_BENCH_BATCH_WINDOW]",
+    help="Batch messages in flight in 'batched'.",
 )
-@click.option(
+@option(
     "--batch-size",
-    envvar="FIBRPC_BENCH_BATCH_SIZE",
+    env="FIBRPC_BENCH_BATCH_SIZE",
     type=click.IntRange(1),
-    default=_bench.DEFAULT_BATCH_SIZE,
+    default=config.BENCH_BATCH_SIZE,
     show_default=True,
-    help="Values of n per message in 'batched'.  [env: FIBRPC_BENCH_BATCH_SIZE]",
+    help="Values of n per message in 'batched'.",
 )
 @timeout_option("FIBRPC_BENCH_TIMEOUT", "Seconds each call may wait for its reply.")
-@click.option(
+@option(
     "--spawn",
-    envvar="FIBRPC_BENCH_SPAWN",
+    env="FIBRPC_BENCH_SPAWN",
     type=click.IntRange(1),
     default=None,
     help="Start 'fibrpc serve --workers SPAWN' on a private queue (--queue is then "
-    "ignored), and stop it afterwards.  [env: FIBRPC_BENCH_SPAWN]",
+    "ignored), and stop it afterwards.",
 )
-@click.option(
+@option(
     "--json",
     "as_json",
-    envvar="FIBRPC_BENCH_JSON",
+    env="FIBRPC_BENCH_JSON",
     is_flag=True,
     help='Print {"scenarios": [{"name", "calls", "seconds", "calls_per_s", "p50_ms", '
-    '"p99_ms", "errors"}, ...], ...} instead of a table.  [env: FIBRPC_BENCH_JSON]',
+    '"p99_ms", "errors"}, ...], ...} instead of a table.',
 )
-@click.option(
+@option(
     "--progress/--no-progress",
-    envvar="FIBRPC_BENCH_PROGRESS",
+    env="FIBRPC_BENCH_PROGRESS",
     default=None,
-    help="Draw a counter on stderr while running (default: when stderr is a terminal).  "
-    "[env: FIBRPC_BENCH_PROGRESS]",
+    help="Draw a counter on stderr while running (default: when stderr is a terminal).",
 )
 def bench(
     url: str,
@@ -628,12 +623,14 @@ def bench(
     message per call, WINDOW in flight), 'batched' (BATCH_SIZE values per message,
     BATCH_WINDOW in flight). Exit code 1 when any call failed or gave a wrong result.
     """
+    from fibrpc import bench as _bench  # noqa: PLC0415 - keeps `call` light
+
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     amqp.quiet_pika()
     settings = _bench.BenchSettings(
         url=url,
         queue=queue,
-        scenarios=tuple(dict.fromkeys(scenarios)) or _bench.SCENARIOS,
+        scenarios=tuple(dict.fromkeys(scenarios)) or config.BENCH_SCENARIOS,
         calls=calls,
         algo=algo,
         max_n=max_n,

@@ -98,6 +98,30 @@ MANAGEMENT_TIMEOUT: Final = 2.0
 #: metrics endpoint (at most): a status or a scrape lags the work by up to this.
 REPORT_INTERVAL: Final = 1.0
 
+# -- fibrpc bench ---------------------------------------------------------------------
+
+BENCH_SCENARIOS: Final = ("sequential", "pipelined", "batched")
+"""The scenarios, in the order a run takes them."""
+
+BENCH_CALLS: Final = {"sequential": 3_000, "pipelined": 20_000, "batched": 2_000_000}
+"""Calls per scenario when ``--calls`` is not given: a few seconds each on a 2-core
+machine, and the counts bench/compare.py runs the baselines of ``../shared/baselines``
+with."""
+
+BENCH_MAX_N: Final = 90
+"""n is drawn uniformly from 0..max_n; 90 is the baselines' workload."""
+
+BENCH_SEED: Final = 1
+
+BENCH_WINDOW: Final = 128
+"""Calls in flight in ``pipelined``: raw_pipeline.py's window in the baseline figures."""
+
+BENCH_BATCH_WINDOW: Final = 8
+"""Batch messages in flight in ``batched``: raw_batched.py's window."""
+
+BENCH_BATCH_SIZE: Final = 1000
+"""Values of n per batch message: the client's own automatic batch size."""
+
 ENV_PREFIX: Final = "FIBRPC_"
 
 

@@ -49,6 +49,8 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 MAX_BOOT_FAILURES = 5
 _BACKOFF_FIRST = 0.25
 _BACKOFF_MAX = 5.0
+#: Seconds between two looks at the recorded signals while waiting.
+_SIGNAL_POLL = 0.1
 
 
 def cpu_count() -> int:
@@ -94,7 +96,8 @@ class Supervisor:
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
         self._ctx = multiprocessing.get_context("fork")
-        self._signals = 0
+        self._signals = 0  # how many stop signals arrived (``_on_signal``)
+        self._signal: int = signal.SIGTERM
         self._all_ready_logged = False
         self._exporter: metrics.Exporter | None = None
         self._metrics: metrics.Metrics = metrics.Metrics()
@@ -135,7 +138,7 @@ class Supervisor:
                 self._spawn(slot)
             code = ExitCode.OK
             while not self._signals:
-                self._wait(0.5)
+                self._wait(_SIGNAL_POLL)
                 self._collect_ready(started)
                 failure = self.reap(respawn=True)
                 if failure is not None:
@@ -204,7 +207,8 @@ class Supervisor:
             log.warning("%s The workers will keep trying.", exc)
             return
         try:
-            amqp.declare_request_queue(connection.channel(), s.queue, queue_type=s.queue_type)
+            with amqp.translating(s.url):
+                amqp.declare_request_queue(connection.channel(), s.queue, queue_type=s.queue_type)
             if s.queue_type == "quorum" and s.max_deliveries >= QUORUM_DELIVERY_LIMIT:
                 log.warning(
                     "RabbitMQ 4 drops a quorum queue's message after %d deliveries (its "
@@ -213,40 +217,44 @@ class Supervisor:
                     QUORUM_DELIVERY_LIMIT,
                     s.max_deliveries,
                 )
-        except BrokerError:
-            raise
-        except Exception as exc:
-            error = amqp.translate(exc, s.url)
-            if not isinstance(error, BrokerUnreachableError):
-                raise error from exc
-            log.warning("%s The workers will keep trying.", error)
+        except BrokerUnreachableError as exc:  # the connection dropped meanwhile
+            log.warning("%s The workers will keep trying.", exc)
         finally:
             amqp.close_within(connection)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        """Only record the signal: logging, killing and exiting are the main loop's (a
+        handler may interrupt any of them, and logging is not re-entrant)."""
         self._signals += 1
-        if self._signals == 1:
-            log.info(
-                "received %s: draining (send it again to stop at once)", signal.Signals(signum).name
-            )
-        else:
-            log.warning("received %s again: killing the workers", signal.Signals(signum).name)
-            self._kill_all()
-            sys.exit(int(ExitCode.FORCED_STOP))
+        self._signal = signum
 
     def _stop(self, code: ExitCode) -> ExitCode:
-        """Drain every worker (SIGTERM), then kill any that outlive the drain timeout."""
+        """Drain every worker (SIGTERM), then kill any that outlive the drain timeout; a
+        second signal meanwhile kills them at once (``ExitCode.FORCED_STOP``)."""
+        if self._signals:
+            log.info(
+                "received %s: draining (send it again to stop at once)",
+                signal.Signals(self._signal).name,
+            )
         for slot in self.slots:
             if slot.process is not None and slot.process.is_alive():
                 os.kill(slot.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.settings.drain_timeout + 5.0
-        for slot in self.slots:
-            if slot.process is not None:
-                slot.process.join(max(0.0, deadline - time.monotonic()))
+        while (alive := self._alive()) and time.monotonic() < deadline:
+            if self._signals > 1:
+                log.warning(
+                    "received %s again: killing the workers", signal.Signals(self._signal).name
+                )
+                self._kill_all()
+                return ExitCode.FORCED_STOP
+            multiprocessing.connection.wait([p.sentinel for p in alive], _SIGNAL_POLL)
         if self._kill_all():
             log.warning("some workers outlived the drain timeout and were killed")
         log.info("stopped")
         return code
+
+    def _alive(self) -> list[Any]:
+        return [s.process for s in self.slots if s.process is not None and s.process.is_alive()]
 
     def _kill_all(self) -> bool:
         killed = False

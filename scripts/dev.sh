@@ -3,8 +3,10 @@
 #   scripts/dev.sh serve [fibrpc serve options]  install, start the broker if needed, serve
 #   scripts/dev.sh test  [pytest options]         install, start the broker if needed, lint,
 #                                                 type-check and run the whole test suite
-#                                                 twice: on a private RabbitMQ 4 node, then
-#                                                 on the local RabbitMQ (Debian 12: 3.10)
+#                                                 on a private RabbitMQ 4 node, the client
+#                                                 and worker tests again without the fast
+#                                                 path, then the suite but its network
+#                                                 faults on the local RabbitMQ (3.10)
 # Both create ./.venv (Python 3.11+) on first use and install fibrpc into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,8 +39,11 @@ case "$cmd" in
     scripts/rabbitmq4-root.sh >/dev/null  # once per machine: RabbitMQ 4 for private nodes
     echo "== the test suite on a private RabbitMQ 4 node (every deprecated feature denied)"
     FIBRPC_TEST_BROKER=rabbitmq4 "$venv/bin/pytest" "$@"
-    echo "== the test suite on the local RabbitMQ"
-    FIBRPC_TEST_BROKER=local exec "$venv/bin/pytest" "$@"
+    echo "== the client's and the worker's integration tests on pika's stock paths"
+    FIBRPC_TEST_BROKER=local FIBRPC_FAST_PATH=0 "$venv/bin/pytest" "$@" \
+      tests/test_client.py tests/test_end_to_end.py tests/test_fuzz.py tests/test_message_size.py
+    echo "== the test suite on the local RabbitMQ (the network faults: on RabbitMQ 4 only)"
+    FIBRPC_TEST_BROKER=local exec "$venv/bin/pytest" "$@" --ignore=tests/test_edge_faults.py
     ;;
   *)
     echo "usage: scripts/dev.sh serve|test [options]" >&2
