@@ -1,4 +1,4 @@
-"""Taking in deliveries: ``amqp._take_in`` against pika's own ``_on_data_available``.
+"""Taking in deliveries: ``fastpath._take_in`` against pika's own ``_on_data_available``.
 
 1,000 replies as RabbitMQ frames them (method, header, body; a correlation id each),
 fed in 4 KB reads, as the socket hands them over, to a real connection from
@@ -19,7 +19,7 @@ from conftest import URL
 from pika import frame, spec
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from fibrpc import amqp
+from fibrpc import amqp, fastpath
 
 
 class _Counting:
@@ -70,7 +70,7 @@ def _feed(counting: _Counting, take_in: Callable[[Any, bytes], None]) -> Callabl
 
 def test_take_in_1000_deliveries(benchmark: BenchmarkFixture, counting: _Counting) -> None:
     before = counting.count
-    benchmark(_feed(counting, amqp._take_in))
+    benchmark(_feed(counting, fastpath._take_in))
     assert counting.count > before and (counting.count - before) % 1000 == 0
 
 

@@ -126,6 +126,7 @@ class BenchSettings:
     batch_window: int = DEFAULT_BATCH_WINDOW
     batch_size: int = DEFAULT_BATCH_SIZE
     timeout: float = DEFAULT_TIMEOUT
+    tls: amqp.TLSOptions | None = None
 
     def calls_for(self, scenario: str) -> int:
         """How many calls ``scenario`` makes."""
@@ -322,8 +323,9 @@ def run_sequential(client: Client, ns: list[int], algo: str, progress: Progress)
 def run_pipelined(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
     """One message per call, as many in flight as the client's window allows.
 
-    The done callback runs on the client's I/O thread as the future is resolved, so the
-    stamp is when the result existed, not when this thread got round to looking at it.
+    The done callback runs on the client's callback thread, woken once for all the
+    futures a turn of the connection resolved: the stamp is within microseconds of when
+    the result existed, not when this thread got round to looking at it.
     """
     count = len(ns)
     sent = [0.0] * count
@@ -437,7 +439,11 @@ def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> S
     window = {"pipelined": settings.window, "batched": settings.batch_window}.get(name, 1)
     progress = Progress(name, len(ns), stream)
     with Client(
-        settings.url, queue=settings.queue, timeout=settings.timeout, window=window
+        settings.url,
+        queue=settings.queue,
+        timeout=settings.timeout,
+        window=window,
+        tls=settings.tls,
     ) as client:
         batch_size = settings.batch_size if name == "batched" else None
         _warm(client, ns, settings.algo, batch_size)
@@ -461,7 +467,8 @@ def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = F
     stream = sys.stderr if progress else None
     with contextlib.ExitStack() as stack:
         if spawn is not None:
-            server = stack.enter_context(spawned_server(settings.url, spawn))
+            options = _tls_options(settings.tls)
+            server = stack.enter_context(spawned_server(settings.url, spawn, options=options))
             settings = dataclasses.replace(settings, queue=server.queue)
         results = [run_scenario(settings, name, stream) for name in settings.scenarios]
     return Report(settings, results, spawn)
@@ -495,8 +502,10 @@ def spawned_server(
     *,
     ready_timeout: float = SPAWN_READY_TIMEOUT,
     stop_timeout: float = SPAWN_STOP_TIMEOUT,
+    options: Sequence[str] = (),
 ) -> Iterator[SpawnedServer]:
-    """Start ``fibrpc serve`` on a fresh queue; yield it once it is ready.
+    """Start ``fibrpc serve`` on a fresh queue (with ``options`` added to its command
+    line); yield it once it is ready.
 
     The server runs in a session (and process group) of its own, so a Ctrl-C at the
     terminal reaches only this process, which then stops the server in order. SIGTERM and
@@ -506,6 +515,7 @@ def spawned_server(
     """
     queue = f"fibrpc-bench-{uuid.uuid4().hex[:10]}"
     cmd = [sys.executable, "-m", "fibrpc", "serve", "--queue", queue, "--workers", str(workers)]
+    cmd += options
     env = {**os.environ, "FIBRPC_URL": url}  # not in argv, where ps would show its password
     with (
         signals_as_exit(),
@@ -611,3 +621,20 @@ def _die_with_parent() -> None:
     from fibrpc.server import die_with_parent  # noqa: PLC0415 - only a spawn needs it
 
     die_with_parent()
+
+
+def _tls_options(tls: amqp.TLSOptions | None) -> list[str]:
+    """The ``fibrpc serve`` options that give a spawned server the same TLS settings."""
+    if tls is None:
+        return []
+    options = []
+    for flag, value in [
+        ("--tls-ca-file", tls.ca_file),
+        ("--tls-cert-file", tls.cert_file),
+        ("--tls-key-file", tls.key_file),
+    ]:
+        if value:
+            options += [flag, value]
+    if not tls.verify:
+        options.append("--tls-no-verify")
+    return options

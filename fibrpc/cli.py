@@ -514,6 +514,7 @@ Examples:
 """
 )
 @broker_options
+@tls_options
 @option(
     "--scenario",
     "scenarios",
@@ -616,6 +617,7 @@ def bench(
     spawn: int | None,
     as_json: bool,
     progress: bool | None,
+    tls: amqp.TLSOptions,
 ) -> None:
     """Measure calls/s and latency of a fibrpc server, with every result checked.
 
@@ -639,6 +641,7 @@ def bench(
         batch_window=batch_window,
         batch_size=batch_size,
         timeout=timeout,
+        tls=tls,
     )
     if progress is None:
         progress = sys.stderr.isatty()

@@ -94,11 +94,11 @@ def _local_broker_left_alone() -> Iterator[None]:
     session fails if anything dropped it (a test restarting that broker, say)."""
     try:
         conn = pika.BlockingConnection(pika.URLParameters(LOCAL_URL + "?heartbeat=0"))
-    except pika.exceptions.AMQPError as exc:
-        pytest.fail(
-            f"No RabbitMQ at {LOCAL_URL} ({exc!r}); start it with scripts/ensure-broker.sh",
-            pytrace=False,
-        )
+    except pika.exceptions.AMQPError:
+        # No local broker: the unit tests run all the same, and every integration test
+        # that needs one fails by itself, saying how to start it.
+        yield
+        return
     channel = conn.channel()
     witness = channel.queue_declare("", exclusive=True).method.queue
     yield

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fibrpc import kernels
+from fibrpc import kernels, numbers
 from fibrpc.errors import ErrorCode, RequestError
 from fibrpc.kernels import (
     FAST_TABLE,
@@ -302,7 +302,7 @@ def test_the_digit_estimate_bounds_the_true_count_tightly():
 def test_the_digit_estimate_uses_log10_phi_rounded_up():
     with gmpy2.context(precision=300):
         exact = gmpy2.log10((1 + gmpy2.sqrt(gmpy2.mpfr(5))) / 2)
-        rounded = gmpy2.mpfr(kernels._LOG10_PHI_NUM) / kernels._LOG10_PHI_DEN
+        rounded = gmpy2.mpfr(numbers._LOG10_PHI_NUM) / numbers._LOG10_PHI_DEN
         assert exact < rounded < exact + gmpy2.mpfr(10) ** -39
 
 
