@@ -478,12 +478,11 @@ def consume_direct(
     # own basic_consume clears: a second consume (after a cancel) would find it set.
     channel._basic_consume_ok_result.reset()
     tag: str = impl.basic_consume(queue, on_message, auto_ack=auto_ack, callback=confirmed.append)
-    while not confirmed:
-        if channel.is_closed:
-            raise pika.exceptions.ChannelWrongStateError(
-                f"The channel closed while subscribing to {queue!r}."
-            )
-        connection.process_data_events(time_limit=0.1)
+    _turn_until(connection, lambda: bool(confirmed) or channel.is_closed, _ROUND_TRIP)
+    if not confirmed:
+        raise pika.exceptions.ChannelWrongStateError(
+            f"The channel closed (or did not answer) while subscribing to {queue!r}."
+        )
     return tag
 
 
@@ -492,9 +491,30 @@ def cancel_direct(connection: Any, channel: Any, tag: str, timeout: float) -> No
     cancel-ok. pika rejects, to be requeued, what still arrives for it meanwhile."""
     confirmed: list[object] = []
     channel._impl.basic_cancel(tag, callback=confirmed.append)
+    _turn_until(connection, lambda: bool(confirmed) or channel.is_closed, timeout)
+
+
+#: Seconds a synchronous exchange with the broker (a consume's consume-ok) may take.
+_ROUND_TRIP: Final = 30.0
+
+
+def _turn_until(connection: Any, done: Any, timeout: float) -> None:
+    """Turn ``connection``'s I/O loop until ``done()`` or ``timeout`` seconds pass.
+
+    ``BlockingConnection.process_data_events(time_limit)`` returns early only for its
+    own channels' events, never for a callback such as a consume-ok: it waited out its
+    whole limit (100 ms of every ``fibrpc call``'s start). Raises pika's error if the
+    connection closes meanwhile."""
+    impl = connection._impl
+    ioloop = impl.ioloop
     deadline = time.monotonic() + timeout
-    while not confirmed and not channel.is_closed and time.monotonic() < deadline:
-        connection.process_data_events(time_limit=0.1)
+    while not done() and (left := deadline - time.monotonic()) > 0:
+        timer = ioloop.call_later(min(0.05, left), _nothing)
+        ioloop.poll()
+        ioloop.process_timeouts()
+        ioloop.remove_timeout(timer)
+        if impl.is_closed:
+            connection.process_data_events(time_limit=0)  # raises why it closed
 
 
 def run_io(connection: Any) -> None:

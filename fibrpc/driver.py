@@ -23,6 +23,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from fibrpc import protocol, refusals
@@ -131,6 +132,10 @@ class Driver:
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        #: The thread inside a turn (``_step``), if any; and what to call after each turn
+        #: (the client wakes its callback runner once per turn, not once per reply).
+        self.stepping: int | None = None
+        self.after_step: Callable[[], None] | None = None
 
     def start(self) -> None:
         """Open the link and start the I/O thread; raise what opening raised."""
@@ -392,7 +397,13 @@ class Driver:
             self._send(calls)
         registry = self.registry
         settled = registry.settled
-        self.link.turn(wait=wait)
+        self.stepping = threading.get_ident()
+        try:
+            self.link.turn(wait=wait)
+        finally:
+            self.stepping = None
+            if self.after_step is not None:
+                self.after_step()
         reason = self.link.channel_closed()
         if reason is not None:
             self._on_channel_closed(reason)

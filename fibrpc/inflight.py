@@ -34,6 +34,7 @@ _SLOTS: Final = 2
 #: many times over.
 SUSPECTS: Final = 64
 _HEAD: Final = struct.Struct("<Q")
+_EMPTY: Final = _LENGTH.pack(0)
 
 
 def key(reply_to: object, correlation_id: object) -> bytes:
@@ -110,10 +111,10 @@ class WorkerSlot:
     def begin(self, sub: int, request: bytes) -> None:
         """Worker computing ``request`` in slot ``sub`` (``INLINE`` or ``HEAVY``)."""
         at = self._at + sub * _ENTRY
-        self._memory[at + _LENGTH.size : at + _LENGTH.size + len(request)] = request
-        self._memory[at : at + _LENGTH.size] = _LENGTH.pack(len(request))
+        # One write, length first: a read torn by a crash right here matches nothing.
+        self._memory[at : at + _LENGTH.size + len(request)] = _LENGTH.pack(len(request)) + request
 
     def end(self, sub: int) -> None:
         """Done computing in slot ``sub``."""
         at = self._at + sub * _ENTRY
-        self._memory[at : at + _LENGTH.size] = _LENGTH.pack(0)
+        self._memory[at : at + 2] = _EMPTY

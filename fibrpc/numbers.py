@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Final
 
-import gmpy2
-
 from fibrpc.errors import ErrorCode, RequestError
 
 ALGORITHMS: tuple[str, ...] = ("naive", "iter", "fast")
@@ -61,6 +59,8 @@ def decimal(x: int) -> str:
     """
     if x.bit_length() <= _SMALL_INT_BITS:
         return str(x)
+    import gmpy2  # noqa: PLC0415 - only for large ints: `fibrpc call` starts faster
+
     text: str = gmpy2.mpz(x).digits()
     return text
 

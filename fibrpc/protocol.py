@@ -22,8 +22,6 @@ import json
 import re
 from typing import Any, Final
 
-import gmpy2
-
 from fibrpc.config import Limits
 from fibrpc.errors import ErrorCode, RequestError
 from fibrpc.numbers import (
@@ -334,7 +332,11 @@ def encode_request(n: int | list[int], algo: str) -> tuple[bytes, str | None, st
 
 def to_int(text: str) -> int:
     """An int from decimal text; GMP for long texts (``int()`` is quadratic past ~4,300)."""
-    return int(text) if len(text) < 4000 else int(gmpy2.mpz(text))
+    if len(text) < 4000:
+        return int(text)
+    import gmpy2  # noqa: PLC0415 - only for long texts: `fibrpc call` starts faster
+
+    return int(gmpy2.mpz(text))
 
 
 def to_ints(texts: list[str]) -> list[int]:

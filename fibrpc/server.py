@@ -377,7 +377,10 @@ class Worker:
             return
         headers = props.headers if isinstance(props.headers, dict) else {}
         budget = _budget_ms(props.expiration)
-        if (headers or budget is not None) and _expired(headers, budget, received):
+        # Just taken in, a request cannot have been held past its TTL by this worker's
+        # clock: only the wall-clock rule of deliveries.expired can hold, inlined here.
+        deadline: Any = headers.get(DEADLINE_HEADER) if headers else None
+        if _is_int(deadline) and time.time() * 1000 > deadline + (budget or 0):
             self.stats.expired += 1
             self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
             amqp.ack_soon(channel, tag)
