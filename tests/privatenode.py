@@ -22,6 +22,7 @@ a few ``openssl`` commands.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import secrets
@@ -63,6 +64,12 @@ deprecated_features.permit.queue_master_locator = false
 deprecated_features.permit.ram_node_type = false
 deprecated_features.permit.transient_nonexcl_queues = false
 """
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the process that started it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def spare_ports(count: int) -> list[int]:
@@ -168,7 +175,9 @@ class PrivateNode:
         prefix: str = "fibrpc-test",
         version: str | None = None,
         root_fs: Path | None = None,
+        cookie: str | None = None,
     ) -> None:
+        """``cookie``: the Erlang cookie, shared by the nodes of a cluster (else new)."""
         if version is not None and version != "4":
             raise ValueError(
                 f"version must be None (the machine's RabbitMQ) or '4', not {version!r}"
@@ -185,9 +194,10 @@ class PrivateNode:
         (root / "rabbitmq.conf").write_text(config)
         (root / "enabled_plugins").write_text("[].\n")
         (root / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq/rabbitmq-env.conf
-        cookie = root / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16))
-        cookie.chmod(0o400)
+        cookie_file = root / ".erlang.cookie"
+        if not cookie_file.exists():
+            cookie_file.write_text(cookie or secrets.token_hex(16))
+            cookie_file.chmod(0o400)
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))},
             "HOME": str(root),  # the cookie above, for the node and for rabbitmqctl
@@ -248,6 +258,9 @@ class PrivateNode:
                 start_new_session=True,
                 env=self.env,
                 cwd=self.root,
+                # A test process killed outright takes its nodes with it (unshare's
+                # --kill-child then ends everything in the node's namespace).
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads of ours yet matter
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -266,6 +279,32 @@ class PrivateNode:
                     pytrace=False,
                 )
             time.sleep(0.25)
+
+    def url(self, user: str = "guest", password: str = "guest") -> str:
+        """The node's AMQP URL (guest may log in: it is on localhost)."""
+        return f"amqp://{user}:{password}@127.0.0.1:{self.node_port}/%2F"
+
+    def kill(self) -> None:
+        """``kill -9`` the node and everything of it (a real crash: its data stays, and
+        ``start`` brings it back as the node it was)."""
+        proc = self.proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+    def checked(self, *args: str, timeout: float = 120.0) -> str:
+        """``rabbitmqctl ARGS`` on this node; a test failure with its output if it fails."""
+        result = self.ctl(*args, timeout=timeout)
+        if result.returncode != 0:
+            pytest.fail(
+                f"rabbitmqctl {' '.join(args)} on {self.name} failed:\n"
+                f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}",
+                pytrace=False,
+            )
+        return result.stdout
 
     def stop(self) -> None:
         """Stop the node politely, then kill its process group whatever remains."""
@@ -357,3 +396,33 @@ def issue_certificate(
         "-set_serial", str(secrets.randbits(63)), "-extfile", extensions, "-out", cert,
     )  # fmt: skip
     return cert, key
+
+
+@contextlib.contextmanager
+def private_cluster(
+    root: Path, count: int, config: str, *, version: str | None = None
+) -> Iterator[list[PrivateNode]]:
+    """``count`` private nodes with one Erlang cookie, the second and later joined to the
+    first: one RabbitMQ cluster, stopped and killed afterwards like ``private_node``."""
+    cookie = secrets.token_hex(16)
+    nodes = [
+        PrivateNode(root / f"node{i + 1}", config, prefix="fibrpc-cluster", version=version,
+                    cookie=cookie)
+        for i in range(count)
+    ]  # fmt: skip
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes[1:]:
+            node.checked("stop_app")
+            node.checked("join_cluster", nodes[0].name)
+            node.checked("start_app")
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not all(n.name in nodes[0].checked("cluster_status") for n in nodes):
+            if time.monotonic() > deadline:
+                pytest.fail("The private cluster did not form in time.", pytrace=False)
+            time.sleep(0.5)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
