@@ -106,10 +106,13 @@ def _missing_internals() -> list[str]:
 
 def install(connection: Any) -> None:
     """Put the shortcuts on ``connection`` (a ``pika.BlockingConnection`` just opened),
-    if ``enabled()``; a no-op otherwise."""
-    if not enabled():
-        return
+    if ``enabled()``; otherwise only the tolerant reading of header tables, which every
+    fibrpc connection needs (``_stock_take_in``)."""
     impl = connection._impl
+    if not enabled():
+        if hasattr(impl, "_frame_buffer"):
+            impl._on_data_available = types.MethodType(_stock_take_in, impl)
+        return
     impl._fibrpc_pending = None
     impl._fibrpc_need = 0
     impl._on_data_available = types.MethodType(_take_in, impl)
@@ -231,6 +234,27 @@ def _take_in(self: Any, data: bytes) -> None:
         self._process_frame(frame_value)
         buffer, start = self._frame_buffer, 0
     self._frame_buffer = buffer[start:]
+
+
+def _stock_take_in(self: Any, data: bytes) -> None:
+    """pika's own ``_on_data_available``, except that a content header whose table pika
+    cannot decode loses its table instead of the connection (with it, the message would
+    come back first on every reconnect and wedge the queue)."""
+    pika_take_in = pika.connection.Connection._on_data_available
+    try:
+        pika_take_in(self, data)
+    except (ValueError, OverflowError, OSError):
+        buffer = self._frame_buffer  # the header frame pika choked on comes first
+        kind, _, length = _FRAME_HEAD.unpack_from(buffer, 0)
+        if kind != _HEADER:
+            raise
+        flags_at = 7 + _HEADER_FIXED
+        properties = _without_headers(buffer[: 7 + length], flags_at)
+        payload = buffer[7:flags_at] + properties
+        frame = _FRAME_HEAD.pack(kind, _FRAME_HEAD.unpack_from(buffer, 0)[1], len(payload))
+        self._frame_buffer = frame + payload + bytes([_FRAME_END]) + buffer[8 + length :]
+        log.warning("dropped the headers of a message: pika cannot decode them")
+        pika_take_in(self, b"")
 
 
 def _needed(buffer: bytes, start: int, body_frame_max: int) -> int:
