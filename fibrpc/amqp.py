@@ -26,7 +26,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import pika
@@ -111,6 +111,43 @@ def redact(url: str) -> str:
     if port is not None:
         netloc += f":{port}"
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def split_urls(value: str | Sequence[str]) -> tuple[str, ...]:
+    """The broker URLs in ``value``: one URL, several separated by commas (a comma in a
+    password is written ``%2C``), or a sequence of either. Each must be an ``amqp://`` or
+    ``amqps://`` URL with a host; raises ``ConfigError`` naming the first that is not
+    (its password hidden)."""
+    items = [value] if isinstance(value, str) else list(value)
+    urls: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"A broker URL is a string; got {type(item).__name__}.")
+        urls += [part.strip() for part in item.split(",") if part.strip()]
+    if not urls:
+        raise ConfigError("No broker URL given (amqp://USER:PASSWORD@HOST:5672/VHOST).")
+    for url in urls:
+        check_url(url)
+    return tuple(urls)
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is an AMQP URL fibrpc can use; else ``ConfigError`` naming it (its
+    password hidden) and the form it should have."""
+    where = redact(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError as exc:
+        raise ConfigError(f"The broker URL {where} cannot be read: {exc}.", url=where) from exc
+    if parts.scheme not in ("amqp", "amqps") or not host:
+        raise ConfigError(
+            f"The broker URL {where} is not an AMQP URL: it must read "
+            "amqp://USER:PASSWORD@HOST:5672/VHOST (or amqps:// for TLS).",
+            url=where,
+        )
+    return url
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -214,6 +251,45 @@ def connect(
         connection = pika.BlockingConnection(params)
     fastpath.install(connection)
     return connection
+
+
+def connect_any(
+    urls: Sequence[str],
+    *,
+    start: int = 0,
+    heartbeat: int | None = None,
+    name: str = "fibrpc",
+    tls: TLSOptions | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> tuple[Any, int]:
+    """A connection to the first node of ``urls`` that answers, trying them in order from
+    ``start`` and round again; returns it and the node's index.
+
+    A node that refuses (the login, a permission) refuses for the whole cluster: that is
+    raised at once. When no node answers, raises ``BrokerUnreachableError`` naming each
+    with its reason (passwords hidden).
+    """
+    failures: list[BrokerUnreachableError] = []
+    for k in range(len(urls)):
+        i = (start + k) % len(urls)
+        try:
+            connection = connect(
+                urls[i], heartbeat=heartbeat, name=name, tls=tls, connect_timeout=connect_timeout
+            )
+        except BrokerUnreachableError as exc:
+            failures.append(exc)
+            continue
+        if failures:
+            log.info("connected to %s (%d node(s) before it did not answer)", redact(urls[i]),
+                     len(failures))  # fmt: skip
+        return connection, i
+    if len(failures) == 1:
+        raise failures[0]
+    raise BrokerUnreachableError(
+        f"None of the {len(urls)} RabbitMQ nodes answered: "
+        + " | ".join(f.message for f in failures),
+        url=", ".join(redact(u) for u in urls),
+    ) from failures[-1]
 
 
 def translate(exc: BaseException, url: str) -> BrokerError:

@@ -115,7 +115,7 @@ class SpawnError(FibrpcError):
 class BenchSettings:
     """What one run measures, and where; every field is a ``fibrpc bench`` option."""
 
-    url: str = DEFAULT_URL
+    urls: tuple[str, ...] = (DEFAULT_URL,)
     queue: str = DEFAULT_QUEUE
     scenarios: tuple[str, ...] = SCENARIOS
     calls: int | None = None  # None: DEFAULT_CALLS, per scenario
@@ -176,7 +176,7 @@ class Report:
             "batch_size": s.batch_size,
             "timeout": s.timeout,
             "spawn": self.spawn,
-            "url": amqp.redact(s.url),
+            "url": ", ".join(amqp.redact(url) for url in s.urls),
             "queue": s.queue,
         }
 
@@ -439,7 +439,7 @@ def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> S
     window = {"pipelined": settings.window, "batched": settings.batch_window}.get(name, 1)
     progress = Progress(name, len(ns), stream)
     with Client(
-        settings.url,
+        settings.urls,
         queue=settings.queue,
         timeout=settings.timeout,
         window=window,
@@ -468,7 +468,7 @@ def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = F
     with contextlib.ExitStack() as stack:
         if spawn is not None:
             options = _tls_options(settings.tls)
-            server = stack.enter_context(spawned_server(settings.url, spawn, options=options))
+            server = stack.enter_context(spawned_server(settings.urls, spawn, options=options))
             settings = dataclasses.replace(settings, queue=server.queue)
         results = [run_scenario(settings, name, stream) for name in settings.scenarios]
     return Report(settings, results, spawn)
@@ -497,7 +497,7 @@ class SpawnedServer:
 
 @contextlib.contextmanager
 def spawned_server(
-    url: str,
+    url: str | Sequence[str],
     workers: int,
     *,
     ready_timeout: float = SPAWN_READY_TIMEOUT,
@@ -516,7 +516,9 @@ def spawned_server(
     queue = f"fibrpc-bench-{uuid.uuid4().hex[:10]}"
     cmd = [sys.executable, "-m", "fibrpc", "serve", "--queue", queue, "--workers", str(workers)]
     cmd += options
-    env = {**os.environ, "FIBRPC_URL": url}  # not in argv, where ps would show its password
+    urls = amqp.split_urls(url)
+    # In the environment, not in argv, where ps would show the passwords.
+    env = {**os.environ, "FIBRPC_URL": ",".join(urls)}
     with (
         signals_as_exit(),
         tempfile.TemporaryDirectory(prefix="fibrpc-bench-") as tmp,
@@ -541,7 +543,7 @@ def spawned_server(
             try:
                 _stop(proc, stop_timeout)
             finally:
-                _delete_queue(url, queue)
+                _delete_queue(urls, queue)
 
 
 @contextlib.contextmanager
@@ -601,10 +603,10 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait(5)
 
 
-def _delete_queue(url: str, queue: str) -> None:
+def _delete_queue(urls: Sequence[str], queue: str) -> None:
     """Delete the spawned server's queue (best effort: a leftover queue is harmless)."""
     try:
-        conn = amqp.connect(url, name="fibrpc-bench")
+        conn, _ = amqp.connect_any(urls, name="fibrpc-bench")
     except FibrpcError as exc:
         log.debug("could not delete queue %r: %s", queue, exc)
         return

@@ -89,12 +89,24 @@ def broker_options(func: F) -> F:
     )(func)
     func = option(
         "--url",
+        "urls",
         env="FIBRPC_URL",
-        default=config.DEFAULT_URL,
+        multiple=True,
+        default=[config.DEFAULT_URL],
         show_default=True,
-        help="Broker URL (amqp:// or amqps://).",
+        callback=_urls,
+        help="Broker URL (amqp:// or amqps://); the nodes of a cluster: give it again for "
+        "each, or separate them with commas (a comma in a password is %2C).",
     )(func)
     return func
+
+
+def _urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """``--url``, given once or more, each perhaps several URLs separated by commas."""
+    try:
+        return amqp.split_urls(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
 
 
 def tls_options(func: F) -> F:
@@ -300,7 +312,7 @@ Examples:
 @state_dir_option
 @log_options(config.DEFAULT_LOG_LEVEL)
 def serve(
-    url: str,
+    urls: tuple[str, ...],
     queue: str,
     workers: str,
     prefetch: int,
@@ -340,7 +352,7 @@ def serve(
         max_reply_bytes=max_reply_bytes,
     )
     settings = WorkerSettings(
-        url=url,
+        urls=urls,
         queue=queue,
         queue_type=queue_type,
         prefetch=prefetch,
@@ -405,7 +417,7 @@ Examples:
 @log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
 def call(
     n: int,
-    url: str,
+    urls: tuple[str, ...],
     queue: str,
     algo: str,
     timeout: float,
@@ -422,7 +434,7 @@ def call(
     setup_logging(log_level, log_format)
     started = time.perf_counter()
     try:
-        with Client(url, queue=queue, timeout=timeout, tls=tls) as client:
+        with Client(urls, queue=queue, timeout=timeout, tls=tls) as client:
             text = client.call_text(n, algo, timeout)
     except FibrpcError as exc:
         _fail(exc)
@@ -463,7 +475,7 @@ Examples:
 @timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the broker to answer.")
 @log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
 def status(
-    url: str,
+    urls: tuple[str, ...],
     queue: str,
     timeout: float,
     management_url: str | None,
@@ -484,7 +496,7 @@ def status(
 
     setup_logging(log_level, log_format)
     report, error = _status.gather(
-        url,
+        urls,
         queue,
         tls=tls,
         management_url=management_url,
@@ -603,7 +615,7 @@ Examples:
     help="Draw a counter on stderr while running (default: when stderr is a terminal).",
 )
 def bench(
-    url: str,
+    urls: tuple[str, ...],
     queue: str,
     scenarios: tuple[str, ...],
     calls: int | None,
@@ -630,7 +642,7 @@ def bench(
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     amqp.quiet_pika()
     settings = _bench.BenchSettings(
-        url=url,
+        urls=urls,
         queue=queue,
         scenarios=tuple(dict.fromkeys(scenarios)) or config.BENCH_SCENARIOS,
         calls=calls,

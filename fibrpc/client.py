@@ -26,7 +26,7 @@ import operator
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from fibrpc import amqp, protocol
@@ -161,7 +161,10 @@ class _Future(concurrent.futures.Future[Any]):
 class Client:
     """A thread-safe RPC client for fibrpc servers (a context manager).
 
-    ``url`` is an ``amqp://`` or ``amqps://`` URL; ``queue`` the request queue;
+    ``url`` is an ``amqp://`` or ``amqps://`` URL, or the nodes of a cluster (a list of
+    URLs, or one string of them separated by commas): the client connects to the first
+    that answers and, when its connection is lost, fails over to the next, re-sending
+    its calls in flight; ``queue`` is the request queue;
     ``timeout`` the seconds a call waits for its reply by default (``math.inf``: no
     limit); ``window`` the most calls (or batches) in flight at once; ``heartbeat`` the
     AMQP heartbeat in seconds; ``tls`` the ``TLSOptions`` of an ``amqps://`` URL.
@@ -172,7 +175,7 @@ class Client:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         queue: str = DEFAULT_QUEUE,
         timeout: float = DEFAULT_TIMEOUT,
@@ -183,12 +186,14 @@ class Client:
         self.timeout = check_timeout(timeout)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(f"window must be a whole number of 1 or more; got {window!r}.")
-        self.url = url
+        self.urls = amqp.split_urls(url)  # a bad URL: ConfigError, here
+        self.url = self.urls[0]
         self.queue = queue
         self.window = window
         self._heartbeat = heartbeat
         self._tls = tls
-        amqp.parameters(url, tls=tls)  # a bad URL or TLS option: ConfigError, here
+        for node in self.urls:
+            amqp.parameters(node, tls=tls)  # a URL pika cannot read, a bad TLS option
         self._start()
 
     def _start(self) -> None:
@@ -199,7 +204,7 @@ class Client:
         self._ids = itertools.count()
         self._closing = False
         link = AmqpLink(
-            self.url,
+            self.urls,
             self.queue,
             heartbeat=self._heartbeat,
             tls=self._tls,

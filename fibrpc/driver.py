@@ -110,7 +110,7 @@ class Driver:
     def __init__(self, link: Link, registry: Registry, *, describe_url: str) -> None:
         self.link = link
         self.registry = registry
-        self.url = describe_url
+        self._url = describe_url
         self.dropped_unknown = 0
         self.dropped_duplicates = 0
         self.prefix = ""  # the client's correlation id prefix: tells duplicates apart
@@ -157,6 +157,11 @@ class Driver:
         self._notify()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def url(self) -> str:
+        """The node connected to, its password hidden (for messages)."""
+        return getattr(self.link, "described", None) or self._url
 
     @property
     def in_flight(self) -> int:

@@ -1,4 +1,5 @@
-"""The client's link to RabbitMQ: one connection, a channel that consumes direct reply-to,
+"""The client's link to RabbitMQ: one connection (to the first node of a cluster that
+answers; the next one after a loss), a channel that consumes direct reply-to,
 publishing requests, and asking how many consumers the queue has. Everything of pika the
 client needs goes through ``fibrpc.amqp`` from here; the driver (``fibrpc.driver``) sees
 only the ``Link`` protocol it defines, which tests implement without a broker.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 from fibrpc import amqp, protocol
@@ -29,7 +31,7 @@ class AmqpLink:
 
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
         queue: str,
         *,
         heartbeat: int,
@@ -37,7 +39,10 @@ class AmqpLink:
         connect_timeout: float,
         tick: float,
     ) -> None:
-        self.url = url
+        self.urls = tuple(urls)
+        self.url = self.urls[0]  # the node connected to (or tried last)
+        self.described = amqp.redact(self.url)
+        self._next = 0  # the node to try first on the next open: the one after the last
         self.queue = queue
         self._heartbeat = heartbeat
         self._tls = tls
@@ -51,13 +56,17 @@ class AmqpLink:
     def open(self, events: LinkEvents) -> None:
         """Connect, consume replies, and report to ``events``. Raises ``BrokerError``."""
         self._events = events
-        self._conn = amqp.connect(
-            self.url,
+        self._conn, node = amqp.connect_any(
+            self.urls,
+            start=self._next,
             heartbeat=self._heartbeat,
             name="fibrpc-client",
             tls=self._tls,
             connect_timeout=self._connect_timeout,
         )
+        self.url = self.urls[node]
+        self.described = amqp.redact(self.url)
+        self._next = node + 1  # if this connection is lost, fail over to the next node
         try:
             with amqp.translating(self.url):
                 amqp.on_blocked(self._conn, events.on_blocked)

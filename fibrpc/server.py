@@ -71,7 +71,9 @@ _CLOSE_WITHIN: Final = 2.0
 class WorkerSettings:
     """What a worker needs to start: plain values, so they cross ``fork`` and ``spawn``."""
 
-    url: str = DEFAULT_URL
+    #: The broker's nodes (one URL, or several of one cluster): the worker connects to
+    #: the first that answers, starting at its own index, and fails over round them.
+    urls: tuple[str, ...] = (DEFAULT_URL,)
     queue: str = DEFAULT_QUEUE
     queue_type: str = "classic"
     prefetch: int = DEFAULT_PREFETCH
@@ -115,6 +117,8 @@ class Worker:
         self.settings = settings
         self._board = board
         self._index = index
+        self._node = index % len(settings.urls)  # the node to try first: spread the load
+        self.url = settings.urls[self._node]  # the node connected to (or tried last)
         self._slot = board.slot(index) if board is not None else None
         self.handler = handler or Handler(settings.limits, settings.memo_bytes)
         self.stats = WorkerStats()
@@ -168,7 +172,7 @@ class Worker:
                     break
                 except pika.exceptions.ChannelClosedByBroker as exc:
                     if exc.reply_code in refusals.ACCESS_REFUSED_CODES:  # fatal
-                        raise amqp.translate(exc, self.settings.url) from exc
+                        raise amqp.translate(exc, self.url) from exc
                     self.stats.reconnects += 1
                     largest = refusals.max_message_size(exc.reply_text)
                     if largest is not None:
@@ -184,10 +188,11 @@ class Worker:
                         break
                     self.stats.reconnects += 1
                     log.warning(
-                        "lost the connection to %s (%s); reconnecting",
-                        amqp.redact(self.settings.url),
+                        "lost the connection to %s (%s); reconnecting to the next node",
+                        amqp.redact(self.url),
                         type(exc).__name__,
                     )
+                    self._node += 1  # move on: the node may be the one that went away
         finally:
             self._compute.shutdown(wait=False, cancel_futures=True)
             self._close()
@@ -214,15 +219,21 @@ class Worker:
         self.handler.limits = dataclasses.replace(
             limits,
             max_reply_bytes=largest,
-            max_reply_source=f"RabbitMQ's max_message_size at {amqp.redact(self.settings.url)}",
+            max_reply_source=f"RabbitMQ's max_message_size at {amqp.redact(self.url)}",
         )
 
     def _connect(self) -> None:
         s = self.settings
         self._close()
-        self._conn = amqp.connect(
-            s.url, heartbeat=s.heartbeat, name=f"fibrpc-worker-{os.getpid()}", tls=s.tls
+        self._conn, node = amqp.connect_any(
+            s.urls,
+            start=self._node,
+            heartbeat=s.heartbeat,
+            name=f"fibrpc-worker-{os.getpid()}",
+            tls=s.tls,
         )
+        self._node = node
+        self.url = s.urls[node]
         try:
             self._channel = self._conn.channel()
             amqp.declare_request_queue(self._channel, s.queue, queue_type=s.queue_type)
@@ -243,8 +254,8 @@ class Worker:
             amqp.keep_ticking(self._conn, _TURN)
         except Exception as exc:
             self._close()
-            raise amqp.translate(exc, s.url) from exc
-        log.info("consuming %r at %s", s.queue, amqp.redact(s.url))
+            raise amqp.translate(exc, self.url) from exc
+        log.info("consuming %r at %s", s.queue, amqp.redact(self.url))
 
     def _consume(self, parent: int) -> None:
         while not self._stopping:

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,26 +54,28 @@ def default_management_url(url: str) -> str:
 
 
 def queue_counts(
-    url: str,
+    urls: Sequence[str],
     queue: str,
     tls: amqp.TLSOptions | None = None,
     timeout: float = amqp.CONNECT_TIMEOUT,
-) -> tuple[int, int] | None:
-    """The messages ready in ``queue`` and its consumers, or None if it does not exist.
-    ``timeout`` (seconds) bounds the connection's opening.
+) -> tuple[str, tuple[int, int] | None]:
+    """The node that answered (the first of ``urls`` that did), and the messages ready in
+    ``queue`` and its consumers there (None if it does not exist). ``timeout`` (seconds)
+    bounds the opening of each connection.
 
     Raises ``BrokerUnreachableError``, ``AccessRefusedError`` or ``ConfigError``.
     """
-    conn = amqp.connect(url, name="fibrpc-status", tls=tls, connect_timeout=timeout)
+    conn, node = amqp.connect_any(urls, name="fibrpc-status", tls=tls, connect_timeout=timeout)
+    url = urls[node]
     try:
         with amqp.translating(url):
             try:
                 frame = conn.channel().queue_declare(queue, passive=True)
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == 404:
-                    return None
+                    return url, None
                 raise
-        return int(frame.method.message_count), int(frame.method.consumer_count)
+        return url, (int(frame.method.message_count), int(frame.method.consumer_count))
     finally:
         amqp.close_within(conn)
 
@@ -152,7 +155,7 @@ def parse_queue_stats(body: Any) -> dict[str, Any]:
 
 
 def gather(
-    url: str,
+    urls: str | Sequence[str],
     queue: str,
     *,
     tls: amqp.TLSOptions | None = None,
@@ -162,8 +165,11 @@ def gather(
     timeout: float = amqp.CONNECT_TIMEOUT,
 ) -> tuple[dict[str, Any], FibrpcError | None]:
     """Everything ``fibrpc status`` reports, as a JSON-ready dict, and the broker error
-    that stopped it from counting the queue (None when it could)."""
+    that stopped it from counting the queue (None when it could). ``urls``: the broker's
+    nodes; the first that answers is asked, and ``report["url"]`` names it."""
     now = time.time() if now is None else now
+    nodes = (urls,) if isinstance(urls, str) else tuple(urls)
+    url = nodes[0]
     report: dict[str, Any] = {
         "queue": queue,
         "url": amqp.redact(url),
@@ -174,11 +180,12 @@ def gather(
     }
     error: FibrpcError | None = None
     try:
-        counts = queue_counts(url, queue, tls, timeout)
+        url, counts = queue_counts(nodes, queue, tls, timeout)
     except FibrpcError as exc:
         error = exc
         report["broker_error"] = str(exc)
     else:
+        report["url"] = amqp.redact(url)
         report["exists"] = counts is not None
         if counts is not None:
             report["messages"], report["consumers"] = counts

@@ -132,7 +132,7 @@ class Supervisor:
                 "starting %d worker(s) for %r at %s",
                 len(self.slots),
                 self.settings.queue,
-                amqp.redact(self.settings.url),
+                ", ".join(amqp.redact(url) for url in self.settings.urls),
             )
             for slot in self.slots:
                 self._spawn(slot)
@@ -168,7 +168,7 @@ class Supervisor:
             "pid": os.getpid(),
             "queue": self.settings.queue,
             "queue_type": self.settings.queue_type,
-            "url": amqp.redact(self.settings.url),
+            "url": ", ".join(amqp.redact(url) for url in self.settings.urls),
             "started": self._started_at,
             "metrics": self._exporter.url if self._exporter is not None else None,
             "workers": [
@@ -202,12 +202,12 @@ class Supervisor:
         with its reason before any worker is forked."""
         s = self.settings
         try:
-            connection = amqp.connect(s.url, name="fibrpc-supervisor", tls=s.tls)
+            connection, node = amqp.connect_any(s.urls, name="fibrpc-supervisor", tls=s.tls)
         except BrokerUnreachableError as exc:
             log.warning("%s The workers will keep trying.", exc)
             return
         try:
-            with amqp.translating(s.url):
+            with amqp.translating(s.urls[node]):
                 amqp.declare_request_queue(connection.channel(), s.queue, queue_type=s.queue_type)
             if s.queue_type == "quorum" and s.max_deliveries >= QUORUM_DELIVERY_LIMIT:
                 log.warning(

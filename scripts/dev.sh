@@ -42,8 +42,9 @@ case "$cmd" in
     echo "== the client's and the worker's integration tests on pika's stock paths"
     FIBRPC_TEST_BROKER=local FIBRPC_FAST_PATH=0 "$venv/bin/pytest" "$@" \
       tests/test_client.py tests/test_end_to_end.py tests/test_fuzz.py tests/test_message_size.py
-    echo "== the test suite on the local RabbitMQ (the network faults: on RabbitMQ 4 only)"
-    FIBRPC_TEST_BROKER=local exec "$venv/bin/pytest" "$@" --ignore=tests/test_edge_faults.py
+    echo "== the test suite on the local RabbitMQ (network faults and the cluster: on RabbitMQ 4 only)"
+    FIBRPC_TEST_BROKER=local exec "$venv/bin/pytest" "$@" \
+      --ignore=tests/test_edge_faults.py --ignore=tests/test_cluster.py
     ;;
   *)
     echo "usage: scripts/dev.sh serve|test [options]" >&2

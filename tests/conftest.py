@@ -238,13 +238,14 @@ def start_server(
     """Start ``fibrpc serve`` on ``queue`` at ``url`` (the broker under test by default)
     and (by default) wait until it is ready."""
     log = tmp_path / f"serve-{uuid.uuid4().hex[:6]}.log"
+    # A --url among ``args`` is the broker: --url may be given several times (a cluster).
+    where = [] if "--url" in args else ["--url", url or URL]
     cmd = [
         sys.executable,
         "-m",
         "fibrpc",
         "serve",
-        "--url",
-        url or URL,
+        *where,
         "--queue",
         queue,
         "--workers",

@@ -200,11 +200,12 @@ def test_a_wrong_password_is_access_refused_and_exit_7():
     assert "wrong-password" not in result.stderr
 
 
-def test_a_malformed_url_is_a_config_error_and_exit_8():
+def test_a_malformed_url_is_a_config_error_and_a_usage_error_on_the_command_line():
     with pytest.raises(ConfigError):
         Client("amqp://guest:guest@127.0.0.1:notaport/")
     result = run_cli("call", "3", "--url", "amqp://guest:guest@127.0.0.1:notaport/")
-    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "amqp://guest:***@127.0.0.1" in result.stderr
 
 
 def test_to_ints_converts_short_and_long_texts_alike() -> None:

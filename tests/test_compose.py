@@ -179,7 +179,8 @@ def test_every_fibrpc_service_runs_a_valid_fibrpc_invocation(name, service, monk
     assert ctx.command.name == "serve", f"{name} does not serve"
     workers = ctx.params["workers"]  # a string click leaves to `serve` itself to check
     assert workers == "auto" or (workers.isdigit() and int(workers) >= 1), workers
-    amqp.parameters(ctx.params["url"])  # ConfigError on a URL pika cannot read
+    for url in ctx.params["urls"]:
+        amqp.parameters(url)  # ConfigError on a URL pika cannot read
 
 
 def test_every_fibrpc_variable_in_compose_is_the_environment_variable_of_an_option():
@@ -215,34 +216,37 @@ def test_servers_start_only_once_every_service_they_depend_on_is_healthy(name, s
 def test_the_broker_health_check_runs_rabbitmq_diagnostics_with_its_timings(
     name, service, monkeypatch
 ):
-    url = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch).params["url"]
-    healthcheck = broker_service(url)["healthcheck"]
-    assert healthcheck["test"][:2] == ["CMD", "rabbitmq-diagnostics"]
-    for key in ("interval", "timeout", "start_period"):
-        assert seconds(healthcheck[key]) > 0, key
-    assert healthcheck["retries"] >= 1
+    urls = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch).params["urls"]
+    for url in urls:
+        healthcheck = broker_service(url)["healthcheck"]
+        assert healthcheck["test"][:2] == ["CMD", "rabbitmq-diagnostics"]
+        for key in ("interval", "timeout", "start_period"):
+            assert seconds(healthcheck[key]) > 0, key
+        assert healthcheck["retries"] >= 1
 
 
 @pytest.mark.parametrize(("name", "service"), SERVERS, ids=SERVER_IDS)
 def test_the_broker_is_a_supported_rabbitmq_4(name, service, monkeypatch):
-    url = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch).params["url"]
-    image = broker_service(url)["image"]
-    repository, _, tag = image.partition(":")
-    assert repository == "rabbitmq", image
-    major, minor = (int(part) for part in tag.split("-")[0].split(".")[:2])
-    assert (major, minor) >= (4, 0), f"{image}: RabbitMQ before 4.0 is out of support"
+    urls = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch).params["urls"]
+    for url in urls:
+        image = broker_service(url)["image"]
+        repository, _, tag = image.partition(":")
+        assert repository == "rabbitmq", image
+        major, minor = (int(part) for part in tag.split("-")[0].split(".")[:2])
+        assert (major, minor) >= (4, 0), f"{image}: RabbitMQ before 4.0 is out of support"
 
 
 @pytest.mark.parametrize(("name", "service"), SERVERS, ids=SERVER_IDS)
 def test_servers_connect_as_the_user_the_broker_service_creates(name, service, monkeypatch):
-    url = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch).params["url"]
-    broker = environment(broker_service(url))
-    parts = urllib.parse.urlsplit(url)
-    assert parts.username == broker.get("RABBITMQ_DEFAULT_USER"), (
-        f"{name} connects as {parts.username!r}; the broker creates only "
-        f"{broker.get('RABBITMQ_DEFAULT_USER')!r} (and guest may not log in remotely)"
-    )
-    assert parts.password == broker.get("RABBITMQ_DEFAULT_PASS")
+    urls = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch).params["urls"]
+    for url in urls:
+        broker = environment(broker_service(url))
+        parts = urllib.parse.urlsplit(url)
+        assert parts.username == broker.get("RABBITMQ_DEFAULT_USER"), (
+            f"{name} connects as {parts.username!r}; the broker creates only "
+            f"{broker.get('RABBITMQ_DEFAULT_USER')!r} (and guest may not log in remotely)"
+        )
+        assert parts.password == broker.get("RABBITMQ_DEFAULT_PASS")
 
 
 @pytest.mark.parametrize(("name", "service"), SERVERS, ids=SERVER_IDS)
@@ -304,3 +308,35 @@ def test_anything_but_a_compose_duration_is_refused(duration):
 )
 def test_a_port_is_fixed_when_it_names_its_host_port(port, fixed):
     assert fixed_host_port(port) is fixed
+
+
+# -- the cluster profile ------------------------------------------------------------------
+
+CLUSTER_SERVERS = [(n, s) for n, s in SERVERS if "cluster" in s.get("profiles", [])]
+CLUSTER_NODES = {
+    n: s for n, s in SERVICES.items() if "image" in s and "cluster" in s.get("profiles", [])
+}
+
+
+def test_the_cluster_profile_runs_three_nodes_of_one_cluster():
+    assert len(CLUSTER_NODES) == 3, sorted(CLUSTER_NODES)
+    configs = {json.dumps(s.get("configs"), sort_keys=True) for s in CLUSTER_NODES.values()}
+    assert len(configs) == 1, "every node mounts the same cookie and cluster configuration"
+    cluster_conf = COMPOSE["configs"]["rabbitmq-cluster-conf"]["content"]
+    for name, node in CLUSTER_NODES.items():
+        assert node["hostname"] == name  # the node names the peer discovery lists
+        assert f"rabbit@{name}" in cluster_conf
+
+
+def test_the_cluster_servers_use_every_node_a_quorum_queue_and_start_on_different_nodes(
+    monkeypatch,
+):
+    assert len(CLUSTER_SERVERS) >= 2
+    firsts = set()
+    for name, service in CLUSTER_SERVERS:
+        ctx = parse_fibrpc(argv(service)[1:], environment(service), monkeypatch)
+        hosts = [urllib.parse.urlsplit(url).hostname for url in ctx.params["urls"]]
+        assert sorted(hosts) == sorted(CLUSTER_NODES), f"{name} does not list every node"
+        assert ctx.params["queue_type"] == "quorum", name
+        firsts.add(hosts[0])
+    assert len(firsts) == len(CLUSTER_SERVERS), "the servers start on the same node"

@@ -115,7 +115,7 @@ def _refused(operation: Callable[[], object]) -> str:
 
 def test_a_server_and_a_client_with_only_their_own_permissions_compute_fib_30(serve, queue, cast):
     client = cast.client
-    serve("--url", cast.server.url, workers=1)  # the last --url given is the one used
+    serve("--url", cast.server.url, workers=1)  # its --url replaces the fixture's
     result = run_cli("call", "30", "--url", client.url, "--queue", queue)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "832040\n"

@@ -119,7 +119,7 @@ def tls_queue(tls_broker: TLSBroker, tmp_path_factory: pytest.TempPathFactory) -
     """A queue on the private node served by ``fibrpc serve`` over amqps://, presenting the
     client certificate."""
     queue = f"fibrpc-tls-{uuid.uuid4().hex[:8]}"
-    # start_server passes the shared broker's --url first; click keeps the last one given.
+    # A --url of its own: start_server then passes no other.
     server: Server = start_server(
         queue,
         tmp_path_factory.mktemp("tls-serve"),
