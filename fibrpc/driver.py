@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from fibrpc import protocol, refusals
+from fibrpc import backoff, protocol, refusals
 from fibrpc.calls import AS_INT, AS_INTS, Call, Registry
 from fibrpc.config import NO_SERVER_GRACE
 from fibrpc.errors import (
@@ -52,7 +52,8 @@ _RETURN_RETRY: Final = 0.2
 TICK: Final = 0.05
 #: Seconds the idle I/O thread sleeps between turns that keep heartbeats flowing.
 _IDLE: Final = 1.0
-_RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
+#: A client retries a little more eagerly than a worker: its callers are waiting.
+_RECONNECT_DELAYS: Final = backoff.RECONNECT_DELAYS[:-1]
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
 
@@ -370,7 +371,7 @@ class Driver:
             try:
                 self._open()
             except FibrpcError as exc:
-                delay = _RECONNECT_BACKOFF[min(attempt, len(_RECONNECT_BACKOFF) - 1)]
+                delay = backoff.reconnect_delay(attempt, _RECONNECT_DELAYS)
                 log.info("reconnect failed (%s); retrying in %.2f s", exc, delay)
                 self._pause(delay)
                 continue

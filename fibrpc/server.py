@@ -40,7 +40,7 @@ from typing import Any, Final
 import pika
 import pika.exceptions
 
-from fibrpc import amqp, deliveries, inflight, metrics, refusals, state
+from fibrpc import amqp, backoff, deliveries, inflight, metrics, refusals, state
 from fibrpc.config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG: Final = 1
 _QUORUM_DELIVERIES: Final = "x-delivery-count"
-_RECONNECT_BACKOFF: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: The longest the consume loop waits for I/O before it looks at its flags again.
 _TURN: Final = 0.25
 #: Seconds a closing worker gives the broker to acknowledge before dropping the socket.
@@ -157,7 +156,7 @@ class Worker:
                 try:
                     self._connect()
                 except BrokerUnreachableError as exc:
-                    delay = _RECONNECT_BACKOFF[min(attempt, len(_RECONNECT_BACKOFF) - 1)]
+                    delay = backoff.reconnect_delay(attempt)
                     log.warning("%s Retrying in %.2f s.", exc, delay)
                     self._sleep(delay)
                     continue
@@ -242,15 +241,7 @@ class Worker:
             # connection's generation.
             self._generation += 1
             self._in_flight = 0
-            self._consumer_cancelled = False
-            self._consumer_tag = amqp.consume_direct(
-                self._conn,
-                self._channel,
-                s.queue,
-                self._on_request,
-                auto_ack=False,
-                on_cancel=self._on_cancelled_by_broker,
-            )
+            self._subscribe()
             amqp.keep_ticking(self._conn, _TURN)
         except Exception as exc:
             self._close()
@@ -290,17 +281,21 @@ class Worker:
             s.queue,
             self._in_flight,
         )
-        self._consumer_cancelled = False
         amqp.declare_request_queue(self._channel, s.queue, queue_type=s.queue_type)
+        self._subscribe()
+        self.stats.reconnects += 1
+
+    def _subscribe(self) -> None:
+        """Consume the request queue on this worker's channel."""
+        self._consumer_cancelled = False
         self._consumer_tag = amqp.consume_direct(
             self._conn,
             self._channel,
-            s.queue,
+            self.settings.queue,
             self._on_request,
             auto_ack=False,
             on_cancel=self._on_cancelled_by_broker,
         )
-        self.stats.reconnects += 1
 
     def _drain(self) -> None:
         """Cancel the consumer (what reaches us after that is rejected, to be requeued),
