@@ -201,7 +201,8 @@ Examples:
     env="FIBRPC_WORKERS",
     default="auto",
     show_default=True,
-    help="Worker processes: a number, or 'auto' for one per CPU.",
+    help="Worker processes: a number, or 'auto' for one per CPU this process may use "
+    "(a container's CPU quota included).",
 )
 @option(
     "--prefetch",

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from fibrpc import amqp, inflight, kernels, metrics, state
 from fibrpc.config import DEFAULT_METRICS_HOST, QUORUM_DELIVERY_LIMIT
@@ -53,12 +53,39 @@ _BACKOFF_MAX = 5.0
 _SIGNAL_POLL = 0.1
 
 
-def cpu_count() -> int:
-    """The CPUs this process may run on (``--workers auto``)."""
+#: cgroup v2's CPU quota of this process's group (in a container, its own).
+CPU_MAX: Final = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cpu_count(cpu_max: Path = CPU_MAX) -> int:
+    """The CPUs this process may use (``--workers auto``): those it may run on, and no
+    more than its cgroup's CPU quota allows (``docker run --cpus 2`` on a 32-core host is
+    2, not 32)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota = cpus_of_quota(cpu_max.read_text())
+    except OSError:
+        quota = None
+    return min(cpus, quota) if quota else cpus
+
+
+def cpus_of_quota(cpu_max: str) -> int | None:
+    """The whole CPUs a cgroup v2 ``cpu.max`` (``"QUOTA PERIOD"`` in microseconds, or
+    ``"max PERIOD"``) allows, rounded up, at least 1; None when it sets no limit or
+    cannot be read."""
+    fields = cpu_max.split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
 
 
 @dataclasses.dataclass(slots=True)
