@@ -1,7 +1,7 @@
 """Every default of fibrpc in one place, each with the environment variable that sets it.
 
 The CLI reads these through click's ``envvar=``; the library takes them as arguments with
-these defaults. README.md's configuration table is written from this module.
+these defaults. docs/configuration.md's table is written from this module.
 """
 
 from __future__ import annotations

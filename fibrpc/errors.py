@@ -50,7 +50,7 @@ class ErrorCode(enum.StrEnum):
     """The stable, machine-readable codes carried by error replies (strings: each
     compares equal to its value).
 
-    They are part of the wire protocol (see README.md): never rename one.
+    They are part of the wire protocol (docs/protocol.md): never rename one.
     """
 
     MALFORMED = "malformed"  # body is not a decimal n, nor valid JSON

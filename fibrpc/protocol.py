@@ -1,6 +1,6 @@
 """The wire protocol: decoding and bounds-checking requests, encoding replies. No pika.
 
-Two request forms share ``rpc_queue`` (README.md, "Wire protocol", is the reference):
+Two request forms share ``rpc_queue`` (docs/protocol.md is the reference):
 
 * **text**, the RabbitMQ tutorial's: the body is n in ASCII decimal digits; the optional
   AMQP ``type`` property names the algorithm (default ``fast``). The reply body is F(n)

@@ -6,7 +6,7 @@ and that the client and a server are on; ``kill -9`` of a node that leads nothin
 then comes back and rejoins; ``rabbitmqctl stop_app`` then ``start_app``). Each time every
 call is answered once, correctly, and both servers consume again within 15 s. The times
 from the fault to the first answer after it, and to both servers consuming again, are
-printed (``pytest -s``) for README's figures.
+printed (``pytest -s``) for docs/scaling.md's figures.
 """
 
 from __future__ import annotations

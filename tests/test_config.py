@@ -1,5 +1,5 @@
 """Configuration: every option of every command has a FIBRPC_* environment variable, says
-so in its --help, and README.md's one configuration table lists them all, with the
+so in its --help, and docs/configuration.md's table lists them all, with the
 commands that read each and its default. No broker needed."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from fibrpc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+README = (ROOT / "docs" / "configuration.md").read_text()
 
 #: Options that are about the command line itself, not configuration.
 NOT_CONFIGURATION = {"help", "version"}
@@ -37,9 +37,9 @@ IDS = [f"{name} {option.opts[0]}" for name, option in OPTIONS]
 
 @functools.cache
 def configuration_table() -> dict[str, dict[str, str]]:
-    """README.md's configuration table: variable -> {option, commands, default, meaning}."""
+    """docs/configuration.md's table: variable -> {option, commands, default, meaning}."""
     section = README.split("\n## Configuration\n", 1)
-    assert len(section) == 2, "README.md has no '## Configuration' section"
+    assert len(section) == 2, "docs/configuration.md has no '## Configuration' section"
     body = section[1].split("\n## ", 1)[0]
     rows = [line for line in body.splitlines() if line.startswith("|")]
     header = [cell.strip().lower() for cell in rows[0].strip("|").split("|")]
@@ -119,7 +119,7 @@ def test_an_environment_variable_sets_its_option(monkeypatch):
 @pytest.mark.parametrize(("command", "option"), OPTIONS, ids=IDS)
 def test_readme_lists_each_option_with_its_command_and_default(command, option):
     row = configuration_table().get(str(option.envvar))
-    assert row is not None, f"README.md's configuration table has no row for {option.envvar}"
+    assert row is not None, f"docs/configuration.md has no row for {option.envvar}"
     assert option.opts[0] in row["option"].replace("`", "")
     assert command in re.findall(r"`(\w+)`", row["commands"])
     default = option.get_default(click.Context(main.commands[command]), call=False)
@@ -127,7 +127,7 @@ def test_readme_lists_each_option_with_its_command_and_default(command, option):
         f"{option.envvar}: the default of `fibrpc {command}` is {default!r}; README says "
         f"{row['default']!r}"
     )
-    assert row["meaning"], f"{option.envvar} has no meaning in README.md"
+    assert row["meaning"], f"{option.envvar} has no meaning in docs/configuration.md"
 
 
 def test_readme_lists_no_variable_that_no_option_reads_and_no_command_twice():

@@ -466,7 +466,7 @@ REFUSED = [
     (b"0x1e", {}, "malformed"),
     ("١٢".encode(), {}, "malformed"),  # Arabic-Indic digits: not ASCII
     ("\u00b3".encode(), {}, "malformed"),  # superscript three
-    (b"-0", {}, "negative"),  # no sign at all, as README says (tests/test_protocol.py)
+    (b"-0", {}, "negative"),  # no sign at all, as docs/protocol.md says (tests/test_protocol.py)
     (b"+30", {}, "not_an_integer"),
     (b"9" * 5000, {}, "out_of_range"),
     (b"-" + b"9" * 5000, {}, "negative"),

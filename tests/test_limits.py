@@ -110,10 +110,10 @@ def test_every_limit_is_configurable_and_a_request_over_it_is_refused_naming_it(
     assert "died" not in server.text
 
 
-def test_every_limit_has_an_option_and_an_environment_variable_in_help_and_readme():
+def test_every_limit_has_an_option_and_an_environment_variable_in_help_and_the_docs():
     result = run_cli("serve", "--help")
     assert result.returncode == 0, result.stderr
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "security.md").read_text()
     for option, (variable, _) in {**LIMITS, "--memo-bytes": ("FIBRPC_MEMO_BYTES", 0)}.items():
         assert option in result.stdout
         assert variable in result.stdout

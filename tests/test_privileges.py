@@ -1,5 +1,5 @@
 """Least privilege: a server user and a client user whose permissions cover only what each
-needs (README.md, "Least privilege"), and nothing more.
+needs (docs/security.md, "Least privilege"), and nothing more.
 
 What each needs, found by trying (RabbitMQ checks the default exchange as ``amq.default``):
 
