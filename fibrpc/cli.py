@@ -388,13 +388,15 @@ def _parse_workers(value: str, cpus: int) -> int:
 
 
 @main.command(
+    # ``fibrpc call -5`` is a negative n (refused by the server, exit 3), not an option.
+    context_settings={"ignore_unknown_options": True},
     epilog="""\b
 Examples:
   fibrpc call 30                  # 832040
   fibrpc call 30 --algo naive     # the same, by the tutorial's recursion
   fibrpc call 90 --algo iter --json
   fibrpc call 1000000 > f1e6.txt  # 208,988 digits
-"""
+""",
 )
 @click.argument("n", type=int)
 @broker_options
@@ -508,7 +510,7 @@ def status(
         click.echo(json.dumps(report))
     else:
         click.echo(_status.render(report))
-    if error is not None:
+    if error is not None:  # on stderr, once: the text form leaves it out
         click.echo(f"fibrpc: {error}", err=True)
     sys.exit(int(_status.exit_code(report, error)))
 

@@ -261,8 +261,13 @@ def _max_n_option(algo: str) -> str:
 
 
 def _show(value: Any) -> str:
-    """A short repr of a client's value for an error message."""
-    text = repr(value)
+    """A client's value, short, for an error message: a body as the text it is (quoted;
+    bytes that are no text escaped), never as a Python ``b'...'`` repr."""
+    if isinstance(value, bytes | bytearray):
+        shown = (chr(b) if 32 <= b < 127 and b != 34 else f"\\x{b:02x}" for b in value)
+        text = '"' + "".join(shown) + '"'
+    else:
+        text = repr(value)
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 

@@ -198,7 +198,10 @@ class Worker:
             self._tick(force=True)  # the last memo counts reach the metrics
             if self._report is not None:
                 self._report.remove()
-            log.info("stopped: %s", self.stats)
+            log.info(
+                "stopped: %s",
+                ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.stats).items()),
+            )
 
     def _limit_replies(self, largest: int) -> None:
         """RabbitMQ closed the channel over a reply larger than its ``max_message_size``

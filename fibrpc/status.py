@@ -218,7 +218,7 @@ def render(report: dict[str, Any]) -> str:
     """The text form of ``report``."""
     lines = [f"queue {report['queue']!r} at {report['url']}"]
     if report["broker_error"] is not None:
-        lines.append(f"  broker: {report['broker_error']}")
+        lines.append("  broker:          not reached (the error is on stderr)")
     elif not report["exists"]:
         lines.append(
             "  the queue does not exist: no server has declared it. Start one with: "
@@ -232,7 +232,9 @@ def render(report: dict[str, Any]) -> str:
     management = report.get("management")
     if management is not None:
         if management["error"] is not None:
-            lines.append(f"  message rates:   {management['error']}")
+            # One short line: without the plugin (Debian's default) this shows on every
+            # run; the JSON form has the whole reason.
+            lines.append(f"  message rates:   none (no management API at {management['url']})")
         else:
             rates = management["rates"]
             lines.append(

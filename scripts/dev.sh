@@ -13,13 +13,19 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 venv=.venv
 
+# Install only when the installed copy is missing or older than pyproject.toml: a second
+# start is quiet, and works without a network.
 install() {
   local extras=$1
+  local stamp="$venv/.installed$extras"
   if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
   fi
-  "$venv/bin/python" -m pip install -q -e ".$extras"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$venv/bin/python" -m pip install -q -e ".$extras"
+    touch "$stamp"
+  fi
 }
 
 cmd=${1:-}
