@@ -65,7 +65,7 @@ def test_serve_logs_json_lines_from_the_supervisor_and_its_workers(serve, queue)
 def test_log_level_warning_keeps_info_lines_out(serve, queue):
     server = serve("--log-level", "warning", workers=1, wait=False)  # no "ready:" to wait for
     deadline = time.monotonic() + 60
-    while queue_counts(URL, queue) in (None, (0, 0)) and time.monotonic() < deadline:
+    while queue_counts([URL], queue)[1] in (None, (0, 0)) and time.monotonic() < deadline:
         time.sleep(0.1)
     with Client(URL, queue=queue, timeout=60) as client:
         assert client.call(30) == 832040  # served, so every worker was up

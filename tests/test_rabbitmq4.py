@@ -101,7 +101,7 @@ def test_serve_with_its_defaults_is_ready_and_answers_fibrpc_call_and_the_tutori
             assert tutorial.call(30) == 832040
         finally:
             tutorial.close()
-        assert "541" not in server.text and "Cannot connect" not in server.text
+        assert "INTERNAL_ERROR" not in server.text and "Cannot connect" not in server.text
     finally:
         assert server.stop() == 0
 
