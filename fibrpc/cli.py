@@ -493,7 +493,7 @@ def status(
 
     Message rates come from RabbitMQ's management API; without it the rest still works.
     Exit codes: 0 a server consumes the queue, 5 none does (or the queue does not exist),
-    6 broker unreachable, 7 access refused.
+    6 broker unreachable, 7 access refused, 11 broker refused.
     """
     from fibrpc import status as _status  # noqa: PLC0415 - keeps `call` light
 

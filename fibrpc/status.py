@@ -234,7 +234,10 @@ def render(report: dict[str, Any]) -> str:
         if management["error"] is not None:
             # One short line: without the plugin (Debian's default) this shows on every
             # run; the JSON form has the whole reason.
-            lines.append(f"  message rates:   none (no management API at {management['url']})")
+            lines.append(
+                f"  message rates:   none (no management API at {management['url']}: "
+                "rabbitmq-plugins enable rabbitmq_management)"
+            )
         else:
             rates = management["rates"]
             lines.append(

@@ -118,7 +118,10 @@ def test_status_text_shows_depth_consumers_rates_and_a_workers_table(
     assert lines[0] == f"queue {queue!r} at {redact(URL)}"
     assert "  messages ready:  0" in lines
     assert "  consumers:       2" in lines
-    assert f"  message rates:   none (no management API at {no_management})" in lines
+    assert (
+        f"  message rates:   none (no management API at {no_management}: "
+        "rabbitmq-plugins enable rabbitmq_management)"
+    ) in lines
     assert any(line.startswith(f"server pid {server.proc.pid} on this machine") for line in lines)
     header = lines.index(next(line for line in lines if line.split()[:1] == ["worker"]))
     assert lines[header].split() == ["worker", "pid", "uptime", "served", "errors", "restarts"]
