@@ -343,7 +343,8 @@ def translate(exc: BaseException, url: str) -> BrokerError:
         detail = _describe(exc)
         return BrokerUnreachableError(
             f"Cannot connect to RabbitMQ at {where}: {detail}. Is the broker running "
-            "(rabbitmq-server -detached) and is the URL right?",
+            "(systemctl start rabbitmq-server, or rabbitmq-server -detached) and is the URL "
+            "right?",
             url=where,
         )
     return BrokerError(f"RabbitMQ at {where} failed: {_describe(exc)}", url=where)
@@ -378,6 +379,7 @@ def _find(exc: BaseException, kind: type[_E]) -> _E | None:
             return item
         stack.extend([*item.args, item.__cause__, item.__context__])
         stack.extend(getattr(item, "exceptions", ()))
+        stack.append(getattr(item, "exception", None))  # pika's connector errors
     return None
 
 
@@ -411,7 +413,12 @@ def _reply_text(exc: BaseException) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    """A short, password-free description of a pika error (pika's own texts hold none)."""
+    """A short, password-free description of a pika error (pika's own texts hold none):
+    the system's reason where there is one (``ConnectionRefusedError: Connection
+    refused``), not the name of pika's wrapper."""
+    os_error = _find(exc, OSError)
+    if os_error is not None and os_error is not exc and os_error.strerror:
+        return f"{type(os_error).__name__}: {os_error.strerror}"
     inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
     text = str(inner or exc) or type(exc).__name__
     return f"{type(inner or exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -66,6 +66,7 @@ def test_when_no_node_answers_each_is_named_and_no_password_shown():
     assert result.returncode == ExitCode.BROKER_UNREACHABLE, result.stderr
     assert "None of the 2 RabbitMQ nodes answered" in result.stderr
     assert "127.0.0.1:1" in result.stderr and "127.0.0.1:2" in result.stderr
+    assert result.stderr.count("ConnectionRefusedError: Connection refused") == 2  # the why
     assert "s3cret" not in result.stderr
 
 
