@@ -211,7 +211,7 @@ class Client:
             connect_timeout=self.timeout,
             tick=TICK,
         )
-        driver = Driver(link, Registry(self.window), describe_url=amqp.redact(self.url))
+        driver = Driver(link, Registry(self.window))
         driver.prefix = self._prefix
         self._callbacks = _Callbacks(lambda: driver.stepping == threading.get_ident())
         driver.after_step = self._callbacks.wake

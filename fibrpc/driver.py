@@ -76,6 +76,7 @@ class Link(Protocol):
 
     url: str
     queue: str
+    described: str  #: the node connected to (or to try), its password hidden
 
     def open(self, events: LinkEvents) -> None:
         """Connect; raise ``BrokerError``."""
@@ -103,15 +104,11 @@ class Link(Protocol):
 
 
 class Driver:
-    """Turns a ``Link`` for a client's calls (see the module docstring).
+    """Turns a ``Link`` for a client's calls (see the module docstring)."""
 
-    ``describe_url`` is the URL with its password hidden, for messages.
-    """
-
-    def __init__(self, link: Link, registry: Registry, *, describe_url: str) -> None:
+    def __init__(self, link: Link, registry: Registry) -> None:
         self.link = link
         self.registry = registry
-        self._url = describe_url
         self.dropped_unknown = 0
         self.dropped_duplicates = 0
         self.prefix = ""  # the client's correlation id prefix: tells duplicates apart
@@ -162,7 +159,7 @@ class Driver:
     @property
     def url(self) -> str:
         """The node connected to, its password hidden (for messages)."""
-        return getattr(self.link, "described", None) or self._url
+        return self.link.described
 
     @property
     def in_flight(self) -> int:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pika
@@ -48,11 +48,6 @@ READY_TIMEOUT = 60.0
 _session = contextlib.ExitStack()
 #: The session's RabbitMQ 4 node, for ``rabbitmq4``.
 SESSION_NODE: PrivateNode | None = None
-
-
-def node_url(node: PrivateNode, user: str = "guest", password: str = "guest") -> str:
-    """The AMQP URL of a private node (guest may log in: it is on localhost)."""
-    return f"amqp://{user}:{password}@127.0.0.1:{node.node_port}/%2F"
 
 
 def start_private_node(
@@ -74,7 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if BROKER == "rabbitmq4":
         try:
             SESSION_NODE = start_private_node(_session, prefix="fibrpc-session")
-            URL = node_url(SESSION_NODE)
+            URL = SESSION_NODE.url()
         except BaseException as exc:  # pytest.fail's exception is no Exception
             _session.close()
             raise pytest.UsageError(f"The RabbitMQ 4 node did not start: {exc}") from exc
@@ -114,6 +109,15 @@ def _local_broker_left_alone() -> Iterator[None]:
     finally:
         with contextlib.suppress(Exception):
             conn.close()
+
+
+def paced(ns: Iterable[int], every: int = 20, pause: float = 0.01) -> Iterator[int]:
+    """``ns``, with a pause every ``every`` values (about 2,000 a second by default): a
+    run of calls that lasts past a fault injected in its middle."""
+    for i, n in enumerate(ns):
+        if i % every == 0:
+            time.sleep(pause)
+        yield n
 
 
 def connect(url: str) -> pika.BlockingConnection:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pika
 import pika.exceptions
 import pytest
-from conftest import start_server
+from conftest import paced, start_server
 from privatenode import PrivateNode, private_cluster
 
 from fibrpc import Client
@@ -128,15 +128,9 @@ def _under_load(
     errors: list[BaseException] = []
     with Client(urls, queue=QUEUE, timeout=120, window=200) as client:
 
-        def paced() -> Iterator[int]:  # about 2,000 calls/s: the run outlasts the fault
-            for i, n in enumerate(ns):
-                if i % 20 == 0:
-                    time.sleep(0.01)
-                yield n
-
         def run() -> None:
             try:
-                for value in client.imap(paced(), batch_size=1):
+                for value in client.imap(paced(ns), batch_size=1):
                     results.append(value)
                     stamps.append(time.monotonic())
             except BaseException as exc:

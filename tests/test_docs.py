@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import node_url, start_server
+from conftest import start_server
 from privatenode import PrivateNode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def served(
 
     with contextlib.ExitStack() as stack:
         node: PrivateNode = start_private_node(stack, prefix="fibrpc-docs")
-        url = node_url(node)
+        url = node.url()
         server = start_server("rpc_queue", tmp_path_factory.mktemp("docs"), url=url)
         stack.callback(server.stop)
         yield url

@@ -25,7 +25,7 @@ from fibrpc.numbers import FAST_TABLE
 class FakeLink:
     """Answers every request on the turn after it is published, unless ``stalled``."""
 
-    url = "amqp://fake"
+    url = described = "amqp://fake"
     queue = "fake_queue"
 
     def __init__(self) -> None:
@@ -92,7 +92,7 @@ class FakeLink:
 
 def _driver(window: int = 8) -> tuple[Driver, FakeLink]:
     link = FakeLink()
-    driver = Driver(link, Registry(window), describe_url="amqp://fake")
+    driver = Driver(link, Registry(window))
     driver.start()
     return driver, link
 

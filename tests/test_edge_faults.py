@@ -14,7 +14,7 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import URL, node_url, run_cli
+from conftest import URL, run_cli
 from faultproxy import FaultProxy, SilentListener
 from rawclient import RawClient
 
@@ -30,6 +30,17 @@ MARGIN = 1.0
 def _proxy_to(url: str) -> FaultProxy:
     parts = urllib.parse.urlsplit(url)
     return FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+
+
+def _recovers(client: Client, n: int, within: float = 30.0) -> None:
+    """``client`` answers F(n) again by itself, within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            assert client.call(n) == FAST_TABLE[n]
+            return
+        except CallTimeoutError:
+            assert time.monotonic() < deadline, "the client never recovered"
 
 
 # -- a broker that accepts TCP and never speaks AMQP ---------------------------------------
@@ -81,7 +92,7 @@ def test_calls_time_out_on_time_under_a_memory_alarm_and_the_client_recovers(
     serve, queue, private_broker
 ):
     node = private_broker
-    url = node_url(node)
+    url = node.url()
     serve(workers=1, url=url)
     if True:
         client = Client(url, queue=queue, timeout=3)
@@ -101,13 +112,7 @@ def test_calls_time_out_on_time_under_a_memory_alarm_and_the_client_recovers(
             assert time.monotonic() - started < 1 + MARGIN
             cleared = node.ctl("set_vm_memory_high_watermark", "0.4")
             assert cleared.returncode == 0, cleared.stderr
-            deadline = time.monotonic() + 30
-            while True:  # the client recovers by itself
-                try:
-                    assert client.call(33) == FAST_TABLE[33]
-                    break
-                except CallTimeoutError:
-                    assert time.monotonic() < deadline, "the client never recovered"
+            _recovers(client, 33)
         finally:
             node.ctl("set_vm_memory_high_watermark", "0.4")
             started = time.monotonic()
@@ -117,7 +122,7 @@ def test_calls_time_out_on_time_under_a_memory_alarm_and_the_client_recovers(
 
 def test_close_returns_within_a_second_while_the_broker_blocks(private_broker, tmp_path):
     node = private_broker
-    client = Client(node_url(node), queue="fibrpc-test-nobody", timeout=60)
+    client = Client(node.url(), queue="fibrpc-test-nobody", timeout=60)
     try:
         node.ctl("set_vm_memory_high_watermark", "0")
         time.sleep(1.0)
@@ -163,13 +168,7 @@ def test_calls_keep_their_deadlines_over_a_half_open_connection_and_the_client_r
         assert time.monotonic() - started < 3 + MARGIN
         thread.join(10)
         assert failures and failures[0] < 2 + MARGIN, failures
-        deadline = time.monotonic() + 30
-        while True:  # heartbeats find the connection dead; the client reconnects
-            try:
-                assert client.call(32) == FAST_TABLE[32]
-                break
-            except CallTimeoutError:
-                assert time.monotonic() < deadline, "the client never recovered"
+        _recovers(client, 32)  # heartbeats find the connection dead; it reconnects
 
 
 def test_a_waiting_thread_honours_its_own_deadline_not_the_client_default(serve, queue):

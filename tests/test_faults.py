@@ -14,7 +14,7 @@ import gmpy2
 import pika
 import pika.exceptions
 import pytest
-from conftest import URL, broker_connection, node_url, run_cli, start_server
+from conftest import URL, broker_connection, paced, run_cli, start_server
 from rawclient import RawClient
 
 from fibrpc import CallTimeoutError, Client, RequestError
@@ -256,22 +256,16 @@ def test_requests_whose_caller_gave_up_are_skipped_not_computed(serve, queue):
 def test_10000_pipelined_calls_complete_across_a_broker_restart(serve, queue, private_broker):
     """On a private node: the local broker is never restarted by a test."""
     node = private_broker
-    url = node_url(node)
+    url = node.url()
     server = serve(workers=2, url=url)
     ns = [i % 91 for i in range(10_000)]
     results: list[int] = []
     errors: list[BaseException] = []
     with Client(url, queue=queue, timeout=90, window=200) as client:
 
-        def paced():  # at most ~2,000 calls/s: the run lasts past the restart
-            for i, n in enumerate(ns):
-                if i % 20 == 0:
-                    time.sleep(0.01)
-                yield n
-
         def run() -> None:
             try:
-                results.extend(client.imap(paced(), batch_size=1))
+                results.extend(client.imap(paced(ns), batch_size=1))
             except BaseException as exc:
                 errors.append(exc)
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import node_url, start_private_node
+from conftest import start_private_node
 from privatenode import PrivateNode
 from rawclient import RawClient
 
@@ -33,7 +33,7 @@ def node() -> Iterator[PrivateNode]:
 
 @pytest.fixture
 def broker_url(node: PrivateNode) -> str:
-    return node_url(node)
+    return node.url()
 
 
 def test_a_reply_the_broker_refuses_for_its_size_comes_back_as_reply_too_large_not_poison(

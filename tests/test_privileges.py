@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import pika
 import pika.exceptions
 import pytest
-from conftest import delete_queue, node_url, run_cli, start_private_node
+from conftest import delete_queue, run_cli, start_private_node
 from privatenode import PrivateNode
 from rawclient import RawClient
 
@@ -49,12 +49,7 @@ def node() -> Iterator[PrivateNode]:
 @pytest.fixture
 def broker_url(node: PrivateNode) -> str:
     """Every fixture of conftest (servers, queues, channels) on this module's node."""
-    return node_url(node)
-
-
-def rabbitmqctl(node: PrivateNode, *args: str) -> None:
-    result = node.ctl("-q", *args)
-    assert result.returncode == 0, f"rabbitmqctl {args[0]} failed: {result.stderr}"
+    return node.url()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +77,10 @@ def cast(node: PrivateNode) -> Cast:
 
     def make(role: str, permissions: tuple[str, str, str] | None = None) -> User:
         name, password = f"fibrpc-test-{role}", secrets.token_hex(12)
-        rabbitmqctl(node, "add_user", name, password)
+        node.checked("add_user", name, password)
         if permissions is not None:
-            rabbitmqctl(node, "set_permissions", "-p", "/", name, *permissions)
-        return User(name, password, node_url(node, name, password))
+            node.checked("set_permissions", "-p", "/", name, *permissions)
+        return User(name, password, node.url(name, password))
 
     return Cast(
         queue=queue,

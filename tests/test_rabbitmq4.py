@@ -17,7 +17,7 @@ import conftest
 import pika
 import pika.exceptions
 import pytest
-from conftest import connect, node_url, run_cli, start_server
+from conftest import connect, run_cli, start_server
 from privatenode import DENY_DEPRECATED, PrivateNode, private_node
 from rawclient import RawClient
 from tutorial_client import FibonacciRpcClient
@@ -41,7 +41,7 @@ def rabbitmq4_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
 @pytest.fixture(scope="module")
 def rabbitmq4(rabbitmq4_node: PrivateNode) -> str:
     """Its URL."""
-    return node_url(rabbitmq4_node)
+    return rabbitmq4_node.url()
 
 
 def test_the_node_is_rabbitmq_4_and_keeps_the_consumer_timeout_fibrpc_relies_on(
