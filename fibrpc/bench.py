@@ -1,6 +1,6 @@
 """The load generator behind ``fibrpc bench``: how fast is fibrpc, end to end, here?
 
-Three scenarios, each the way a real caller would use ``fibrpc.Client``'s public API:
+Four scenarios, each the way a real caller would use ``fibrpc.Client``'s public API:
 
 ``sequential``
     One ``client.call`` at a time: the RabbitMQ tutorial's pattern. Latency is per call.
@@ -8,6 +8,9 @@ Three scenarios, each the way a real caller would use ``fibrpc.Client``'s public
     One message per call, up to ``window`` in flight (``client.submit``). Latency runs
     from the call to ``submit`` (a wait for a free slot in the window included) to the
     moment the future is resolved, stamped by a done callback on the client's I/O thread.
+``asyncio``
+    ``pipelined`` through ``fibrpc.aio.AsyncClient``: ``window`` tasks of one event loop,
+    each awaiting ``client.call`` for the next n. Latency is per call.
 ``batched``
     ``batch_size`` values of n per message, ``batch_window`` messages in flight
     (``client.imap``). Latency is per batch message, and is what an ``imap`` consumer
@@ -417,6 +420,51 @@ def run_batched(
     return _result("batched", len(ns), seconds, latencies, errors)
 
 
+def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> ScenarioResult:
+    """``window`` tasks of one event loop, each awaiting ``AsyncClient.call`` for the
+    next n: as many calls in flight as ``pipelined`` keeps, through the asyncio client."""
+    import asyncio  # noqa: PLC0415 - only this scenario needs them
+
+    from fibrpc.aio import AsyncClient  # noqa: PLC0415
+
+    count = len(ns)
+    results: list[int | None] = [None] * count
+    latencies = [0.0] * count
+    errors = 0
+    clock = time.perf_counter
+    todo = iter(range(count))
+
+    async def caller(client: AsyncClient) -> None:
+        nonlocal errors
+        for i in todo:
+            t0 = clock()
+            try:
+                results[i] = await client.call(ns[i], settings.algo)
+            except _CALL_ERRORS:
+                errors += 1
+            latencies[i] = clock() - t0
+            if not i & 255:
+                progress.update(i)
+
+    async def main() -> float:
+        async with AsyncClient(
+            settings.urls,
+            queue=settings.queue,
+            timeout=settings.timeout,
+            window=settings.window,
+            tls=settings.tls,
+        ) as client:
+            await client.map(ns[:_WARM_CALLS], settings.algo, batch_size=1)
+            started = clock()
+            await asyncio.gather(*(caller(client) for _ in range(settings.window)))
+            return clock() - started
+
+    seconds = asyncio.run(main())
+    progress.close()
+    errors += count_mismatches(ns, results)
+    return _result("asyncio", count, seconds, latencies, errors)
+
+
 def _warm(client: Client, ns: list[int], algo: str, batch_size: int | None) -> None:
     """Answer a few calls before the clock starts (connection, server caches, the
     client's first-call costs); refusals are ignored here, the timed run counts them."""
@@ -438,6 +486,8 @@ def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> S
     ns = draw_ns(settings.calls_for(name), settings.max_n, settings.seed)
     window = {"pipelined": settings.window, "batched": settings.batch_window}.get(name, 1)
     progress = Progress(name, len(ns), stream)
+    if name == "asyncio":
+        return run_asyncio(settings, ns, progress)
     with Client(
         settings.urls,
         queue=settings.queue,
@@ -453,7 +503,9 @@ def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> S
             return run_pipelined(client, ns, settings.algo, progress)
         if name == "batched":
             return run_batched(client, ns, settings.algo, settings.batch_size, progress)
-    raise ValueError(f"Unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}.")
+    raise ValueError(
+        f"Unknown scenario {name!r}; choose from {', '.join(config.BENCH_ALL_SCENARIOS)}."
+    )
 
 
 def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = False) -> Report:

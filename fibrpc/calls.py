@@ -17,7 +17,7 @@ import heapq
 import math
 import threading
 import time
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 #: What a reply is turned into for the caller.
 AS_INT: Final = 0
@@ -29,12 +29,21 @@ AS_INTS: Final = 2
 _HEAP_SLACK: Final = 1024
 
 
+class Waiter(Protocol):
+    """What ``Call.settle`` resolves, on the thread that settles the call: a
+    ``concurrent.futures.Future`` (``Client.submit``), or the asyncio client's bridge to
+    its event loop (``fibrpc.aio``)."""
+
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 class Call:
     """One request in flight: its message, its deadline and, once settled, its outcome.
 
-    Only ``submit`` hands out a ``Future`` (``future``); ``call`` and ``imap`` read the
-    outcome from the call itself, which costs no lock (a future takes one on every
-    ``done()``, and a round trip asked it several times).
+    Only ``submit`` and the asyncio client give a call a ``Waiter`` (``future``); ``call``
+    and ``imap`` read the outcome from the call itself, which costs no lock (a future
+    takes one on every ``done()``, and a round trip asked it several times).
     """
 
     __slots__ = (
@@ -61,7 +70,7 @@ class Call:
         as_: int,
         timeout: float,
         encoded: tuple[bytes, str | None, str | None],
-        future: concurrent.futures.Future[Any] | None = None,
+        future: Waiter | None = None,
     ) -> None:
         """``timeout`` in seconds (``math.inf``: none); ``encoded`` is the request's body,
         content type and AMQP ``type`` (``fibrpc.protocol.encode_request``)."""

@@ -71,6 +71,13 @@ def check_timeout(timeout: object) -> float:
     return seconds
 
 
+def check_window(window: object) -> int:
+    """``window`` as an int of 1 or more (not a bool); raises ``ConfigError``."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window must be a whole number of 1 or more; got {window!r}.")
+    return window
+
+
 def check_n(n: object) -> int:
     """``n`` as an int: any integral value (numpy's integers too, through
     ``operator.index``), never a bool. Raises ``RequestError`` (``not_an_integer``, as a
@@ -87,6 +94,23 @@ def check_n(n: object) -> int:
         f"n must be an integer (an int, or a value operator.index takes, such as "
         f"numpy.int64); got {n!r}, a {type(n).__name__}.",
     )
+
+
+def encode(
+    n: object, algo: str, max_message: int = 0
+) -> tuple[int | list[int], tuple[bytes, str | None, str | None]]:
+    """Check ``n`` (an int, or a list of ints checked already) and encode its request:
+    returns n as an int (or the list) and the request's body, content type and AMQP
+    ``type`` (``protocol.encode_request``). Raises ``RequestError`` for an n that is not
+    an integer, an unknown ``algo``, and a body over ``max_message`` bytes (the broker's
+    limit once it has named one; else RabbitMQ's default, 16 MiB)."""
+    if not isinstance(n, list):
+        n = check_n(n)
+    encoded = protocol.encode_request(n, algo)
+    largest = max_message or BROKER_MAX_MESSAGE_BYTES
+    if len(encoded[0]) > largest:
+        raise too_large(len(encoded[0]), largest)
+    return n, encoded
 
 
 class _Callbacks:
@@ -184,12 +208,10 @@ class Client:
         tls: amqp.TLSOptions | None = None,
     ) -> None:
         self.timeout = check_timeout(timeout)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ConfigError(f"window must be a whole number of 1 or more; got {window!r}.")
+        self.window = check_window(window)
         self.urls = amqp.split_urls(url)  # a bad URL: ConfigError, here
         self.url = self.urls[0]
         self.queue = queue
-        self.window = window
         self._heartbeat = heartbeat
         self._tls = tls
         for node in self.urls:
@@ -295,7 +317,7 @@ class Client:
         if batch_size == 1:
             chunks: Iterator[int | list[int]] = iter(ns)
         else:
-            chunks = _batches(ns, batch_size, algo)
+            chunks = batches(ns, batch_size, algo)
         as_ = AS_INT if batch_size == 1 else AS_INTS
         in_flight: collections.deque[Call] = collections.deque()
         try:
@@ -363,12 +385,7 @@ class Client:
         if self._closing:
             raise ClientClosedError("The client is closed.")
         seconds = self.timeout if timeout is None else check_timeout(timeout)
-        if not isinstance(n, list):
-            n = check_n(n)
-        encoded = protocol.encode_request(n, algo)
-        largest = self._driver.max_message or BROKER_MAX_MESSAGE_BYTES
-        if len(encoded[0]) > largest:
-            raise too_large(len(encoded[0]), largest)
+        n, encoded = encode(n, algo, self._driver.max_message)
         if not self._driver.registry.reserve(seconds, block=block):
             if not block:
                 return None, False
@@ -407,7 +424,7 @@ def _call_back(fn: Any, future: concurrent.futures.Future[Any]) -> None:
         log.exception("a done-callback of a fibrpc future raised")
 
 
-def _batches(ns: Iterable[object], size: int | None, algo: str) -> Iterator[list[int]]:
+def batches(ns: Iterable[object], size: int | None, algo: str) -> Iterator[list[int]]:
     """Chunks of ``ns`` (each n checked by ``check_n``): ``size`` values each, or sized
     automatically by reply bytes. The usual chunk, all ints, is checked in C
     (``map(type, ...)``): a Python step per value costs batched calls a tenth."""

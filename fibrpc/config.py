@@ -101,9 +101,18 @@ REPORT_INTERVAL: Final = 1.0
 # -- fibrpc bench ---------------------------------------------------------------------
 
 BENCH_SCENARIOS: Final = ("sequential", "pipelined", "batched")
-"""The scenarios, in the order a run takes them."""
+"""The scenarios a run takes by default, in this order."""
 
-BENCH_CALLS: Final = {"sequential": 3_000, "pipelined": 20_000, "batched": 2_000_000}
+BENCH_ALL_SCENARIOS: Final = (*BENCH_SCENARIOS, "asyncio")
+"""Every scenario ``--scenario`` may name: ``asyncio`` is ``pipelined`` through
+``fibrpc.aio.AsyncClient``."""
+
+BENCH_CALLS: Final = {
+    "sequential": 3_000,
+    "pipelined": 20_000,
+    "batched": 2_000_000,
+    "asyncio": 20_000,
+}
 """Calls per scenario when ``--calls`` is not given: a few seconds each on a 2-core
 machine, and the counts bench/compare.py runs the baselines of ``../shared/baselines``
 with."""

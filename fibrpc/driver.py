@@ -185,12 +185,18 @@ class Driver:
                 if not held:
                     self._end_turn(wake_io=self._broken)
             return held
+        self.hand_over(call)
+        return False
+
+    def hand_over(self, call: Call) -> None:
+        """Queue ``call`` for whoever drives the link, waking it if it waits (the I/O
+        thread if nobody drives); never touches the link from this thread, so it never
+        blocks (``fibrpc.aio`` submits every call this way, from its event loop)."""
         with self._lock:
             first = not self._outbox
             self._outbox.append(call)
         if first:  # later ones ride on the first one's kick: the driver takes them all
             self._kick()
-        return False
 
     def notify_io(self) -> None:
         """A call was handed over for the I/O thread to drive (``submit``'s future)."""
