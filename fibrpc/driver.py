@@ -185,16 +185,16 @@ class Driver:
                 if not held:
                     self._end_turn(wake_io=self._broken)
             return held
-        self.hand_over(call)
+        self.hand_over([call])
         return False
 
-    def hand_over(self, call: Call) -> None:
-        """Queue ``call`` for whoever drives the link, waking it if it waits (the I/O
+    def hand_over(self, calls: list[Call]) -> None:
+        """Queue ``calls`` for whoever drives the link, waking it if it waits (the I/O
         thread if nobody drives); never touches the link from this thread, so it never
         blocks (``fibrpc.aio`` submits every call this way, from its event loop)."""
         with self._lock:
             first = not self._outbox
-            self._outbox.append(call)
+            self._outbox.extend(calls)
         if first:  # later ones ride on the first one's kick: the driver takes them all
             self._kick()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 import urllib.parse
@@ -304,3 +305,66 @@ def _fib(n: int) -> int:
     import gmpy2  # noqa: PLC0415
 
     return int(gmpy2.fib(n))
+
+
+# -- the window (pure policy: no broker) --------------------------------------------------
+
+
+def test_the_window_serves_waiters_first_come_first_served_and_passes_on_a_cancelled_slot():
+    from fibrpc.aio import Window  # noqa: PLC0415
+
+    async def main() -> None:
+        window = Window(1)
+        assert window.try_take()
+        order: list[str] = []
+
+        async def wait(name: str) -> None:
+            assert await window.take(math.inf)
+            order.append(name)
+
+        first = asyncio.create_task(wait("first"))
+        second = asyncio.create_task(wait("second"))
+        cancelled = asyncio.create_task(wait("cancelled"))
+        await asyncio.sleep(0)
+        assert not window.try_take()  # three wait before us
+        cancelled.cancel()
+        window.give()  # to "first"
+        await asyncio.sleep(0)
+        window.give()  # to "second"
+        await asyncio.sleep(0)
+        assert order == ["first", "second"]
+        await asyncio.gather(first, second)
+        window.give()  # "cancelled" is gone: the slot is free
+        window.give()
+        assert window.free == 2
+
+        # A slot given to a waiter cancelled before it ran is passed on, not lost.
+        assert window.try_take() and window.try_take()
+        lost = asyncio.create_task(window.take(math.inf))
+        heir = asyncio.create_task(window.take(math.inf))
+        await asyncio.sleep(0)
+        window.give()
+        lost.cancel()
+        await asyncio.sleep(0)
+        assert await heir
+
+    asyncio.run(main())
+
+
+def test_a_wait_for_the_window_fails_once_expire_finds_it_past_its_time():
+    from fibrpc.aio import Window  # noqa: PLC0415
+
+    async def main() -> None:
+        window = Window(1)
+        assert window.try_take()
+        timed = asyncio.create_task(window.take(0.01))
+        endless = asyncio.create_task(window.take(math.inf))
+        await asyncio.sleep(0)
+        assert window.expire(time.monotonic()) is True  # the timed one is not due yet
+        assert window.expire(time.monotonic() + 1) is False  # now it is; none is left
+        assert await timed is False
+        window.give()
+        assert await endless is True
+        assert window.free == 0
+
+    asyncio.run(main())
