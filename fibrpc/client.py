@@ -97,14 +97,16 @@ def check_n(n: object) -> int:
 
 
 def encode(
-    n: object, algo: str, max_message: int = 0
+    n: object, algo: str, as_: int, max_message: int = 0
 ) -> tuple[int | list[int], tuple[bytes, str | None, str | None]]:
-    """Check ``n`` (an int, or a list of ints checked already) and encode its request:
-    returns n as an int (or the list) and the request's body, content type and AMQP
-    ``type`` (``protocol.encode_request``). Raises ``RequestError`` for an n that is not
-    an integer, an unknown ``algo``, and a body over ``max_message`` bytes (the broker's
-    limit once it has named one; else RabbitMQ's default, 16 MiB)."""
-    if not isinstance(n, list):
+    """Check ``n`` and encode its request: returns n as an int (or, for a batch, the
+    list of ints ``batches`` checked) and the request's body, content type and AMQP
+    ``type`` (``protocol.encode_request``). ``as_`` is what the reply becomes
+    (``AS_INTS``: n is a batch). Raises ``RequestError`` for an n that is not an
+    integer (a list included, unless a batch), an unknown ``algo``, and a body over
+    ``max_message`` bytes (the broker's limit once it has named one; else RabbitMQ's
+    default, 16 MiB)."""
+    if as_ != AS_INTS or not isinstance(n, list):
         n = check_n(n)
     encoded = protocol.encode_request(n, algo)
     largest = max_message or BROKER_MAX_MESSAGE_BYTES
@@ -385,7 +387,7 @@ class Client:
         if self._closing:
             raise ClientClosedError("The client is closed.")
         seconds = self.timeout if timeout is None else check_timeout(timeout)
-        n, encoded = encode(n, algo, self._driver.max_message)
+        n, encoded = encode(n, algo, as_, self._driver.max_message)
         if not self._driver.registry.reserve(seconds, block=block):
             if not block:
                 return None, False

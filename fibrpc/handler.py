@@ -39,11 +39,17 @@ class Handler:
         self.fast = kernels.FastFib(memo_bytes=memo_bytes)
 
     def decode(
-        self, body: bytes, content_type: str | None, algo_hint: str | None
+        self,
+        body: bytes,
+        content_type: str | None,
+        algo_hint: str | None,
+        accept: object = None,
     ) -> protocol.Request | Reply:
-        """The request in ``body``, or the error reply that refuses it."""
+        """The request in ``body``, or the error reply that refuses it. ``accept``: the
+        request's ``protocol.ACCEPT_HEADER`` header, naming the binary forms its client
+        reads."""
         try:
-            return protocol.decode_request(body, content_type, algo_hint, self.limits)
+            return protocol.decode_request(body, content_type, algo_hint, self.limits, accept)
         except RequestError as exc:
             return error_reply(exc)
         except Exception:
@@ -72,8 +78,13 @@ class Handler:
         return len(request.ns) > 100_000
 
     def compute(self, request: protocol.Request) -> Reply:
-        """The reply to a decoded request; never raises."""
+        """The reply to a decoded request (in a binary form if its client reads one);
+        never raises."""
         try:
+            if request.reads:
+                binary = self._binary(request)
+                if binary is not None:
+                    return Reply(*binary)
             texts = self._texts(request)
         except RequestError as exc:
             return error_reply(exc)
@@ -86,12 +97,34 @@ class Handler:
             return Reply(protocol.encode_results(texts), protocol.JSON)
         return Reply(protocol.encode_result(texts[0], request.form), request.form)
 
-    def handle(self, body: bytes, content_type: str | None, algo_hint: str | None) -> Reply:
+    def handle(
+        self,
+        body: bytes,
+        content_type: str | None,
+        algo_hint: str | None,
+        accept: object = None,
+    ) -> Reply:
         """Decode and compute in one step (what a worker does for a light request)."""
-        request = self.decode(body, content_type, algo_hint)
+        request = self.decode(body, content_type, algo_hint, accept)
         if isinstance(request, Reply):
             return request
         return self.compute(request)
+
+    def _binary(self, request: protocol.Request) -> tuple[bytes, str] | None:
+        """The results as the binary form the client reads (``protocol.encode_values``):
+        no decimal text is made. None if it reads none this server writes."""
+        ns, reads = request.ns, request.reads
+        if request.algo == "iter":
+            values = kernels.iter_array(ns)
+            if protocol.U64 in reads:
+                return values.astype("<u8", copy=False).tobytes(), protocol.U64
+            return protocol.encode_values(values.tolist(), reads)
+        if request.algo == "fast":
+            if ns and min(ns) >= 0 and max(ns) <= kernels.ITER_MAX_N:
+                table = kernels.FAST_TABLE
+                return protocol.encode_values([table[n] for n in ns], reads)
+            return protocol.encode_magnitudes(self.fast.magnitudes(ns), reads)
+        return protocol.encode_values(kernels.naive_values(ns), reads)
 
     def _texts(self, request: protocol.Request) -> list[str]:
         if request.algo == "fast":

@@ -51,6 +51,7 @@ from fibrpc.numbers import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
     FAST_TABLE,
+    FAST_TABLE_BYTES,
     FAST_TABLE_TEXT,
     ITER_MAX_N,
     decimal,
@@ -70,8 +71,10 @@ __all__ = [
     "fib_iter",
     "fib_iter_many",
     "fib_naive",
+    "iter_array",
     "iter_texts",
     "naive_texts",
+    "naive_values",
     "warm",
 ]
 
@@ -199,6 +202,13 @@ def _checked_int64(ns: Sequence[int] | npt.NDArray[np.integer]) -> npt.NDArray[n
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def iter_array(ns: list[int]) -> npt.NDArray[np.uint64]:
+    """F(n) for a batch by the ``iter`` algorithm, as a ``uint64`` array (a binary reply
+    is its bytes). Raises what ``fib_iter_many`` raises."""
+    values: npt.NDArray[np.uint64] = compiled().many(_checked_int64(ns))
+    return values
+
+
 def iter_texts(ns: list[int]) -> list[str]:
     """Return the decimal texts of F(n) for a batch by the ``iter`` algorithm.
 
@@ -212,13 +222,18 @@ def naive_texts(ns: list[int]) -> list[str]:
 
     The caller bounds n; a negative n is refused here with ``ErrorCode.NEGATIVE``.
     """
+    return [str(f) for f in naive_values(ns)]
+
+
+def naive_values(ns: list[int]) -> list[int]:
+    """F(n) for a batch by the ``naive`` algorithm; raises as ``naive_texts``."""
     for i, n in enumerate(ns):
         if n < 0:
             raise RequestError(
                 ErrorCode.NEGATIVE,
                 f"n={n} (member {i} of the batch) is negative; Fibonacci numbers start at n=0.",
             )
-    return [str(fib_naive(n)) for n in ns]
+    return [fib_naive(n) for n in ns]
 
 
 class FastFib:
@@ -318,6 +333,20 @@ class FastFib:
         if min(ns) >= 0 and max(ns) <= ITER_MAX_N:
             return [FAST_TABLE_TEXT[n] for n in ns]
         return [self.text(n) for n in ns]
+
+    def magnitudes(self, ns: list[int]) -> list[bytes]:
+        """F(n) for a batch as magnitudes: each number's bytes, little-endian, as few as
+        hold it (``b""`` for F(0)); raises like ``text``."""
+        out = []
+        for n in ns:
+            if 0 <= n <= ITER_MAX_N:
+                out.append(FAST_TABLE_BYTES[n])
+                continue
+            if n < 0:
+                self.text(n)  # the same refusal as ``text``
+            value = gmpy2.fib(n)
+            out.append(value.to_bytes((value.bit_length() + 7) // 8, "little"))
+        return out
 
     def value(self, n: int) -> int:
         """Return F(n) as a Python int, for tests and client-side checks; no memo."""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from fibrpc import amqp, protocol
-from fibrpc.calls import Call
+from fibrpc.calls import AS_TEXT, Call
 from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
 
@@ -95,15 +95,19 @@ class AmqpLink:
 
     def publish(self, call: Call) -> None:
         """Queue ``call``'s request with what is left of its time as the message's TTL
-        (at most RabbitMQ's largest) and a deadline header; with no deadline, neither.
-        Raises ``LinkLost``."""
+        (at most RabbitMQ's largest) and a deadline header (with no deadline, neither),
+        and, unless it asks for text, a header naming the binary forms of results the
+        client reads. Raises ``LinkLost``."""
         left = call.deadline - time.monotonic()
         expiration: str | None = None
-        headers: dict[str, int] | None = None
+        headers: dict[str, int | str] | None = None
         if left != math.inf:
             remaining_ms = max(1, min(MAX_TTL_MS, int(left * 1000)))
             expiration = str(remaining_ms)
             headers = {protocol.DEADLINE_HEADER: int(time.time() * 1000) + remaining_ms}
+        if call.as_ != AS_TEXT:  # results as ints: ask for them in binary
+            headers = headers or {}
+            headers[protocol.ACCEPT_HEADER] = protocol.ACCEPT_BINARY
         try:
             amqp.publish_soon(
                 self._channel,

@@ -40,6 +40,11 @@ FAST_TABLE: tuple[int, ...] = _build_table()
 FAST_TABLE_TEXT: tuple[str, ...] = tuple(str(f) for f in FAST_TABLE)
 """The decimal texts of ``FAST_TABLE``: small replies are a tuple lookup, not a conversion."""
 
+FAST_TABLE_BYTES: tuple[bytes, ...] = tuple(
+    f.to_bytes((f.bit_length() + 7) // 8, "little") for f in FAST_TABLE
+)
+"""The magnitudes of ``FAST_TABLE``, little-endian (``b""`` for F(0)): binary replies."""
+
 
 def fib_naive(n: int) -> int:
     """Return F(n) by the tutorial's doubly recursive definition: the oracle.

@@ -10,6 +10,12 @@ Two request forms share ``rpc_queue`` (docs/protocol.md is the reference):
   ``{"results": ["1", "1", "2"]}`` in request order. Results are decimal strings so that
   any JSON parser keeps every digit of a 200,000-digit number.
 
+A request may name, in its ``x-fibrpc-accept`` header, the binary forms its client
+reads (``U64``, ``INTS``); the results then come back as little-endian magnitudes
+instead of decimal text: 8 bytes a value when every result fits in 64 bits, each
+length-prefixed otherwise. A request that names none is answered as above, byte for
+byte.
+
 Every refusal is a reply too: ``{"error": {"code": "out_of_range", "message": "..."}}``
 with content type ``application/json``, whatever the request's form. A batch is answered
 whole or refused whole, naming its first bad member.
@@ -17,9 +23,13 @@ whole or refused whole, naming its first bad member.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import re
+import struct
+import sys
+from collections.abc import Sequence
 from typing import Any, Final
 
 from fibrpc.config import Limits
@@ -40,6 +50,22 @@ TEXT: Final = "text/plain"
 DEADLINE_HEADER: Final = "x-fibrpc-deadline"
 #: Header counting the deliveries of a request re-published by a worker (classic queues).
 DELIVERIES_HEADER: Final = "x-fibrpc-deliveries"
+#: Header naming the binary forms of results a client reads: media types separated by
+#: commas (``ACCEPT_BINARY``). A server that does not know it answers in decimal text.
+ACCEPT_HEADER: Final = "x-fibrpc-accept"
+#: Results as unsigned 64-bit integers, little-endian, 8 bytes each, in request order.
+U64: Final = "application/vnd.fibrpc.u64"
+#: Results as magnitudes, each a 4-byte little-endian length then that many bytes of the
+#: number, little-endian (F(0) has length 0), in request order.
+INTS: Final = "application/vnd.fibrpc.ints"
+BINARY_FORMS: Final = (U64, INTS)
+#: What fibrpc's clients put in ``ACCEPT_HEADER``.
+ACCEPT_BINARY: Final = f"{U64}, {INTS}"
+_U32: Final = struct.Struct("<I")
+_U64_MAX: Final = (1 << 64) - 1
+#: ``array`` code of an unsigned 64-bit item (``Q`` is 8 bytes wherever CPython runs).
+_U64_CODE: Final = "Q"
+_SWAP: Final = sys.byteorder != "little"  # array holds native byte order
 
 #: A text n of more digits than this (leading zeros aside) cannot be under any bound; it
 #: is refused without converting it to an int (which is quadratic and capped at 4,300
@@ -61,17 +87,47 @@ class Request:
     ns: list[int]
     batch: bool  # a JSON list of n, answered with "results"
     form: str  # TEXT or JSON: how a single result is encoded
+    reads: tuple[str, ...] = ()  # the binary forms the client reads (ACCEPT_HEADER)
 
 
 def decode_request(
-    body: bytes, content_type: str | bytes | None, algo_hint: str | None, limits: Limits
+    body: bytes,
+    content_type: str | bytes | None,
+    algo_hint: str | None,
+    limits: Limits,
+    accept: object = None,
 ) -> Request:
     """Decode and bounds-check a request body; raise ``RequestError`` if it is refused.
 
     ``algo_hint`` is the AMQP ``type`` property, which names the algorithm of a text
-    request. Everything a client can send ends in a ``Request`` or a ``RequestError``.
-    A refusal for going over a limit names the ``fibrpc serve`` option that sets it.
+    request; ``accept`` the ``ACCEPT_HEADER`` header, if any (anything but a string naming
+    binary forms is ignored: the reply is then decimal). Everything a client can send
+    ends in a ``Request`` or a ``RequestError``. A refusal for going over a limit names
+    the ``fibrpc serve`` option that sets it.
     """
+    request = _decode_request(body, content_type, algo_hint, limits)
+    if accept is not None:
+        reads = binary_forms(accept)
+        if reads:
+            return dataclasses.replace(request, reads=reads)
+    return request
+
+
+def binary_forms(accept: object) -> tuple[str, ...]:
+    """The binary forms (``U64``, ``INTS``) an ``ACCEPT_HEADER`` value names, in the
+    order of ``BINARY_FORMS``; () for anything else (unknown names are ignored, as HTTP
+    ignores them in ``Accept``)."""
+    if isinstance(accept, bytes):
+        accept = accept.decode("utf-8", "replace")
+    if not isinstance(accept, str):
+        return ()
+    named = {media_type(part) for part in accept.split(",")}
+    return tuple(form for form in BINARY_FORMS if form in named)
+
+
+def _decode_request(
+    body: bytes, content_type: str | bytes | None, algo_hint: str | None, limits: Limits
+) -> Request:
     if len(body) > limits.max_body_bytes:
         raise RequestError(
             ErrorCode.BODY_TOO_LARGE,
@@ -292,6 +348,71 @@ def encode_results(texts: list[str]) -> bytes:
     if not texts:
         return b'{"results":[]}'
     return ('{"results":["' + '","'.join(texts) + '"]}').encode("ascii")
+
+
+def encode_values(values: Sequence[int], reads: Sequence[str]) -> tuple[bytes, str] | None:
+    """A binary reply body and its content type for results all under 2**64: ``U64``
+    if the client reads it, else ``INTS``; None if it reads neither."""
+    if U64 in reads:
+        packed = array.array(_U64_CODE, values)
+        if _SWAP:
+            packed.byteswap()
+        return packed.tobytes(), U64
+    if INTS in reads:
+        return encode_magnitudes([magnitude(int(v)) for v in values], reads)
+    return None
+
+
+def encode_magnitudes(
+    magnitudes: Sequence[bytes], reads: Sequence[str]
+) -> tuple[bytes, str] | None:
+    """A binary reply body and its content type for results given as their magnitudes
+    (little-endian bytes, ``magnitude``): ``U64`` when every one fits in 8 bytes and
+    the client reads it, else ``INTS``; None if the client reads neither."""
+    if U64 in reads and all(len(m) <= 8 for m in magnitudes):
+        return b"".join(m.ljust(8, b"\0") for m in magnitudes), U64
+    if INTS in reads:
+        pack = _U32.pack
+        return b"".join([part for m in magnitudes for part in (pack(len(m)), m)]), INTS
+    return None
+
+
+def magnitude(value: int) -> bytes:
+    """The bytes of a non-negative int, little-endian, as few as hold it (b"" for 0)."""
+    return value.to_bytes((value.bit_length() + 7) // 8, "little")
+
+
+def decode_values(body: bytes, content_type: str | None) -> list[int]:
+    """The results of a binary reply (``U64`` or ``INTS``), in order.
+
+    Raises ``ValueError`` for a body that does not fit its form (a length not a multiple
+    of 8; a length prefix that runs past the end)."""
+    if media_type(content_type) == U64:
+        if len(body) % 8:
+            raise ValueError(f"a {U64} body of {len(body)} bytes is not a multiple of 8")
+        values = array.array(_U64_CODE, body)
+        if _SWAP:
+            values.byteswap()
+        return values.tolist()
+    view = memoryview(body)
+    out: list[int] = []
+    at, end = 0, len(body)
+    unpack = _U32.unpack_from
+    while at < end:
+        if at + 4 > end:
+            raise ValueError(f"a {INTS} body ends inside a length prefix, at byte {at}")
+        (size,) = unpack(view, at)
+        at += 4
+        if at + size > end:
+            raise ValueError(f"a {INTS} value of {size} bytes at byte {at} runs past the end")
+        out.append(int.from_bytes(view[at : at + size], "little"))
+        at += size
+    return out
+
+
+def is_binary(content_type: str | None) -> bool:
+    """Whether a reply's content type is one of the binary forms."""
+    return content_type is not None and media_type(content_type) in BINARY_FORMS
 
 
 def encode_error(error: RequestError) -> bytes:

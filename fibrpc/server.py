@@ -54,7 +54,7 @@ from fibrpc.config import (
 )
 from fibrpc.errors import BrokerUnreachableError, ErrorCode, RequestError
 from fibrpc.handler import Handler, Reply, error_reply
-from fibrpc.protocol import DEADLINE_HEADER, DELIVERIES_HEADER
+from fibrpc.protocol import ACCEPT_HEADER, DEADLINE_HEADER, DELIVERIES_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,8 @@ class Worker:
             self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
             amqp.ack_soon(channel, tag)
             return
-        request = self.handler.decode(body, props.content_type, props.type)
+        accept = headers.get(ACCEPT_HEADER) if headers else None
+        request = self.handler.decode(body, props.content_type, props.type, accept)
         if method.redelivered or _QUORUM_DELIVERIES in headers:
             self.stats.redelivered += 1
             self._metrics.redelivered()
