@@ -349,7 +349,7 @@ class AsyncClient:
         nothing is reserved before every argument is checked. The caller releases the
         slot once it is done with the call."""
         driver = self._open_driver()
-        n, encoded = encode(n, algo, as_, driver.max_message)
+        n, encoded = encode(n, algo, as_, driver.max_message, binary=driver.binary_requests)
         await self._reserve(seconds)
         try:
             if self._closing:

@@ -97,7 +97,7 @@ def check_n(n: object) -> int:
 
 
 def encode(
-    n: object, algo: str, as_: int, max_message: int = 0
+    n: object, algo: str, as_: int, max_message: int = 0, *, binary: bool = True
 ) -> tuple[int | list[int], tuple[bytes, str | None, str | None]]:
     """Check ``n`` and encode its request: returns n as an int (or, for a batch, the
     list of ints ``batches`` checked) and the request's body, content type and AMQP
@@ -105,10 +105,10 @@ def encode(
     (``AS_INTS``: n is a batch). Raises ``RequestError`` for an n that is not an
     integer (a list included, unless a batch), an unknown ``algo``, and a body over
     ``max_message`` bytes (the broker's limit once it has named one; else RabbitMQ's
-    default, 16 MiB)."""
+    default, 16 MiB). ``binary``: a batch goes in the binary form (``protocol.U64``)."""
     if as_ != AS_INTS or not isinstance(n, list):
         n = check_n(n)
-    encoded = protocol.encode_request(n, algo)
+    encoded = protocol.encode_request(n, algo, binary=binary)
     largest = max_message or BROKER_MAX_MESSAGE_BYTES
     if len(encoded[0]) > largest:
         raise too_large(len(encoded[0]), largest)
@@ -294,7 +294,10 @@ class Client:
         timeout: float | None = None,
     ) -> list[int]:
         """F(n) for every n, as a list in order, batched and pipelined (see ``imap``)."""
-        return list(self.imap(ns, algo, batch_size=batch_size, timeout=timeout))
+        out: list[int] = []
+        for results in self._imap(ns, algo, batch_size, timeout):
+            out.extend(results)  # a batch at a time: no Python step per value
+        return out
 
     def imap(
         self,
@@ -313,6 +316,13 @@ class Client:
         early (``break``, an exception, ``close()``) abandons what is in flight at once:
         the window is free, and servers skip those requests once their deadline passes.
         """
+        for results in self._imap(ns, algo, batch_size, timeout):
+            yield from results
+
+    def _imap(
+        self, ns: Iterable[int], algo: str, batch_size: int | None, timeout: float | None
+    ) -> Iterator[list[int]]:
+        """``imap``, a message's results at a time (a list of one with ``batch_size=1``)."""
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
         timeout = self.timeout if timeout is None else check_timeout(timeout)
@@ -332,10 +342,7 @@ class Client:
                     in_flight.append(call)
                     chunk = next(chunks, None)
                 result = self._driver.wait(in_flight.popleft())
-                if as_ == AS_INT:
-                    yield result
-                else:
-                    yield from result
+                yield [result] if as_ == AS_INT else result
         finally:
             if in_flight:
                 gone = ClientClosedError("imap was left with this call in flight.")
@@ -387,7 +394,8 @@ class Client:
         if self._closing:
             raise ClientClosedError("The client is closed.")
         seconds = self.timeout if timeout is None else check_timeout(timeout)
-        n, encoded = encode(n, algo, as_, self._driver.max_message)
+        driver = self._driver
+        n, encoded = encode(n, algo, as_, driver.max_message, binary=driver.binary_requests)
         if not self._driver.registry.reserve(seconds, block=block):
             if not block:
                 return None, False

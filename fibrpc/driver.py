@@ -40,6 +40,7 @@ from fibrpc.errors import (
     RequestError,
     UnreadableReplyError,
 )
+from fibrpc.protocol import U64
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ class Driver:
         self.dropped_duplicates = 0
         self.prefix = ""  # the client's correlation id prefix: tells duplicates apart
         self.max_message = 0  # the broker's largest message, once it has named one
+        #: Whether batches go in the binary form: until a server refuses it (an older
+        #: fibrpc, or another server on the queue), then as JSON for good.
+        self.binary_requests = True
         self._outbox: collections.deque[Call] = collections.deque()
         self._lock = threading.Lock()  # guards the outbox
         # ``_turn`` is where threads wait, for their reply or for the turn; the driver
@@ -499,6 +503,9 @@ class Driver:
             else:
                 result = value
         except RequestError as exc:
+            if exc.code == ErrorCode.UNSUPPORTED_CONTENT_TYPE and call.content_type == U64:
+                self._resend_as_json(call)
+                return
             self.registry.settle(call, exc, ok=False)
         except Exception as exc:
             error = UnreadableReplyError(
@@ -510,6 +517,16 @@ class Driver:
             self.registry.settle(call, error, ok=False)
         else:
             self.registry.settle(call, result, ok=True)
+
+    def _resend_as_json(self, call: Call) -> None:
+        """A server does not read batches in the binary form: send ``call`` again as
+        JSON, and every later batch too."""
+        if self.binary_requests:
+            log.info("a server on %r does not read binary batches: sending JSON", self.link.queue)
+        self.binary_requests = False
+        call.body, call.content_type, call.msg_type = protocol.encode_request(call.n, call.algo)
+        self.registry.track(call)
+        self.link.publish(call)
 
     def on_return(self, corr_id: str | None) -> None:
         """The broker returned a request: no queue of that name exists. Just after a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Final
 
 from fibrpc import kernels, protocol
 from fibrpc.config import DEFAULT_MEMO_BYTES, Limits
@@ -120,9 +121,11 @@ class Handler:
                 return values.astype("<u8", copy=False).tobytes(), protocol.U64
             return protocol.encode_values(values.tolist(), reads)
         if request.algo == "fast":
-            if ns and min(ns) >= 0 and max(ns) <= kernels.ITER_MAX_N:
-                table = kernels.FAST_TABLE
-                return protocol.encode_values([table[n] for n in ns], reads)
+            if protocol.U64 in reads:
+                try:  # every n of a decoded request is 0 or more: no index from the end
+                    return b"".join(map(FAST_TABLE_U64.__getitem__, ns)), protocol.U64
+                except IndexError:
+                    pass  # an n past the table: magnitudes, 8 bytes each if they fit
             return protocol.encode_magnitudes(self.fast.magnitudes(ns), reads)
         return protocol.encode_values(kernels.naive_values(ns), reads)
 
@@ -132,6 +135,10 @@ class Handler:
         if request.algo == "iter":
             return kernels.iter_texts(request.ns)
         return kernels.naive_texts(request.ns)
+
+
+#: F(0)..F(93) as ``protocol.U64`` items: a batch of small n is one join of lookups.
+FAST_TABLE_U64: Final = tuple(f.to_bytes(8, "little") for f in kernels.FAST_TABLE)
 
 
 def error_reply(error: RequestError) -> Reply:

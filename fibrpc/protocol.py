@@ -141,11 +141,31 @@ def _decode_request(
         return Request(algo, [n], batch=False, form=TEXT)
     if media == JSON:
         return _decode_json(body, limits)
+    if media == U64:
+        return _decode_u64(body, algo_hint, limits)
     raise RequestError(
         ErrorCode.UNSUPPORTED_CONTENT_TYPE,
         f"Content type {_show(content_type)} is not understood; send n as decimal text "
-        f"with no content type (or {TEXT}), or as JSON with content type {JSON}.",
+        f"with no content type (or {TEXT}), as JSON with content type {JSON}, or a batch "
+        f"as {U64}.",
     )
+
+
+def _decode_u64(body: bytes, algo_hint: str | None, limits: Limits) -> Request:
+    """A batch in the binary form: each n as 8 bytes, little-endian; ``type`` names the
+    algorithm. Answered as a batch (``results``, or a binary form)."""
+    algo = _check_algo(DEFAULT_ALGORITHM if algo_hint in (None, "") else algo_hint)
+    if len(body) % 8:
+        raise RequestError(
+            ErrorCode.MALFORMED,
+            f"A {U64} body is 8 bytes per n; this one has {len(body):,} bytes.",
+        )
+    values = array.array(_U64_CODE, body)
+    if _SWAP:
+        values.byteswap()
+    ns: list[int] = values.tolist()
+    _check_batch(ns, algo, limits, ints=True)
+    return Request(algo, ns, batch=True, form=JSON)
 
 
 def media_type(content_type: str | bytes | None) -> str:
@@ -247,7 +267,9 @@ def _check_n(n: int, algo: str, limits: Limits) -> int:
     return n
 
 
-def _check_batch(ns: list[Any], algo: str, limits: Limits) -> None:
+def _check_batch(ns: list[Any], algo: str, limits: Limits, *, ints: bool = False) -> None:
+    """Refuse a batch over a limit, or with a bad member (naming the first). ``ints``:
+    every member is known to be a non-negative int (a ``U64`` body)."""
     if len(ns) > limits.max_batch:
         raise RequestError(
             ErrorCode.BATCH_TOO_LARGE,
@@ -259,10 +281,10 @@ def _check_batch(ns: list[Any], algo: str, limits: Limits) -> None:
     bound = limits.max_n(algo)
     # One pass over the common case (all small non-negative ints); only a batch that
     # fails it is walked again to name its first bad member.
-    if all(type(n) is int for n in ns) and min(ns) >= 0 and max(ns) <= bound:
+    if (ints or (all(type(n) is int for n in ns) and min(ns) >= 0)) and (top := max(ns)) <= bound:
         # len * (digits of the largest) bounds the reply; only if that is too much is the
         # exact estimate summed, so a batch of small n under a small limit is checked too.
-        if len(ns) * (estimate_digits(max(ns)) + 3) + 16 > limits.max_reply_bytes:
+        if len(ns) * (estimate_digits(top) + 3) + 16 > limits.max_reply_bytes:
             _check_reply_size(sum(estimate_digits(n) + 3 for n in ns) + 16, limits)
         if algo == "naive":
             _check_naive_cost(ns, limits)
@@ -444,15 +466,28 @@ def decode_reply(body: bytes, content_type: str | None) -> str | list[str]:
     raise RequestError(str(code), str(message))
 
 
-def encode_request(n: int | list[int], algo: str) -> tuple[bytes, str | None, str | None]:
+def encode_request(
+    n: int | list[int], algo: str, *, binary: bool = False
+) -> tuple[bytes, str | None, str | None]:
     """A request's body, content type and AMQP ``type``.
 
     One n travels in the text form (the smallest and quickest to parse), with the
-    algorithm in ``type`` unless it is the default; a batch travels as JSON.
+    algorithm in ``type`` unless it is the default. A batch travels as JSON; with
+    ``binary``, as ``U64`` (8 bytes an n, the algorithm in ``type``) when every n is
+    between 0 and 2**64 - 1 (any other n goes as JSON, to be refused by the server).
     """
     if type(n) is int:
         text = str(n) if -_STR_DIGITS < n < _STR_DIGITS else decimal(n)
         return text.encode("ascii"), None, None if algo == DEFAULT_ALGORITHM else algo
+    if binary and isinstance(n, list):
+        try:
+            packed = array.array(_U64_CODE, n)
+        except OverflowError:  # a negative n, or one past 64 bits
+            pass
+        else:
+            if _SWAP:
+                packed.byteswap()
+            return packed.tobytes(), U64, algo
     return json.dumps({"n": n, "algo": algo}, separators=(",", ":")).encode(), JSON, None
 
 
