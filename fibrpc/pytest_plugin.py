@@ -199,13 +199,33 @@ def delete_queue(url: str, queue: str) -> None:
                 connection.close()
 
 
+def check_broker(url: str) -> None:
+    """Fail the test at once, saying why, when ``url`` has no broker that lets us in (a
+    server would wait for one until ``READY_TIMEOUT``)."""
+    from fibrpc import amqp  # noqa: PLC0415 - pika only when asked for
+    from fibrpc.errors import FibrpcError  # noqa: PLC0415
+
+    try:
+        connection = amqp.connect(url, name="fibrpc-pytest", connect_timeout=10)
+    except FibrpcError as exc:
+        pytest.fail(
+            f"No fibrpc server could be started: {exc} (--fibrpc-url, the fibrpc_url ini "
+            "option or $FIBRPC_URL name the broker.)",
+            pytrace=False,
+        )
+    with contextlib.suppress(Exception):
+        connection.close()
+
+
 @contextlib.contextmanager
 def serving(
     url: str, *args: str, log_dir: Path, workers: int = 1, queue: str | None = None
 ) -> Iterator[FibrpcServer]:
     """A ready server on a private queue (or ``queue``) at ``url``; afterwards, whatever
-    happened, stopped and its queue deleted."""
+    happened, stopped and its queue deleted. Fails the test at once when no broker
+    answers at ``url``."""
     queue = queue or private_queue()
+    check_broker(url)
     try:
         # Readiness is read from the log: info, unless ``args`` say otherwise.
         server = start_server(
@@ -229,8 +249,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="fibrpc_url",
         metavar="URL",
         default=None,
+        # argparse formats help with %: the default URL's %2F is written %%2F.
         help="RabbitMQ for the fibrpc_server fixture (else the fibrpc_url ini option, "
-        f"else $FIBRPC_URL, else {DEFAULT_URL}).",
+        f"else $FIBRPC_URL, else {DEFAULT_URL.replace('%', '%%')}).",
     )
     parser.addini("fibrpc_url", "RabbitMQ for the fibrpc_server fixture.", default=None)
 
