@@ -42,11 +42,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from fibrpc import amqp, protocol
 
-# ``_batches`` is the client's own batching, private to fibrpc.client: imported, not
-# copied, so that a stub batches (and checks each n) exactly as the client does.
-from fibrpc.client import _batches, check_n, check_timeout
+# The client's own checks, encoding and batching: imported, not copied, so that a stub
+# refuses and batches exactly as the clients do.
+from fibrpc.client import batches, check_timeout, check_window, encode
 from fibrpc.config import (
-    BROKER_MAX_MESSAGE_BYTES,
     DEFAULT_HEARTBEAT,
     DEFAULT_MEMO_BYTES,
     DEFAULT_QUEUE,
@@ -55,7 +54,6 @@ from fibrpc.config import (
     DEFAULT_WINDOW,
     Limits,
 )
-from fibrpc.driver import too_large
 from fibrpc.errors import (
     CallTimeoutError,
     ClientClosedError,
@@ -84,12 +82,19 @@ class _Request:
 
     __slots__ = ("algo", "as_", "body", "content_type", "n", "timeout", "type")
 
-    def __init__(self, n: int | list[int], algo: str, as_: _As, timeout: float) -> None:
+    def __init__(
+        self,
+        n: int | list[int],
+        algo: str,
+        as_: _As,
+        timeout: float,
+        encoded: tuple[bytes, str | None, str | None],
+    ) -> None:
         self.n = n
         self.algo = algo
         self.as_ = as_
         self.timeout = timeout
-        self.body, self.content_type, self.type = protocol.encode_request(n, algo)
+        self.body, self.content_type, self.type = encoded
 
     def describe(self) -> str:
         """``fib(30) with 'fast'``, or ``a batch of 1000 value(s) with 'iter'``."""
@@ -115,12 +120,10 @@ class _Stub:
         memo_bytes: int = DEFAULT_MEMO_BYTES,
     ) -> None:
         self.timeout = check_timeout(timeout)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ConfigError(f"window must be a whole number of 1 or more; got {window!r}.")
+        self.window = check_window(window)
         self.urls = amqp.split_urls(url)
         self.url = self.urls[0]
         self.queue = queue
-        self.window = window
         for node in self.urls:
             amqp.parameters(node, tls=tls)  # as Client: a URL pika cannot read, a bad TLS option
         self.limits = limits or Limits()
@@ -147,17 +150,32 @@ class _Stub:
                     self._handler = Handler(self.limits, self._memo_bytes)
         return self._handler
 
-    def _request(self, n: Any, algo: str, timeout: float | None, as_: _As) -> _Request:
-        """Check and encode one call, as ``Client._submit`` does: nothing is counted in
-        flight before every argument is checked."""
+    @property
+    def dropped_unknown(self) -> int:
+        """Always 0: no reply comes to a stub that it did not ask for."""
+        return 0
+
+    @property
+    def dropped_duplicates(self) -> int:
+        """Always 0: no request is delivered twice."""
+        return 0
+
+    def _seconds(self, timeout: float | None) -> float:
+        """A call's timeout: the client's, or ``timeout`` checked (``ConfigError``)."""
+        return self.timeout if timeout is None else check_timeout(timeout)
+
+    def _check_open(self) -> None:
+        """Raise ``ClientClosedError`` unless calls may be made."""
         if self._closing:
             raise ClientClosedError("The client is closed.")
-        seconds = self.timeout if timeout is None else check_timeout(timeout)
-        if not isinstance(n, list):
-            n = check_n(n)
-        request = _Request(n, algo, as_, seconds)
-        if len(request.body) > BROKER_MAX_MESSAGE_BYTES:
-            raise too_large(len(request.body), BROKER_MAX_MESSAGE_BYTES)
+
+    def _request(self, n: Any, algo: str, seconds: float, as_: _As) -> _Request:
+        """Check and encode one call (``fibrpc.client.encode``: ``RequestError`` for an
+        n that is not an integer, or a body over the broker's 16 MiB), as the clients do:
+        nothing is counted in flight before every argument is checked."""
+        self._check_open()
+        n, encoded = encode(n, algo)
+        request = _Request(n, algo, as_, seconds, encoded)
         with self._lock:
             self._in_flight += 1
         return request
@@ -213,7 +231,7 @@ class _Stub:
             raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
         if batch_size == 1:
             return iter(ns), _As.INT
-        return _batches(ns, batch_size, algo), _As.INTS
+        return batches(ns, batch_size, algo), _As.INTS
 
     def _read_ahead(
         self,
@@ -280,7 +298,8 @@ class StubClient(_Stub):
         caller's thread). Argument errors raise here, the call's own errors (a refusal,
         a timeout) from the future, as ``Client.submit``'s. A done-callback added to it
         runs at once, in the thread that adds it."""
-        request = self._request(n, algo, timeout, _As.INT)
+        self._check_open()
+        request = self._request(n, algo, self._seconds(timeout), _As.INT)
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         try:
             future.set_result(self._answer(request))
@@ -312,7 +331,7 @@ class StubClient(_Stub):
         read up to ``window`` batches ahead, the first refused batch raising its
         ``RequestError``. Each batch is computed when its results are next."""
         chunks, as_ = self._chunks(ns, algo, batch_size)
-        seconds = self.timeout if timeout is None else check_timeout(timeout)
+        seconds = self._seconds(timeout)
         pending: collections.deque[_Request] = collections.deque()
         try:
             more = self._read_ahead(chunks, pending, algo, seconds, as_)
@@ -333,7 +352,8 @@ class StubClient(_Stub):
         self._closing = True
 
     def _call(self, n: Any, algo: str, timeout: float | None, as_: _As) -> Any:
-        return self._answer(self._request(n, algo, timeout, as_))
+        self._check_open()  # before the timeout, as Client
+        return self._answer(self._request(n, algo, self._seconds(timeout), as_))
 
     def _answer(self, request: _Request) -> Any:
         """Serve ``request`` here and now, and read the reply."""
@@ -352,7 +372,8 @@ class StubClient(_Stub):
 class AsyncStubClient(_Stub):
     """A stand-in for ``fibrpc.aio.AsyncClient`` that needs no broker and no server
     (an async context manager; see the module docstring). Takes the same settings as
-    ``StubClient``, checked the same way.
+    ``StubClient``, checked the same way. As ``AsyncClient``, it is opened by ``async
+    with`` (or ``await connect()``) and then serves that event loop's thread only.
 
     A request is decoded and, when it is light, computed inline, in the event loop:
     microseconds, and nothing else runs meanwhile, so a test's order of events is the
@@ -364,7 +385,10 @@ class AsyncStubClient(_Stub):
     a worker would, and its result is dropped).
     """
 
+    _loop_thread: int | None = None
+
     async def __aenter__(self) -> AsyncStubClient:
+        await self.connect()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -374,14 +398,14 @@ class AsyncStubClient(_Stub):
         self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None
     ) -> int:
         """F(n) computed with ``algo``. Raises as ``StubClient.call`` does."""
-        result: int = await self._answer(self._request(n, algo, timeout, _As.INT))
+        result: int = await self._answer(self._request(n, algo, self._seconds(timeout), _As.INT))
         return result
 
     async def call_text(
         self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None
     ) -> str:
         """F(n) as decimal text. Raises as ``StubClient.call`` does."""
-        text: str = await self._answer(self._request(n, algo, timeout, _As.TEXT))
+        text: str = await self._answer(self._request(n, algo, self._seconds(timeout), _As.TEXT))
         return text
 
     async def map(
@@ -408,7 +432,7 @@ class AsyncStubClient(_Stub):
         """F(n) for every n of an iterable, in order, batched and read ahead as
         ``StubClient.imap``; ``async for`` it."""
         chunks, as_ = self._chunks(ns, algo, batch_size)
-        seconds = self.timeout if timeout is None else check_timeout(timeout)
+        seconds = self._seconds(timeout)
         pending: collections.deque[_Request] = collections.deque()
         try:
             more = self._read_ahead(chunks, pending, algo, seconds, as_)
@@ -424,9 +448,33 @@ class AsyncStubClient(_Stub):
         finally:
             self._done(len(pending))
 
+    async def connect(self) -> None:
+        """What ``async with`` does: calls may be made from now on, in this event loop's
+        thread. Raises ``ClientClosedError`` if the client is open already, or closed."""
+        if self._closing or self._loop_thread is not None:
+            raise ClientClosedError("This AsyncClient is open already, or closed.")
+        asyncio.get_running_loop()  # RuntimeError outside a loop, as AsyncClient
+        self._loop_thread = threading.get_ident()
+
     async def close(self) -> None:
         """Close: every later call raises ``ClientClosedError``. Returns at once."""
         self._closing = True
+
+    def _check_open(self) -> None:
+        """As ``AsyncClient``: ``ClientClosedError`` once closed, before ``connect``, or
+        from another thread than its event loop's."""
+        if self._closing or self._loop_thread is None:
+            raise ClientClosedError(
+                "The client is closed."
+                if self._closing
+                else "The AsyncClient is not connected: use `async with AsyncClient(...)` or "
+                "`await client.connect()` first."
+            )
+        if threading.get_ident() != self._loop_thread:
+            raise ClientClosedError(
+                "An AsyncClient serves the event loop (and thread) it was connected in; "
+                "use fibrpc.Client from other threads."
+            )
 
     async def _answer(self, request: _Request) -> Any:
         """Serve ``request``: inline if light, in a thread if heavy (class docstring)."""
