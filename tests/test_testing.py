@@ -132,9 +132,6 @@ def test_a_map_gives_what_a_real_server_gives_value_by_value_and_error_by_error(
     real, stub, ns, algo, batch_size
 ):
     assume(all(light(n, algo) for n in ns))
-    # A None ends the real client's imap with batch_size=1 (it reads None as the end of
-    # the values): a bug of fibrpc.client, where the stub says not_an_integer.
-    assume(not (batch_size == 1 and None in ns))
     expected = outcome(lambda: real.map(ns, algo=algo, batch_size=batch_size))
     assert outcome(lambda: stub.map(ns, algo=algo, batch_size=batch_size)) == expected
     # imap: the same values before the same error (the stub reads as far ahead).
@@ -142,19 +139,12 @@ def test_a_map_gives_what_a_real_server_gives_value_by_value_and_error_by_error(
     assert streamed(stub.imap(ns, algo=algo, batch_size=batch_size)) == expected_stream
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fibrpc.client and fibrpc.aio: imap with batch_size=1 takes a None among the "
-    "values for the end of them (next(chunks, None)), so map([1, None, 2], batch_size=1) "
-    "returns [1]; the stub refuses None as not_an_integer, as every other path does",
-)
 def test_a_none_among_single_calls_is_refused_by_the_client(real, stub):
     assert outcome(lambda: real.map([1, None, 2], batch_size=1)) == outcome(
         lambda: stub.map([1, None, 2], batch_size=1)
     )
 
 
-@pytest.mark.xfail(strict=True, reason="as above, in AsyncClient.imap")
 def test_a_none_among_single_calls_is_refused_by_the_asyncio_client(fibrpc_server):
     async def main(client: Any) -> tuple[Any, ...]:
         async with client:
