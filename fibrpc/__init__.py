@@ -11,8 +11,8 @@ Public API::
 README.md and docs/ say the rest.
 """
 
-from fibrpc.amqp import TLSOptions
-from fibrpc.client import Client
+from typing import TYPE_CHECKING, Any
+
 from fibrpc.errors import (
     AccessRefusedError,
     BrokerError,
@@ -45,3 +45,22 @@ __all__ = [
     "UnreadableReplyError",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from fibrpc.amqp import TLSOptions
+    from fibrpc.client import Client
+
+#: Names imported on first use (PEP 562): ``import fibrpc`` (the pytest plugin, say, in
+#: every test session of an application that installs fibrpc) loads no pika.
+_LAZY = {"Client": "fibrpc.client", "TLSOptions": "fibrpc.amqp"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fibrpc' has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

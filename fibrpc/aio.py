@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from fibrpc import amqp
 from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
-from fibrpc.client import batches, check_timeout, check_window, encode
+from fibrpc.client import END, batches, check_timeout, check_window, encode
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_QUEUE,
@@ -294,12 +294,12 @@ class AsyncClient:
         slots = self._slots
         in_flight: collections.deque[tuple[Call, asyncio.Future[Any]]] = collections.deque()
         try:
-            chunk = next(chunks, None)
-            while chunk is not None or in_flight:
+            chunk: Any = next(chunks, END)
+            while chunk is not END or in_flight:
                 # Fill the window; wait for a slot only when nothing is in flight.
-                while chunk is not None and (not in_flight or slots.free):
+                while chunk is not END and (not in_flight or slots.free):
                     in_flight.append(await self._send(chunk, algo, seconds, as_))
-                    chunk = next(chunks, None)
+                    chunk = next(chunks, END)
                 call, future = in_flight.popleft()
                 try:
                     result = await self._wait(call, future)

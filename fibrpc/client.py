@@ -333,14 +333,14 @@ class Client:
         as_ = AS_INT if batch_size == 1 else AS_INTS
         in_flight: collections.deque[Call] = collections.deque()
         try:
-            chunk = next(chunks, None)
-            while chunk is not None or in_flight:
-                while chunk is not None:
+            chunk: Any = next(chunks, END)
+            while chunk is not END or in_flight:
+                while chunk is not END:
                     call, _ = self._submit(chunk, algo, timeout, as_, block=not in_flight)
                     if call is None:
                         break
                     in_flight.append(call)
-                    chunk = next(chunks, None)
+                    chunk = next(chunks, END)
                 result = self._driver.wait(in_flight.popleft())
                 yield [result] if as_ == AS_INT else result
         finally:
@@ -462,3 +462,5 @@ def batches(ns: Iterable[object], size: int | None, algo: str) -> Iterator[list[
 
 
 _INT: Final = {int}
+#: The end of an iterable of n (None is a value there, refused as not an integer).
+END: Final = object()

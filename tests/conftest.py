@@ -23,18 +23,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pika
 import pytest
 from privatenode import DENY_DEPRECATED, PrivateNode, private_node
+
+from fibrpc.pytest_plugin import FibrpcServer, delete_queue, private_queue
+from fibrpc.pytest_plugin import start_server as _start_server
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 BROKER = os.environ.get("FIBRPC_TEST_BROKER", "local")
@@ -43,7 +44,6 @@ URL = os.environ.get("FIBRPC_TEST_URL", LOCAL_URL)
 #: The RabbitMQ of private nodes, and their configuration: as the broker under test's.
 NODE_VERSION = "4" if BROKER == "rabbitmq4" else None
 NODE_CONFIG = DENY_DEPRECATED if BROKER == "rabbitmq4" else ""
-READY_TIMEOUT = 60.0
 
 _session = contextlib.ExitStack()
 #: The session's RabbitMQ 4 node, for ``rabbitmq4``.
@@ -143,6 +143,13 @@ def broker_url() -> str:
     return URL
 
 
+@pytest.fixture(scope="session")
+def fibrpc_broker_url() -> str:
+    """The broker of fibrpc's own pytest fixtures (``fibrpc.pytest_plugin``): the broker
+    under test."""
+    return URL
+
+
 @pytest.fixture
 def private_broker() -> Iterator[PrivateNode]:
     """A private node of the broker under test's version, for a test that restarts or
@@ -165,69 +172,13 @@ def broker(broker_url: str) -> Iterator[pika.adapters.blocking_connection.Blocki
 @pytest.fixture
 def queue(broker_url: str) -> Iterator[str]:
     """A request queue name of this test's own, deleted when the test ends."""
-    name = f"fibrpc-test-{uuid.uuid4().hex[:10]}"
+    name = private_queue()
     yield name
     delete_queue(broker_url, name)
 
 
-def delete_queue(url: str, name: str) -> None:
-    """Delete queue ``name`` at ``url`` if it is there."""
-    with contextlib.suppress(Exception):
-        conn = connect(url)
-        with contextlib.suppress(Exception):
-            conn.channel().queue_delete(name)
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
-class Server:
-    """A running ``fibrpc serve`` subprocess and its log."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.proc = proc
-        self.log = log
-
-    @property
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for_log(self, needle: str, timeout: float = READY_TIMEOUT, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.text.count(needle) >= count:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(
-            f"{needle!r} not logged (x{count}) within {timeout}s; exit={self.proc.poll()}\n"
-            f"{self.text[-4000:]}"
-        )
-
-    def worker_pids(self) -> list[int]:
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        return [int(p) for p in out.split()]
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; kill the whole group if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        self.kill_group()
-        return self.proc.wait(5)
-
-    def kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+#: A running ``fibrpc serve`` subprocess and its log: the plugin's, shared with applications.
+Server = FibrpcServer
 
 
 def start_server(
@@ -238,41 +189,12 @@ def start_server(
     env: dict[str, str] | None = None,
     wait: bool = True,
     url: str | None = None,
-) -> Server:
+) -> FibrpcServer:
     """Start ``fibrpc serve`` on ``queue`` at ``url`` (the broker under test by default)
     and (by default) wait until it is ready."""
-    log = tmp_path / f"serve-{uuid.uuid4().hex[:6]}.log"
     # A --url among ``args`` is the broker: --url may be given several times (a cluster).
-    where = [] if "--url" in args else ["--url", url or URL]
-    cmd = [
-        sys.executable,
-        "-m",
-        "fibrpc",
-        "serve",
-        *where,
-        "--queue",
-        queue,
-        "--workers",
-        str(workers),
-        *args,
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
-    server = Server(proc, log)
-    if wait:
-        try:
-            server.wait_for_log("ready:")
-        except BaseException:
-            server.stop()
-            raise
-    return server
+    where = () if "--url" in args else (url or URL)
+    return _start_server(where, queue, *args, log_dir=tmp_path, workers=workers, env=env, wait=wait)
 
 
 @pytest.fixture

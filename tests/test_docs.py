@@ -9,6 +9,7 @@ line: ``# fragment``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import re
@@ -18,6 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import start_server
 from privatenode import PrivateNode
+
+from fibrpc import ClientClosedError
+from fibrpc.kernels import FAST_TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
@@ -69,6 +73,24 @@ def test_every_python_block_runs_as_written(served, page, line, code):
     # Where a block says what it prints (``print(x)  # 832040``), it prints that.
     for expected in re.findall(r"print\([^\n]*\)\s+#\s*([\w\[\]]+)\s*$", code, re.M):
         assert expected in printed, f"{page}:{line}: {expected!r} not in {printed!r}"
+
+
+def test_readme_s_fastapi_example_serves_fibonacci_and_maps_refusals_to_422(served):
+    from fastapi.testclient import TestClient  # noqa: PLC0415
+
+    [code] = [code for page, _, code in BLOCKS if page == "README.md" and "FastAPI(" in code]
+    namespace: dict[str, object] = {}
+    exec(compile(code.replace(DEFAULT_URL, served), "README.md (FastAPI)", "exec"), namespace)
+    with TestClient(namespace["app"]) as http:  # runs the lifespan: connects, then closes
+        assert http.get("/fib/30").json() == {"n": "30", "fib": "832040"}
+        assert http.get("/fib/90", params={"algo": "iter"}).json()["fib"] == str(FAST_TABLE[90])
+        refused = http.get("/fib/-1")
+        assert refused.status_code == 422
+        assert refused.json()["detail"].startswith("negative: ")
+        assert http.get("/fib/5", params={"algo": "bogus"}).status_code == 422
+    # The lifespan closed the client: nothing of it is left running.
+    with pytest.raises(ClientClosedError):
+        asyncio.run(namespace["fib"].call(1))  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])

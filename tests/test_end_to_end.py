@@ -144,18 +144,17 @@ def test_the_client_calls_submits_and_maps_against_a_real_server(serve, queue):
         assert client.in_flight == 0
 
 
-def test_a_server_error_reply_raises_a_typed_error_with_its_code(serve, queue):
-
-    serve(workers=1)
-    with Client(URL, queue=queue) as client:
-        with pytest.raises(RequestError) as refused:
-            client.call(94, algo="iter")
-        assert refused.value.code == "out_of_range"
-        with pytest.raises(RequestError) as refused:
-            client.map([1, 2, -3])
-        assert refused.value.code == "negative"
-        assert "Batch member 2" in refused.value.message
-        assert client.call(10) == 55  # the client is still usable
+def test_a_server_error_reply_raises_a_typed_error_with_its_code(fibrpc_client):
+    # fibrpc_client: the pytest plugin's (fibrpc.pytest_plugin), as applications use it
+    client = fibrpc_client
+    with pytest.raises(RequestError) as refused:
+        client.call(94, algo="iter")
+    assert refused.value.code == "out_of_range"
+    with pytest.raises(RequestError) as refused:
+        client.map([1, 2, -3])
+    assert refused.value.code == "negative"
+    assert "Batch member 2" in refused.value.message
+    assert client.call(10) == 55  # the client is still usable
 
 
 def test_supervisor_ctrl_c_leaves_no_orphan_workers(serve, queue):
