@@ -10,7 +10,8 @@ keep:
 * **Files, whole.** An entry is written to a temporary name and renamed into place, so a
   reader sees a whole file or none. A reader that opens an entry as it is evicted still
   reads it whole (Linux frees an unlinked file when its last reader closes it).
-* **Bounded in bytes** (``--memo-bytes``, for the server). Writers take an exclusive
+* **Bounded in bytes** (``--memo-bytes``, for the server), of memory: an entry counts as
+  the whole pages tmpfs gives it (a text of 2,090 digits takes 4 KiB). Writers take an exclusive
   ``flock`` on ``.lock`` (the kernel drops it when its holder dies, even by ``kill -9``)
   and keep the bytes in use in ``.used``. A write that would pass the bound first evicts
   the least recently used entries (``evictions``, a pure function: a hit bumps its
@@ -37,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -157,9 +159,11 @@ class SharedMemo:
     docstring). Each process opens its own lock (``flock`` locks belong to an open file,
     which a fork would share), on first write."""
 
-    def __init__(self, directory: Path | str, bound: int) -> None:
+    def __init__(self, directory: Path | str, bound: int, page: int = mmap.PAGESIZE) -> None:
+        """``page``: the unit tmpfs allocates in; every entry counts as whole pages."""
         self.directory = Path(directory)
         self.bound = bound
+        self.page = page
         self._fds: tuple[int, int, int] | None = None  # pid, .lock, .used
         self._thread_lock = threading.Lock()  # the compute thread and the I/O thread
         self._warned = False
@@ -180,7 +184,7 @@ class SharedMemo:
         return (self.directory / key).exists()
 
     def put(self, key: str, value: bytes) -> None:
-        size = len(value)
+        size = self._footprint(len(value))
         if size > self.bound:
             return
         path = self.directory / key
@@ -239,7 +243,10 @@ class SharedMemo:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     info = item.stat()
-                    yield Entry(item.name, info.st_size, info.st_mtime_ns)
+                    yield Entry(item.name, self._footprint(info.st_size), info.st_mtime_ns)
+
+    def _footprint(self, size: int) -> int:
+        return -(-size // self.page) * self.page
 
     def _evict(self, incoming: int) -> int:
         """Under the lock: count the entries again, remove the least recently used, and

@@ -57,7 +57,7 @@ def test_a_large_incoming_entry_evicts_as_many_as_it_takes():
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> memo.Memo:
     if request.param == "local":
         return LocalMemo(100)
-    return SharedMemo(tmp_path, 100)
+    return SharedMemo(tmp_path, 100, page=1)
 
 
 def test_a_memo_stays_within_its_bound_and_refreshes_what_it_hands_out(store: memo.Memo):
@@ -120,7 +120,7 @@ def test_an_entry_one_process_stores_is_a_hit_in_another(tmp_path: Path):
 
 
 def test_a_writer_killed_holding_the_lock_does_not_stop_the_others(tmp_path: Path):
-    store = SharedMemo(tmp_path, 1_000)
+    store = SharedMemo(tmp_path, 1_000, page=1)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: take the lock, say so, and wait to be killed
@@ -138,7 +138,7 @@ def test_a_writer_killed_holding_the_lock_does_not_stop_the_others(tmp_path: Pat
 
 
 def test_counting_before_writing_errs_high_and_the_next_eviction_counts_again(tmp_path: Path):
-    store = SharedMemo(tmp_path, 100)
+    store = SharedMemo(tmp_path, 100, page=1)
     store.put("a", b"a" * 40)
     (tmp_path / ".b.tmp").write_bytes(b"b" * 40)  # a writer killed between count and rename
     _set_used(tmp_path, 80)
@@ -147,6 +147,20 @@ def test_counting_before_writing_errs_high_and_the_next_eviction_counts_again(tm
     assert store.contains("c")
     assert not (tmp_path / ".b.tmp").exists()
     assert store.used() == 80
+
+
+def test_a_shared_entry_counts_as_the_whole_pages_it_takes(tmp_path: Path):
+    store = SharedMemo(tmp_path, 10 * 4096, page=4096)
+    store.put("a", b"a" * 10)  # one page
+    store.put("b", b"b" * 4097)  # two
+    assert store.used() == 3 * 4096
+    store.put("c", b"c" * (6 * 4096 + 1))  # seven: the bound, just
+    assert store.used() == 10 * 4096
+    assert store.entries() == 3
+    store.put("d", b"d")  # one more page passes it: the oldest go
+    assert not store.contains("a")
+    assert store.contains("d")
+    assert store.used() <= 10 * 4096
 
 
 def _set_used(directory: Path, value: int) -> None:
