@@ -13,10 +13,10 @@ keep:
 * **Bounded in bytes** (``--memo-bytes``, for the server), of memory: an entry counts as
   the whole pages tmpfs gives it (a text of 2,090 digits takes 4 KiB). Writers take an exclusive
   ``flock`` on ``.lock`` (the kernel drops it when its holder dies, even by ``kill -9``)
-  and keep the bytes in use in ``.used``. A write that would pass the bound first evicts
+  and keep the bytes in use in it. A write that would pass the bound first evicts
   the least recently used entries (``evictions``, a pure function: a hit bumps its
   entry's modification time) down to nine tenths of the bound, so the scan that finds
-  them is paid once per tenth of the bound written, not per write. ``.used`` is counted
+  them is paid once per tenth of the bound written, not per write. The count is raised
   before the file is written: a writer killed in between leaves it too high, never too
   low, and the next scan counts again from the files.
 * **Cleaned up.** The supervisor removes the directory when it exits (``remove``). One
@@ -44,6 +44,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,8 +58,8 @@ SHM: Final = Path("/dev/shm")
 PREFIX: Final = "fibrpc-memo-"
 #: A write that passes the bound evicts down to this fraction of it.
 LOW_WATER: Final = 0.9
+#: Writers' lock, and the bytes in use (8 bytes, little-endian) in it.
 _LOCK: Final = ".lock"
-_USED: Final = ".used"
 _COUNT: Final = struct.Struct("<Q")
 
 
@@ -156,57 +157,68 @@ class LocalMemo:
 
 class SharedMemo:
     """The memo in ``directory``, shared by every process that opens it (see the module's
-    docstring). Each process opens its own lock (``flock`` locks belong to an open file,
-    which a fork would share), on first write."""
+    docstring). Each process opens the directory and its lock for itself (``flock`` locks
+    belong to an open file, which a fork would share), on first use; every file is then
+    reached relative to the directory's descriptor, a few system calls per operation."""
 
     def __init__(self, directory: Path | str, bound: int, page: int = mmap.PAGESIZE) -> None:
         """``page``: the unit tmpfs allocates in; every entry counts as whole pages."""
         self.directory = Path(directory)
         self.bound = bound
         self.page = page
-        self._fds: tuple[int, int, int] | None = None  # pid, .lock, .used
+        self._fds: tuple[int, int, int] | None = None  # pid, the directory, .lock
         self._thread_lock = threading.Lock()  # the compute thread and the I/O thread
         self._warned = False
 
     def get(self, key: str) -> bytes | None:
         try:
-            with open(self.directory / key, "rb") as file:
-                value = file.read()
-                os.utime(file.fileno())  # now the most recently used
+            directory = self._open()[1]
+            fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory)
         except FileNotFoundError:
             return None
         except OSError as exc:
             self._warn("read", exc)
             return None
-        return value
+        try:
+            chunks = []
+            size = os.fstat(fd).st_size
+            while size > 0 and (chunk := os.read(fd, size)):
+                chunks.append(chunk)
+                size -= len(chunk)
+            _touch(fd)  # now the most recently used
+        except OSError as exc:
+            self._warn("read", exc)
+            return None
+        finally:
+            os.close(fd)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def contains(self, key: str) -> bool:
-        return (self.directory / key).exists()
+        try:
+            os.stat(key, dir_fd=self._open()[1])
+        except OSError:
+            return False
+        return True
 
     def put(self, key: str, value: bytes) -> None:
         size = self._footprint(len(value))
         if size > self.bound:
             return
-        path = self.directory / key
         with self._thread_lock:
             try:
-                _, lock, used = self._open()
+                _, directory, lock = self._open()
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:
-                    if path.exists():  # another worker computed it meanwhile
+                    if self.contains(key):  # another worker computed it meanwhile
                         return
-                    total = _read_count(used)
+                    total = _read_count(lock)
                     if total + size > self.bound:
                         total = self._evict(size)
-                    _write_count(used, total + size)  # counted first: never too low
-                    temporary = self.directory / f".{key}.tmp"
+                    _write_count(lock, total + size)  # counted first: never too low
                     try:
-                        temporary.write_bytes(value)
-                        os.replace(temporary, path)
+                        _write_file(directory, key, value)
                     except OSError:
-                        with contextlib.suppress(OSError):
-                            temporary.unlink()
-                        _write_count(used, total)
+                        _write_count(lock, total)
                         raise
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
@@ -230,11 +242,12 @@ class SharedMemo:
             os.close(fds[2])
 
     def _open(self) -> tuple[int, int, int]:
-        if self._fds is None or self._fds[0] != os.getpid():  # none yet, or a fork's
-            lock = os.open(self.directory / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            used = os.open(self.directory / _USED, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fds = (os.getpid(), lock, used)
-        return self._fds
+        fds = self._fds
+        if fds is None or fds[0] != os.getpid():  # none yet, or a fork's
+            directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            lock = os.open(_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=directory)
+            fds = self._fds = (os.getpid(), directory, lock)
+        return fds
 
     def _scan(self) -> Iterable[Entry]:
         with os.scandir(self.directory) as found:
@@ -269,6 +282,35 @@ class SharedMemo:
             )
 
 
+def _write_file(directory: int, key: str, value: bytes) -> None:
+    """Write ``value`` as ``key`` in ``directory`` (a descriptor): a temporary file first,
+    renamed into place, so that a reader sees all of it or nothing."""
+    temporary = f".{key}.tmp"
+    fd = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=directory
+    )
+    try:
+        try:
+            view = memoryview(value)
+            while view:
+                view = view[os.write(fd, view) :]
+            _touch(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, key, src_dir_fd=directory, dst_dir_fd=directory)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=directory)
+        raise
+
+
+def _touch(fd: int) -> None:
+    """Set a file's times to now, to the nanosecond: the times tmpfs sets itself tick
+    with the kernel's coarse clock (milliseconds), too coarse to order entries by."""
+    now = time.time_ns()
+    os.utime(fd, ns=(now, now))
+
+
 def _read_count(fd: int) -> int:
     data = os.pread(fd, _COUNT.size, 0)
     return _COUNT.unpack(data)[0] if len(data) == _COUNT.size else 0
@@ -294,7 +336,7 @@ def create(supervisor: int, where: Path | None = None) -> Path | None:
     directory = where / f"{PREFIX}{supervisor}"
     try:
         directory.mkdir(mode=0o700)
-        (directory / _USED).write_bytes(_COUNT.pack(0))
+        (directory / _LOCK).write_bytes(_COUNT.pack(0))
     except OSError as exc:
         log.warning(
             "cannot make the shared memo %s (%s): each worker keeps its own", directory, exc

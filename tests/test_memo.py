@@ -164,7 +164,7 @@ def test_a_shared_entry_counts_as_the_whole_pages_it_takes(tmp_path: Path):
 
 
 def _set_used(directory: Path, value: int) -> None:
-    (directory / ".used").write_bytes(value.to_bytes(8, "little"))
+    (directory / ".lock").write_bytes(value.to_bytes(8, "little"))
 
 
 # --- clean-up ---------------------------------------------------------------------------
