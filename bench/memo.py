@@ -36,8 +36,6 @@ import gmpy2
 from fibrpc import Client
 from fibrpc.bench import spawned_server
 from fibrpc.config import DEFAULT_URL
-from fibrpc.kernels import FastFib
-from fibrpc.memo import LocalMemo, SharedMemo, root
 
 
 def end_to_end(url: str, n: int, repeats: int) -> dict[str, object]:
@@ -92,6 +90,8 @@ def median_us(fn: Callable[[], object], reps: int) -> float:
 
 
 def stores() -> dict[str, object]:
+    from fibrpc.memo import SharedMemo, root  # noqa: PLC0415 - end_to_end runs on older fibrpc
+
     f = gmpy2.fib(10**7)
     magnitude = int(f).to_bytes((f.bit_length() + 7) // 8, "little")
     text = f.digits().encode()
@@ -131,24 +131,36 @@ def stores() -> dict[str, object]:
     rows: dict[str, object] = {}
     try:
         for name, (put, get) in candidates.items():
-            counter = iter(range(10**9))
-            rows[name] = {
-                # A fresh key per put: a put that finds its key does nothing.
-                "put_0.87MB_us": median_us(lambda: put(f"m{next(counter)}", magnitude), 15),
-                "put_2.09MB_us": median_us(lambda: put(f"t{next(counter)}", text), 15),
-                "put_2KB_us": median_us(lambda: put(f"s{next(counter)}", small), 200),
-                "get_0.87MB_us": median_us(lambda: get("m0"), 30),
-                "get_2.09MB_us": median_us(lambda: get("t1"), 30),
-                "get_2KB_us": median_us(lambda: get("s2"), 200),
-                "miss_us": median_us(lambda: get("absent"), 500),
-            }
+            rows[name] = measure(put, get, magnitude, text, small)
         rows["FastFib miss (compute + store), local / shared"] = miss_costs(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return rows
 
 
+def measure(
+    put: Callable[[str, bytes], object],
+    get: Callable[[str], object],
+    magnitude: bytes,
+    text: bytes,
+    small: bytes,
+) -> dict[str, float]:
+    counter = iter(range(10**9))  # a fresh key per put: a put that finds its key does nothing
+    return {
+        "put_0.87MB_us": median_us(lambda: put(f"m{next(counter)}", magnitude), 15),
+        "put_2.09MB_us": median_us(lambda: put(f"t{next(counter) - 15}", text), 15),
+        "put_2KB_us": median_us(lambda: put(f"s{next(counter) - 30}", small), 200),
+        "get_0.87MB_us": median_us(lambda: get("m0"), 30),
+        "get_2.09MB_us": median_us(lambda: get("t0"), 30),
+        "get_2KB_us": median_us(lambda: get("s0"), 200),
+        "miss_us": median_us(lambda: get("absent"), 500),
+    }
+
+
 def miss_costs(directory: Path) -> dict[str, str]:
+    from fibrpc.kernels import FastFib  # noqa: PLC0415
+    from fibrpc.memo import LocalMemo, SharedMemo  # noqa: PLC0415
+
     out = {}
     for n, reps in ((10_001, 200), (100_000, 30), (1_000_000, 5), (10_000_000, 3)):
         local_times, shared_times = [], []
