@@ -19,10 +19,39 @@ import threading
 import time
 from typing import Any, Final, Protocol
 
+from fibrpc import protocol
+
 #: What a reply is turned into for the caller.
 AS_INT: Final = 0
 AS_TEXT: Final = 1
 AS_INTS: Final = 2
+
+
+def read_reply(body: bytes, content_type: str | None, as_: int) -> Any:
+    """What a reply gives the caller of a call made ``as_``: an int (``AS_INT``), a
+    batch's ints (``AS_INTS``) or decimal text (``AS_TEXT``), from any form the server
+    answered in (text, JSON, or a binary form).
+
+    Raises ``RequestError`` for an error envelope (the server's code and message), and
+    ``ValueError`` or ``TypeError`` for a reply that does not fit the call."""
+    if as_ != AS_TEXT and protocol.is_binary(content_type):
+        values = protocol.decode_values(body, content_type)
+        if as_ == AS_INTS:
+            return values
+        if len(values) != 1:
+            raise ValueError(f"a reply to one call holds {len(values)} results")
+        return values[0]
+    value = protocol.decode_reply(body, content_type)
+    if as_ == AS_INT:
+        if not isinstance(value, str):
+            raise TypeError("a reply to one call must be one result")
+        return protocol.to_int(value)
+    if as_ == AS_INTS:
+        if not isinstance(value, list):
+            raise TypeError("a reply to a batch must be a list of results")
+        return protocol.to_ints(value)
+    return value
+
 
 #: The heap of deadlines is rebuilt from the pending calls when it holds more than
 #: twice their number plus this many entries (calls settled before their deadline).

@@ -277,7 +277,8 @@ Examples:
     type=click.IntRange(0),
     default=config.DEFAULT_MEMO_BYTES,
     show_default=True,
-    help="Bytes of large results each worker remembers.",
+    help="Bytes of large fast results the server remembers, in one memo its workers share "
+    "(on /dev/shm); 0: no memo.",
 )
 @option(
     "--drain-timeout",

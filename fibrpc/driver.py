@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from fibrpc import backoff, protocol, refusals
-from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
+from fibrpc.calls import Call, Registry, read_reply
 from fibrpc.config import NO_SERVER_GRACE
 from fibrpc.errors import (
     AccessRefusedError,
@@ -483,25 +483,7 @@ class Driver:
             self._count_stray(corr_id)
             return
         try:
-            if protocol.is_binary(content_type) and call.as_ != AS_TEXT:
-                values = protocol.decode_values(body, content_type)
-                if call.as_ == AS_INTS:
-                    result: Any = values
-                elif len(values) == 1:
-                    result = values[0]
-                else:
-                    raise ValueError(f"a reply to one call holds {len(values)} results")
-                self.registry.settle(call, result, ok=True)
-                return
-            value = protocol.decode_reply(body, content_type)
-            if call.as_ == AS_INT:
-                result = protocol.to_int(value)  # type: ignore[arg-type]
-            elif call.as_ == AS_INTS:
-                if not isinstance(value, list):
-                    raise TypeError("a reply to a batch must be a list of results")
-                result = protocol.to_ints(value)
-            else:
-                result = value
+            result = read_reply(body, content_type, call.as_)
         except RequestError as exc:
             if exc.code == ErrorCode.UNSUPPORTED_CONTENT_TYPE and call.content_type == U64:
                 self._resend_as_json(call)

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from typing import Final
 
-from fibrpc import kernels, protocol
+from fibrpc import kernels, memo, protocol
 from fibrpc.config import DEFAULT_MEMO_BYTES, Limits
 from fibrpc.errors import ErrorCode, RequestError
 
@@ -35,9 +35,17 @@ class Reply:
 class Handler:
     """Decodes, bounds-checks and computes requests for one worker process."""
 
-    def __init__(self, limits: Limits | None = None, memo_bytes: int = DEFAULT_MEMO_BYTES):
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        memo_bytes: int = DEFAULT_MEMO_BYTES,
+        memo_dir: str | None = None,
+    ):
+        """``memo_dir``: the server's shared memo (``fibrpc.memo``), bounded by
+        ``memo_bytes`` for the whole server; None: a memo of this process's own."""
         self.limits = limits or Limits()
-        self.fast = kernels.FastFib(memo_bytes=memo_bytes)
+        shared = memo.SharedMemo(memo_dir, memo_bytes) if memo_dir and memo_bytes else None
+        self.fast = kernels.FastFib(memo_bytes=memo_bytes, memo=shared)
 
     def decode(
         self,

@@ -23,8 +23,9 @@ A request chooses an algorithm with its ``algo`` field; each one exists for a re
     GMP's Fibonacci (``gmpy2.fib``), which takes O(M(n) log n) time, with M the cost of a
     multiplication; it is the only algorithm for large n. Most of the cost of a large
     answer is not the number but its decimal text, so ``FastFib`` keeps an LRU memo of
-    *texts*, bounded in bytes (a memo bounded in entries could hold gigabytes), and
-    ``F(0..93)`` come from a table built at import.
+    its results (as text, or as the magnitude's bytes), bounded in bytes (a memo bounded
+    in entries could hold gigabytes): in a server, one memo its workers share
+    (``fibrpc.memo``). ``F(0..93)`` come from tables built at import.
 
 Decimal text is always produced by GMP (``decimal``), never by ``str(int)``: since Python
 3.11, ``str`` refuses integers past 4300 digits, and it is quadratic in the digit count.
@@ -38,15 +39,15 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import gmpy2
 import numpy as np
 import numpy.typing as npt
 
 from fibrpc.errors import ErrorCode, RequestError
+from fibrpc.memo import LocalMemo, Memo
 from fibrpc.numbers import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
@@ -57,6 +58,7 @@ from fibrpc.numbers import (
     decimal,
     estimate_digits,
     fib_naive,
+    magnitude,
 )
 
 __all__ = [
@@ -237,51 +239,61 @@ def naive_values(ns: list[int]) -> list[int]:
 
 
 class FastFib:
-    """The ``fast`` algorithm: GMP's Fibonacci with an LRU memo of decimal texts.
+    """The ``fast`` algorithm: GMP's Fibonacci with a memo of its large results.
 
     Converting a large F(n) to decimal costs more than computing it, and a load of
     repeated large requests (a benchmark, a retry storm) should not pay it twice. The memo
-    holds texts for n > ``memo_min_n`` only (smaller ones are cheap to recompute) and is
-    bounded by the total length of its texts, ``memo_bytes``, because the size of an
-    entry ranges over orders of magnitude; a text longer than the whole bound is not
-    stored. Safe to share between threads: the memo is guarded by a lock, computation
-    happens outside it.
+    holds results for n > ``memo_min_n`` only (smaller ones are cheap to recompute), in
+    either form a request asks for: decimal text (``text``, ``texts``) or the magnitude's
+    bytes (``magnitudes``), each stored once computed. It is bounded in bytes,
+    ``memo_bytes``, because the size of an entry ranges over orders of magnitude; a
+    result larger than the whole bound is not stored.
 
-    ``hits`` counts memo-eligible lookups answered from the memo, ``misses`` those that
-    had to be computed.
+    ``memo`` is where the entries live: a server's ``fibrpc.memo.SharedMemo``, which all
+    its workers share, or by default a ``LocalMemo`` of this process bounded by
+    ``memo_bytes``. Safe to share between threads; computation happens outside any lock.
+
+    ``hits`` counts memo-eligible lookups answered from the memo (by this object, whoever
+    computed the entry), ``misses`` those that had to be computed.
     """
 
-    def __init__(self, memo_bytes: int = 64 * 2**20, memo_min_n: int = 10_000) -> None:
+    def __init__(
+        self,
+        memo_bytes: int = 64 * 2**20,
+        memo_min_n: int = 10_000,
+        memo: Memo | None = None,
+    ) -> None:
         if memo_bytes < 0:
             raise ValueError(f"memo_bytes={memo_bytes} is negative; use 0 to disable the memo.")
-        self.memo_bytes = memo_bytes
         self.memo_min_n = memo_min_n
+        self.memo: Memo = memo if memo is not None else LocalMemo(memo_bytes)
+        self.memo_bytes = self.memo.bound
         self.hits = 0
         self.misses = 0
-        self._memo: OrderedDict[int, str] = OrderedDict()
-        self._used = 0
-        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()  # the I/O thread and the compute thread count
 
     @property
     def memo_bytes_used(self) -> int:
-        """Total length of the texts in the memo; never above ``memo_bytes``."""
-        return self._used
+        """Bytes of the results in the memo; never above ``memo_bytes``."""
+        return self.memo.used()
 
     @property
     def memo_entries(self) -> int:
-        """Number of texts in the memo."""
-        return len(self._memo)
+        """Number of results in the memo (a text and a magnitude of one n count two)."""
+        return self.memo.entries()
 
     def is_memoised(self, n: int) -> bool:
-        """Whether ``text(n)`` would be answered without computing F(n): table or memo.
+        """Whether F(n) would be answered without computing it: table or memo (in either
+        form).
 
         It lets a server answer cheap requests inline and hand only real work to a
         thread. It neither counts as a hit nor refreshes n's place in the LRU order.
         """
         if 0 <= n <= ITER_MAX_N:
             return True
-        with self._lock:
-            return n in self._memo
+        if n <= self.memo_min_n:
+            return False
+        return self.memo.contains(_TEXT + str(n)) or self.memo.contains(_MAGNITUDE + str(n))
 
     def text(self, n: int) -> str:
         """Return the decimal text of F(n).
@@ -291,37 +303,18 @@ class FastFib:
         """
         if n <= ITER_MAX_N:
             if n < 0:
-                raise RequestError(
-                    ErrorCode.NEGATIVE, f"n={n} is negative; Fibonacci numbers start at n=0."
-                )
+                raise _negative(n)
             return FAST_TABLE_TEXT[n]
         if n <= self.memo_min_n:
             small: str = gmpy2.fib(n).digits()
             return small
-        with self._lock:
-            cached = self._memo.get(n)
-            if cached is not None:
-                self._memo.move_to_end(n)
-                self.hits += 1
-                return cached
-            self.misses += 1
+        key = _TEXT + str(n)
+        cached = self._lookup(key)
+        if cached is not None:
+            return cached.decode("ascii")
         text: str = gmpy2.fib(n).digits()
-        self._remember(n, text)
+        self.memo.put(key, text.encode("ascii"))
         return text
-
-    def _remember(self, n: int, text: str) -> None:
-        """Store text as F(n), evicting the least recently used texts to stay in bound."""
-        size = len(text)
-        if size > self.memo_bytes:
-            return
-        with self._lock:
-            if n in self._memo:  # another thread computed it meanwhile
-                return
-            while self._used + size > self.memo_bytes:
-                _, old = self._memo.popitem(last=False)
-                self._used -= len(old)
-            self._memo[n] = text
-            self._used += size
 
     def texts(self, ns: list[int]) -> list[str]:
         """Return the decimal texts of F(n) for a batch; raises like ``text``.
@@ -334,27 +327,55 @@ class FastFib:
             return [FAST_TABLE_TEXT[n] for n in ns]
         return [self.text(n) for n in ns]
 
-    def magnitudes(self, ns: list[int]) -> list[bytes]:
-        """F(n) for a batch as magnitudes: each number's bytes, little-endian, as few as
-        hold it (``b""`` for F(0)); raises like ``text``."""
-        out = []
-        for n in ns:
-            if 0 <= n <= ITER_MAX_N:
-                out.append(FAST_TABLE_BYTES[n])
-                continue
+    def magnitude(self, n: int) -> bytes:
+        """Return F(n)'s magnitude as little-endian bytes, as few as hold it (``b""`` for
+        F(0)): ``int.to_bytes(length, "little")``. Raises like ``text``."""
+        if n <= ITER_MAX_N:
             if n < 0:
-                self.text(n)  # the same refusal as ``text``
-            value = gmpy2.fib(n)
-            out.append(value.to_bytes((value.bit_length() + 7) // 8, "little"))
-        return out
+                raise _negative(n)
+            return FAST_TABLE_BYTES[n]
+        if n <= self.memo_min_n:
+            return magnitude(int(gmpy2.fib(n)))
+        key = _MAGNITUDE + str(n)
+        cached = self._lookup(key)
+        if cached is not None:
+            return cached
+        value = magnitude(int(gmpy2.fib(n)))
+        self.memo.put(key, value)
+        return value
+
+    def magnitudes(self, ns: list[int]) -> list[bytes]:
+        """Return the magnitudes of F(n) for a batch (see ``magnitude``); raises like
+        ``text``."""
+        if not ns:
+            return []
+        if min(ns) >= 0 and max(ns) <= ITER_MAX_N:
+            return [FAST_TABLE_BYTES[n] for n in ns]
+        return [self.magnitude(n) for n in ns]
 
     def value(self, n: int) -> int:
         """Return F(n) as a Python int, for tests and client-side checks; no memo."""
         if n < 0:
-            raise RequestError(
-                ErrorCode.NEGATIVE, f"n={n} is negative; Fibonacci numbers start at n=0."
-            )
+            raise _negative(n)
         return int(gmpy2.fib(n))
+
+    def _lookup(self, key: str) -> bytes | None:
+        cached = self.memo.get(key)
+        with self._count_lock:
+            if cached is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        return cached
+
+
+#: Memo keys: the form, then n.
+_TEXT: Final = "t"
+_MAGNITUDE: Final = "m"
+
+
+def _negative(n: int) -> RequestError:
+    return RequestError(ErrorCode.NEGATIVE, f"n={n} is negative; Fibonacci numbers start at n=0.")
 
 
 def warm() -> None:

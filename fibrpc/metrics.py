@@ -28,7 +28,7 @@ read its algorithm: dropped, expired in the queue, poison, malformed, out of ran
                                           (deadline passed: skipped) or dropped (no reply_to)
     fibrpc_request_seconds{algo}          histogram: decode, compute and reply, per message
     fibrpc_batch_size                     histogram: values of n per decoded request
-    fibrpc_memo_hits_total                large fast results answered from the memo
+    fibrpc_memo_hits_total                large fast results answered from the server's memo
     fibrpc_memo_misses_total              large fast results computed (memo-eligible)
     fibrpc_deadline_skips_total           requests skipped because their caller gave up
     fibrpc_redeliveries_total             requests that came back after a worker died or a
@@ -174,7 +174,7 @@ class PrometheusMetrics(Metrics):
             registry=None,
         )
         self._memo_hits = Counter(
-            "fibrpc_memo_hits", "Large fast results answered from the memo.", registry=None
+            "fibrpc_memo_hits", "Large fast results answered from the server's memo.", registry=None
         )
         self._memo_misses = Counter(
             "fibrpc_memo_misses", "Large fast results computed and memoised.", registry=None

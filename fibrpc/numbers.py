@@ -40,9 +40,14 @@ FAST_TABLE: tuple[int, ...] = _build_table()
 FAST_TABLE_TEXT: tuple[str, ...] = tuple(str(f) for f in FAST_TABLE)
 """The decimal texts of ``FAST_TABLE``: small replies are a tuple lookup, not a conversion."""
 
-FAST_TABLE_BYTES: tuple[bytes, ...] = tuple(
-    f.to_bytes((f.bit_length() + 7) // 8, "little") for f in FAST_TABLE
-)
+
+def magnitude(value: int) -> bytes:
+    """The bytes of a non-negative int, little-endian, as few as hold it (b"" for 0):
+    ``int.to_bytes(length, "little")``, the binary form of a result."""
+    return value.to_bytes((value.bit_length() + 7) // 8, "little")
+
+
+FAST_TABLE_BYTES: tuple[bytes, ...] = tuple(magnitude(f) for f in FAST_TABLE)
 """The magnitudes of ``FAST_TABLE``, little-endian (``b""`` for F(0)): binary replies."""
 
 

@@ -41,6 +41,7 @@ from fibrpc.numbers import (
     ITER_MAX_N,
     decimal,
     estimate_digits,
+    magnitude,
 )
 
 JSON: Final = "application/json"
@@ -397,11 +398,6 @@ def encode_magnitudes(
         pack = _U32.pack
         return b"".join([part for m in magnitudes for part in (pack(len(m)), m)]), INTS
     return None
-
-
-def magnitude(value: int) -> bytes:
-    """The bytes of a non-negative int, little-endian, as few as hold it (b"" for 0)."""
-    return value.to_bytes((value.bit_length() + 7) // 8, "little")
 
 
 def decode_values(body: bytes, content_type: str | None) -> list[int]:

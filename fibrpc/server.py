@@ -78,6 +78,9 @@ class WorkerSettings:
     prefetch: int = DEFAULT_PREFETCH
     heartbeat: int = DEFAULT_HEARTBEAT
     memo_bytes: int = DEFAULT_MEMO_BYTES
+    #: The server's shared memo of large results (``fibrpc.memo``), made by the
+    #: supervisor; None: each worker keeps a memo of its own.
+    memo_dir: str | None = None
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
     limits: Limits = dataclasses.field(default_factory=Limits)
@@ -119,7 +122,7 @@ class Worker:
         self._node = index % len(settings.urls)  # the node to try first: spread the load
         self.url = settings.urls[self._node]  # the node connected to (or tried last)
         self._slot = board.slot(index) if board is not None else None
-        self.handler = handler or Handler(settings.limits, settings.memo_bytes)
+        self.handler = handler or Handler(settings.limits, settings.memo_bytes, settings.memo_dir)
         self.stats = WorkerStats()
         self._stopping = False
         self._in_flight = 0

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from fibrpc import amqp, inflight, kernels, metrics, state
+from fibrpc import amqp, inflight, kernels, memo, metrics, state
 from fibrpc.config import DEFAULT_METRICS_HOST, QUORUM_DELIVERY_LIMIT
 from fibrpc.errors import (
     AccessRefusedError,
@@ -132,6 +132,8 @@ class Supervisor:
         self._started_at = time.time()
         #: What each worker computes, shared with them (made here, before any fork).
         self.board = inflight.Board(workers)
+        #: The memo all the workers share (``fibrpc.memo``), made in ``run``.
+        self.memo_dir: Path | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -152,6 +154,7 @@ class Supervisor:
                 self._exporter = metrics.start_exporter(self.metrics_host, self.metrics_port)
                 self._metrics = metrics.current()
             self._open_state()
+            self._open_memo()
             kernels.warm()  # once, before forking: the workers share the compiled code
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -174,8 +177,31 @@ class Supervisor:
             return int(self._stop(code))
         finally:
             self._close_state()
+            self._close_memo()
             if self._exporter is not None:
                 self._exporter.close()
+
+    # -- the memo -------------------------------------------------------------------------
+
+    def _open_memo(self) -> None:
+        """Make the server's memo before forking; without one (``--memo-bytes 0``, or no
+        place to make it), workers keep a memo each."""
+        if self.settings.memo_bytes <= 0:
+            return
+        self.memo_dir = memo.create(os.getpid())
+        if self.memo_dir is not None:
+            self.settings = dataclasses.replace(self.settings, memo_dir=str(self.memo_dir))
+            log.debug(
+                "the workers share a memo of %d bytes in %s",
+                self.settings.memo_bytes,
+                self.memo_dir,
+            )
+
+    def _close_memo(self) -> None:
+        """Remove the memo (the workers have stopped)."""
+        directory, self.memo_dir = self.memo_dir, None
+        if directory is not None:
+            memo.remove(directory)
 
     # -- what `fibrpc status` reads --------------------------------------------------------
 

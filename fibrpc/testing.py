@@ -33,18 +33,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import enum
 import math
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from fibrpc import amqp, protocol
 
 # The client's own checks, encoding and batching: imported, not copied, so that a stub
 # refuses and batches exactly as the clients do.
-from fibrpc.client import batches, check_timeout, check_window, encode
+from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, read_reply
+from fibrpc.client import END, batches, check_timeout, check_window, encode
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MEMO_BYTES,
@@ -69,14 +69,6 @@ if TYPE_CHECKING:
 __all__ = ["AsyncStubClient", "StubClient"]
 
 
-class _As(enum.Enum):
-    """What a call returns: an int, a batch's ints, or the decimal text."""
-
-    INT = enum.auto()
-    INTS = enum.auto()
-    TEXT = enum.auto()
-
-
 class _Request:
     """One request as the client would publish it, and what its caller waits for."""
 
@@ -86,7 +78,7 @@ class _Request:
         self,
         n: int | list[int],
         algo: str,
-        as_: _As,
+        as_: int,
         timeout: float,
         encoded: tuple[bytes, str | None, str | None],
     ) -> None:
@@ -169,12 +161,12 @@ class _Stub:
         if self._closing:
             raise ClientClosedError("The client is closed.")
 
-    def _request(self, n: Any, algo: str, seconds: float, as_: _As) -> _Request:
+    def _request(self, n: Any, algo: str, seconds: float, as_: int) -> _Request:
         """Check and encode one call (``fibrpc.client.encode``: ``RequestError`` for an
         n that is not an integer, or a body over the broker's 16 MiB), as the clients do:
         nothing is counted in flight before every argument is checked."""
         self._check_open()
-        n, encoded = encode(n, algo)
+        n, encoded = encode(n, algo, as_)
         request = _Request(n, algo, as_, seconds, encoded)
         with self._lock:
             self._in_flight += 1
@@ -188,7 +180,8 @@ class _Stub:
         """What a worker makes of the request's bytes: a request, or the refusal."""
         if self._closing:
             raise ClientClosedError("The client was closed with this call in flight.")
-        return self.handler.decode(request.body, request.content_type, request.type)
+        accept = protocol.ACCEPT_BINARY if request.as_ != AS_TEXT else None  # as the link
+        return self.handler.decode(request.body, request.content_type, request.type, accept)
 
     def _result(self, request: _Request, reply: Reply, started: float) -> Any:
         """The caller's result from a worker's reply, as the client's driver reads it
@@ -196,14 +189,7 @@ class _Stub:
         if time.monotonic() - started > request.timeout:
             raise self._timed_out(request)
         try:
-            value = protocol.decode_reply(reply.body, reply.content_type)
-            if request.as_ is _As.INT:
-                return protocol.to_int(value)  # type: ignore[arg-type]
-            if request.as_ is _As.INTS:
-                if not isinstance(value, list):
-                    raise TypeError("a reply to a batch must be a list of results")
-                return protocol.to_ints(value)
-            return value
+            return read_reply(reply.body, reply.content_type, request.as_)
         except RequestError:
             raise
         except Exception as exc:
@@ -225,13 +211,13 @@ class _Stub:
 
     def _chunks(
         self, ns: Iterable[int], algo: str, batch_size: int | None
-    ) -> tuple[Iterator[Any], _As]:
+    ) -> tuple[Iterator[Any], int]:
         """The requests' n of a ``map``: as ``Client.imap`` cuts them."""
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
         if batch_size == 1:
-            return iter(ns), _As.INT
-        return batches(ns, batch_size, algo), _As.INTS
+            return iter(ns), AS_INT
+        return batches(ns, batch_size, algo), AS_INTS
 
     def _read_ahead(
         self,
@@ -239,19 +225,16 @@ class _Stub:
         pending: collections.deque[_Request],
         algo: str,
         timeout: float,
-        as_: _As,
+        as_: int,
     ) -> bool:
         """Fill ``pending`` up to ``window`` requests, as the client fills its window (so
         a bad n raises as soon as the client would have sent it); whether more follow."""
         while len(pending) < self.window:
-            chunk = next(chunks, _END)
-            if chunk is _END:
+            chunk = next(chunks, END)
+            if chunk is END:
                 return False
             pending.append(self._request(chunk, algo, timeout, as_))
         return True
-
-
-_END: Final = object()
 
 
 class StubClient(_Stub):
@@ -283,12 +266,12 @@ class StubClient(_Stub):
         seconds (the client's by default), ``ConfigError`` for a bad timeout and
         ``ClientClosedError`` once closed.
         """
-        result: int = self._call(n, algo, timeout, _As.INT)
+        result: int = self._call(n, algo, timeout, AS_INT)
         return result
 
     def call_text(self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None) -> str:
         """F(n) as decimal text, as ``Client.call_text`` returns it. Raises as ``call``."""
-        text: str = self._call(n, algo, timeout, _As.TEXT)
+        text: str = self._call(n, algo, timeout, AS_TEXT)
         return text
 
     def submit(
@@ -299,7 +282,7 @@ class StubClient(_Stub):
         a timeout) from the future, as ``Client.submit``'s. A done-callback added to it
         runs at once, in the thread that adds it."""
         self._check_open()
-        request = self._request(n, algo, self._seconds(timeout), _As.INT)
+        request = self._request(n, algo, self._seconds(timeout), AS_INT)
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         try:
             future.set_result(self._answer(request))
@@ -337,7 +320,7 @@ class StubClient(_Stub):
             more = self._read_ahead(chunks, pending, algo, seconds, as_)
             while pending:
                 result = self._answer(pending.popleft())
-                if as_ is _As.INT:
+                if as_ == AS_INT:
                     yield result
                 else:
                     yield from result
@@ -351,7 +334,7 @@ class StubClient(_Stub):
         ``imap`` left running. Returns at once."""
         self._closing = True
 
-    def _call(self, n: Any, algo: str, timeout: float | None, as_: _As) -> Any:
+    def _call(self, n: Any, algo: str, timeout: float | None, as_: int) -> Any:
         self._check_open()  # before the timeout, as Client
         return self._answer(self._request(n, algo, self._seconds(timeout), as_))
 
@@ -398,14 +381,14 @@ class AsyncStubClient(_Stub):
         self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None
     ) -> int:
         """F(n) computed with ``algo``. Raises as ``StubClient.call`` does."""
-        result: int = await self._answer(self._request(n, algo, self._seconds(timeout), _As.INT))
+        result: int = await self._answer(self._request(n, algo, self._seconds(timeout), AS_INT))
         return result
 
     async def call_text(
         self, n: int, algo: str = DEFAULT_ALGORITHM, timeout: float | None = None
     ) -> str:
         """F(n) as decimal text. Raises as ``StubClient.call`` does."""
-        text: str = await self._answer(self._request(n, algo, self._seconds(timeout), _As.TEXT))
+        text: str = await self._answer(self._request(n, algo, self._seconds(timeout), AS_TEXT))
         return text
 
     async def map(
@@ -438,7 +421,7 @@ class AsyncStubClient(_Stub):
             more = self._read_ahead(chunks, pending, algo, seconds, as_)
             while pending:
                 result = await self._answer(pending.popleft())
-                if as_ is _As.INT:
+                if as_ == AS_INT:
                     yield result
                 else:
                     for value in result:

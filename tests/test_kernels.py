@@ -236,11 +236,40 @@ def test_a_repeated_large_n_is_a_memo_hit():
     fast = FastFib(memo_min_n=1_000)
     first = fast.text(50_000)
     assert (fast.hits, fast.misses) == (0, 1)
-    assert fast.text(50_000) is first
+    assert fast.text(50_000) == first
     assert fast.texts([50_000, 50_000]) == [first, first]
     assert (fast.hits, fast.misses) == (3, 1)
     assert fast.memo_entries == 1
     assert fast.memo_bytes_used == len(first)
+
+
+def test_magnitudes_are_little_endian_bytes_as_few_as_hold_them():
+    fast = FastFib(memo_min_n=1_000)
+    ns = [0, 1, 2, 93, 94, 500, 1_000, 50_000]
+    for n, magnitude in zip(ns, fast.magnitudes(ns), strict=True):
+        value = int(gmpy2.fib(n))
+        assert magnitude == value.to_bytes((value.bit_length() + 7) // 8, "little"), n
+    assert fast.magnitude(0) == b""
+    assert fast.magnitude(1) == b"\x01"
+    assert fast.magnitude(93) == F_93.to_bytes(8, "little")
+    assert fast.magnitudes([]) == []
+    with pytest.raises(RequestError) as caught:
+        fast.magnitudes([3, -1])
+    assert caught.value.code == ErrorCode.NEGATIVE
+
+
+def test_each_form_is_memoised_once_computed_and_counted_apart():
+    fast = FastFib(memo_min_n=1_000)
+    magnitude = fast.magnitude(50_000)
+    assert (fast.hits, fast.misses) == (0, 1)
+    assert fast.is_memoised(50_000)  # in one form: cheap to answer in that form
+    assert fast.magnitudes([50_000]) == [magnitude]
+    assert (fast.hits, fast.misses) == (1, 1)
+    text = fast.text(50_000)  # the other form: computed, then memoised too
+    assert (fast.hits, fast.misses) == (1, 2)
+    assert fast.memo_entries == 2
+    assert fast.memo_bytes_used == len(magnitude) + len(text)
+    assert int.from_bytes(magnitude, "little") == int(gmpy2.mpz(text))
 
 
 def test_a_hit_refreshes_an_entry_so_the_least_recently_used_goes_first():
