@@ -58,7 +58,6 @@ from fibrpc.numbers import (
     decimal,
     estimate_digits,
     fib_naive,
-    magnitude,
 )
 
 __all__ = [
@@ -335,12 +334,12 @@ class FastFib:
                 raise _negative(n)
             return FAST_TABLE_BYTES[n]
         if n <= self.memo_min_n:
-            return magnitude(int(gmpy2.fib(n)))
+            return _gmp_magnitude(n)
         key = _MAGNITUDE + str(n)
         cached = self._lookup(key)
         if cached is not None:
             return cached
-        value = magnitude(int(gmpy2.fib(n)))
+        value = _gmp_magnitude(n)
         self.memo.put(key, value)
         return value
 
@@ -372,6 +371,13 @@ class FastFib:
 #: Memo keys: the form, then n.
 _TEXT: Final = "t"
 _MAGNITUDE: Final = "m"
+
+
+def _gmp_magnitude(n: int) -> bytes:
+    """F(n)'s magnitude straight from GMP (no Python int: half the time at n = 10^7)."""
+    value = gmpy2.fib(n)
+    result: bytes = value.to_bytes((value.bit_length() + 7) // 8, "little")
+    return result
 
 
 def _negative(n: int) -> RequestError:
