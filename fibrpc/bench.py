@@ -230,6 +230,12 @@ def count_mismatches(ns: Sequence[int], results: Sequence[int | None]) -> int:
     """How many results differ from F(n); a None (a call that failed, already counted as
     an error) is skipped. Raises ``ValueError`` if the two lengths differ."""
     table = FAST_TABLE
+    if len(ns) != len(results):
+        raise ValueError(f"{len(ns)} values of n but {len(results)} results")
+    # The usual run, compared in C, a list with a list (a tenth of a loop's cost):
+    small = bool(ns) and min(ns) >= 0 and max(ns) <= ITER_MAX_N
+    if small and list(map(table.__getitem__, ns)) == list(results):
+        return 0
     bad = 0
     for n, result in zip(ns, results, strict=True):
         if result is None:

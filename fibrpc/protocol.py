@@ -89,6 +89,9 @@ class Request:
     batch: bool  # a JSON list of n, answered with "results"
     form: str  # TEXT or JSON: how a single result is encoded
     reads: tuple[str, ...] = ()  # the binary forms the client reads (ACCEPT_HEADER)
+    #: A ``U64`` request's n as they came (native byte order): a worker indexes its
+    #: table with them in one step, no Python int made per n.
+    packed: array.array[int] | None = None
 
 
 def decode_request(
@@ -166,7 +169,7 @@ def _decode_u64(body: bytes, algo_hint: str | None, limits: Limits) -> Request:
         values.byteswap()
     ns: list[int] = values.tolist()
     _check_batch(ns, algo, limits, ints=True)
-    return Request(algo, ns, batch=True, form=JSON)
+    return Request(algo, ns, batch=True, form=JSON, packed=values)
 
 
 def media_type(content_type: str | bytes | None) -> str:

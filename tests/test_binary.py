@@ -227,3 +227,12 @@ def test_a_binary_batch_is_checked_as_a_json_one_and_refused_with_the_same_codes
     assert encode_request([1, -1], "fast", binary=True)[1] == JSON
     ok = handler.handle(*encode_request([0, 10, 100], "fast", binary=True))
     assert json.loads(ok.body)["results"][:2] == ["0", "55"]  # no accept header: JSON
+
+
+@given(st.lists(st.integers(0, 93), max_size=300), st.sampled_from(["fast", "iter"]))
+def test_a_binary_batch_of_small_n_gets_the_bytes_a_json_batch_gets(ns, algo):
+    handler = Handler()
+    packed = handler.handle(*encode_request(ns, algo, binary=True), ACCEPT_BINARY)
+    general = handler.handle(*encode_request(ns, algo), ACCEPT_BINARY)
+    assert packed == general
+    assert decode_values(packed.body, U64) == [FAST_TABLE[n] for n in ns]
