@@ -26,7 +26,7 @@ import operator
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from fibrpc import amqp, protocol
@@ -313,15 +313,15 @@ class Client:
         when their results would pass about 1 MB), and up to ``window`` messages are in
         flight at once. ``batch_size=1`` sends one message per call. ``timeout`` is per
         message. The first refused batch raises its ``RequestError``. Leaving the loop
-        early (``break``, an exception, ``close()``) abandons what is in flight at once:
-        the window is free, and servers skip those requests once their deadline passes.
+        early (``break``, an exception, the ``close()`` of what ``imap`` returns or of
+        the client) abandons what is in flight at once: the window is free, and servers
+        skip those requests once their deadline passes.
         """
-        for results in self._imap(ns, algo, batch_size, timeout):
-            yield from results
+        return Stream(self._imap(ns, algo, batch_size, timeout))
 
     def _imap(
         self, ns: Iterable[int], algo: str, batch_size: int | None, timeout: float | None
-    ) -> Iterator[list[int]]:
+    ) -> Generator[list[int], None, None]:
         """``imap``, a message's results at a time (a list of one with ``batch_size=1``)."""
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
@@ -425,6 +425,31 @@ class Client:
                 os.getpid(),
             )
             self._start()
+
+
+class Stream(Iterator[int]):
+    """What ``imap`` returns: the values of a generator of batches, one by one, and its
+    ``close()`` (which abandons the calls in flight, as leaving a loop does).
+
+    A ``for`` loop (or ``list``, ``islice``...) iterates ``itertools.chain`` over the
+    batches, which hands out each batch's values in C: the generator runs once a message,
+    not once a value (that step was a third of the client's time in a batched run)."""
+
+    __slots__ = ("_batches", "_values")
+
+    def __init__(self, batches: Generator[list[int], None, None]) -> None:
+        self._batches = batches
+        self._values = itertools.chain.from_iterable(batches)
+
+    def __iter__(self) -> Iterator[int]:
+        return self._values
+
+    def __next__(self) -> int:
+        return next(self._values)
+
+    def close(self) -> None:
+        """Stop: the calls in flight are abandoned, their window given back."""
+        self._batches.close()
 
 
 def _call_back(fn: Any, future: concurrent.futures.Future[Any]) -> None:

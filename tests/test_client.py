@@ -4,6 +4,7 @@ threads, closing. Stand-in servers here are bare pika consumers that misbehave o
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -269,3 +270,28 @@ def test_leaving_imap_early_frees_the_window_at_once(serve, queue):
         started = time.monotonic()
         assert client.map(range(91)) == list(FAST_TABLE[:91])
         assert time.monotonic() - started < 2.0
+
+
+def test_closing_what_imap_returns_abandons_its_calls_in_flight(queue, stand_in):
+    answered: list[bytes] = []
+
+    def first_only(ch, method, props, body):  # answers the first batch, holds the others
+        if not answered:
+            answered.append(body)
+            results = json.dumps({"results": [str(FAST_TABLE[n]) for n in range(10)]})
+            ch.basic_publish(
+                "",
+                props.reply_to,
+                results.encode(),
+                pika.BasicProperties(
+                    correlation_id=props.correlation_id, content_type="application/json"
+                ),
+            )
+
+    stand_in(first_only)
+    with Client(URL, queue=queue, window=4, timeout=30) as client:
+        values = client.imap(range(10_000), batch_size=10)
+        assert [next(values), next(values)] == [0, 1]
+        assert client.in_flight == 3
+        values.close()
+        assert client.in_flight == 0
