@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from fibrpc import amqp
@@ -266,8 +267,12 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> list[int]:
         """F(n) for every n, as a list in order, batched and pipelined (see ``imap``)."""
-        values = self.imap(ns, algo, batch_size=batch_size, timeout=timeout)
-        return [value async for value in values]
+        out: list[int] = []
+        results = self._imap(ns, algo, batch_size, timeout)
+        async with contextlib.aclosing(results):
+            async for chunk in results:
+                out.extend(chunk)  # a message's results at a time: no step per value
+        return out
 
     async def imap(
         self,
@@ -285,6 +290,16 @@ class AsyncClient:
         its ``RequestError``. Leaving the loop early (``break``, an exception,
         cancellation) gives back the window at once.
         """
+        results = self._imap(ns, algo, batch_size, timeout)
+        async with contextlib.aclosing(results):
+            async for chunk in results:
+                for value in chunk:
+                    yield value
+
+    async def _imap(
+        self, ns: Iterable[int], algo: str, batch_size: int | None, timeout: float | None
+    ) -> AsyncGenerator[list[int], None]:
+        """``imap``, a message's results at a time (a list of one with ``batch_size=1``)."""
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
         seconds = self.timeout if timeout is None else check_timeout(timeout)
@@ -305,11 +320,7 @@ class AsyncClient:
                     result = await self._wait(call, future)
                 finally:
                     slots.give()
-                if as_ == AS_INT:
-                    yield result
-                else:
-                    for value in result:
-                        yield value
+                yield [result] if as_ == AS_INT else result
         finally:
             if in_flight:
                 gone = ClientClosedError("imap was left with this call in flight.")
