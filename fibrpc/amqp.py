@@ -456,7 +456,7 @@ def publish_soon(
     *,
     mandatory: bool = False,
     content_type: str | None = None,
-    headers: dict[str, int] | None = None,
+    headers: dict[str, int | str] | None = None,
     correlation_id: str | bytes | None = None,
     reply_to: str | None = None,
     expiration: str | None = None,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, protocol
+from fibrpc import amqp, protocol, tracing
 from fibrpc.calls import Call
 from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
@@ -95,15 +95,18 @@ class AmqpLink:
 
     def publish(self, call: Call) -> None:
         """Queue ``call``'s request with what is left of its time as the message's TTL
-        (at most RabbitMQ's largest) and a deadline header; with no deadline, neither.
-        Raises ``LinkLost``."""
+        (at most RabbitMQ's largest) and a deadline header; with no deadline, neither;
+        and the trace context of a traced call. Raises ``LinkLost``."""
         left = call.deadline - time.monotonic()
         expiration: str | None = None
-        headers: dict[str, int] | None = None
+        headers: dict[str, int | str] | None = None
         if left != math.inf:
             remaining_ms = max(1, min(MAX_TTL_MS, int(left * 1000)))
             expiration = str(remaining_ms)
             headers = {protocol.DEADLINE_HEADER: int(time.time() * 1000) + remaining_ms}
+        if call.span is not None:
+            headers = {**(headers or {}), **(call.trace or {})}
+            tracing.published(call.span, self.url)
         try:
             amqp.publish_soon(
                 self._channel,

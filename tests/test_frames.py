@@ -28,7 +28,8 @@ def _pika_publish(channel: int, key: str, body: bytes, props: object, mandatory:
     body=st.binary(max_size=300),
     mandatory=st.booleans(),
     content_type=maybe,
-    headers=st.none() | st.dictionaries(st.text(min_size=1, max_size=20), ints, max_size=3),
+    headers=st.none()
+    | st.dictionaries(st.text(min_size=1, max_size=20), ints | st.text(max_size=80), max_size=3),
     correlation_id=maybe,
     reply_to=maybe,
     expiration=maybe,
@@ -40,7 +41,7 @@ def test_publish_matches_pika(
     body: bytes,
     mandatory: bool,
     content_type: str | None,
-    headers: dict[str, int] | None,
+    headers: dict[str, int | str] | None,
     correlation_id: str | None,
     reply_to: str | None,
     expiration: str | None,
@@ -80,4 +81,4 @@ def test_what_it_does_not_encode_is_refused_so_that_pika_encodes_it() -> None:
     with pytest.raises(ValueError):
         frames.properties(correlation_id="x" * 256)
     with pytest.raises(TypeError):
-        frames.properties(headers={"x-name": "text"})  # type: ignore[dict-item]
+        frames.properties(headers={"x-ratio": 1.5})  # type: ignore[dict-item]
