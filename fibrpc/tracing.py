@@ -13,10 +13,16 @@ OpenTelemetry's messaging semantic conventions; docs/tracing.md lists them.
 (``start_call``); the worker decides once per request (``tracer``). fibrpc never imports
 OpenTelemetry itself until it can matter: a tracer provider can only have been set by
 code that imported ``opentelemetry.trace`` (or named one in ``OTEL_PYTHON_TRACER_PROVIDER``),
-so until then the check is one dictionary look-up in ``sys.modules``. Once imported, the
-check asks the API for the global provider, and a call is traced only when that is
-neither the API's proxy (no provider set yet) nor its no-op provider; a provider set later
-is picked up by the next call. Without OpenTelemetry installed nothing here is imported.
+so until then the check is one dictionary look-up in ``sys.modules``. Once imported, a
+call is traced only when the global provider is neither the API's proxy (no provider set
+yet: what ``trace.get_tracer_provider()`` returns until ``set_tracer_provider``) nor its
+no-op provider; a provider set later is picked up by the next call. Asking
+``get_tracer_provider()`` costs about a microsecond (it looks up an environment variable
+each time), so the check reads the global it returns, ``opentelemetry.trace.
+_TRACER_PROVIDER`` (None until a provider is set), when the API has it, as every release
+from 1.0 to 1.45 does, and no ``OTEL_PYTHON_TRACER_PROVIDER`` names a provider to load;
+otherwise it asks ``get_tracer_provider()``. Without OpenTelemetry installed nothing here
+is imported.
 
 **Workers export** only when told to, with OpenTelemetry's own environment variables:
 ``OTEL_TRACES_EXPORTER`` names the exporters (``console``, ``otlp``, or any installed
@@ -79,12 +85,14 @@ _provider: Any = None
 _tracer: Any = None
 # Whether OTEL_PYTHON_TRACER_PROVIDER names a provider (read once: None, not yet).
 _named: bool | None = None
+# Whether the API's global provider can be read directly (see the module docstring).
+_direct = False
 
 
 def _load() -> Any:
     """The OpenTelemetry API if it is in use in this process, importing it once; None
     while it is not (or never can be: not installed)."""
-    global _api, _named
+    global _api, _named, _direct
     if _api is not None:
         return _api or None
     if _MODULE not in sys.modules:
@@ -97,6 +105,9 @@ def _load() -> Any:
     except ImportError:
         _api = False
         return None
+    if _named is None:
+        _named = _PROVIDER_ENV in os.environ
+    _direct = not _named and hasattr(trace, "_TRACER_PROVIDER")
     _api = (
         trace,
         propagate,
@@ -113,7 +124,12 @@ def tracer() -> Any:
     api = _api or _load()
     if api is None:
         return None
-    provider = api[0].get_tracer_provider()
+    if _direct:
+        provider = api[0]._TRACER_PROVIDER
+        if provider is None:
+            return None
+    else:
+        provider = api[0].get_tracer_provider()
     if provider is _provider:
         return _tracer
     return _new_provider(api, provider)
