@@ -588,26 +588,28 @@ class Worker:
         self._metrics.answered(algo, reply.error or "ok", time.perf_counter() - started, values)
         if self._debug:
             log.debug("replied %r to %r", props.correlation_id, props.reply_to)
-        tracer = tracing.tracer()
-        if tracer is not None:
-            tracing.record_request(
-                tracer,
-                queue=self.settings.queue,
-                url=self.url,
-                props=props,
-                tag=tag,
-                started=started,
-                outcome=reply.error or "ok",
-                values=values,
-                batch=batch,
-                algo=None if algo == metrics.UNKNOWN_ALGO else algo,
-                error=reply.body if reply.error else None,
-            )
+        self._trace(
+            props,
+            tag,
+            started,
+            reply.error or "ok",
+            values=values,
+            batch=batch,
+            algo=None if algo == metrics.UNKNOWN_ALGO else algo,
+            error=reply.body if reply.error else None,
+        )
 
     def _skipped(self, props: Any, tag: int, started: float) -> None:
         """Log and trace a request skipped because its caller had given up (acked)."""
         if self._debug:
             log.debug("skipped %r: its deadline had passed", props.correlation_id)
+        self._trace(props, tag, started, "expired")
+
+    def _trace(
+        self, props: Any, tag: int | None, started: float, outcome: str, **details: Any
+    ) -> None:
+        """Record the request's span if a tracer provider is set: the one check per
+        request (``fibrpc.tracing.record_request`` says what ``details`` are)."""
         tracer = tracing.tracer()
         if tracer is not None:
             tracing.record_request(
@@ -617,7 +619,8 @@ class Worker:
                 props=props,
                 tag=tag,
                 started=started,
-                outcome="expired",
+                outcome=outcome,
+                **details,
             )
 
 
