@@ -145,6 +145,18 @@ def _new_provider(api: Any, provider: Any) -> Any:
     return _tracer
 
 
+_failed = False
+
+
+def _failure(what: str) -> None:
+    """A span could not be recorded (a failing processor, say): tracing never costs a
+    call or a request. Logged once per process, with the traceback."""
+    global _failed
+    if not _failed:
+        _failed = True
+        log.warning("%s failed; the call goes on untraced (logged once)", what, exc_info=True)
+
+
 # -- the client -----------------------------------------------------------------------------
 
 
@@ -155,6 +167,14 @@ def start_call(call: Any, queue: str, *, waits: bool) -> None:
     tracer_ = tracer()
     if tracer_ is None:
         return
+    try:
+        _start_call(tracer_, call, queue, waits)
+    except Exception:
+        call.span = call.trace = None
+        _failure("starting a call's span")
+
+
+def _start_call(tracer_: Any, call: Any, queue: str, waits: bool) -> None:
     trace, propagate, _, kinds, _ = _api
     n = call.n
     attributes: dict[str, Any] = {
@@ -187,18 +207,23 @@ def published(span: Any, url: str) -> None:
     """The request of ``span``'s call went to the node at ``url`` (the last one counts:
     a re-sent request may go to another node of a cluster)."""
     host, port = _address(url)
-    span.set_attribute(SERVER_ADDRESS, host)
-    span.set_attribute(SERVER_PORT, port)
+    try:
+        span.set_attributes({SERVER_ADDRESS: host, SERVER_PORT: port})
+    except Exception:
+        _failure("setting a call's span attributes")
 
 
 def end_call(span: Any, outcome: Any, *, ok: bool) -> None:
     """End a call's span: status ERROR, with the error's code (a refusal's wire code,
     ``timeout``, ``no_server``, or the exception's type), when it failed."""
-    if not ok:
-        code = error_code(outcome)
-        span.set_attribute(ERROR_TYPE, code)
-        span.set_status(_api[4].ERROR, f"{code}: {outcome}")
-    span.end()
+    try:
+        if not ok:
+            code = error_code(outcome)
+            span.set_attribute(ERROR_TYPE, code)
+            span.set_status(_api[4].ERROR, f"{code}: {outcome}")
+        span.end()
+    except Exception:
+        _failure("ending a call's span")
 
 
 def error_code(error: BaseException) -> str:
@@ -251,7 +276,29 @@ def record_request(
     """Record a worker's span for one request, as the child of the context its headers
     carry: from ``started`` (``time.perf_counter`` when the request was taken) to now.
     ``outcome``: ``ok``, the wire code of a refusal (then ``error`` is the reply's body,
-    whose message becomes the status's description), or ``expired`` (skipped)."""
+    whose message becomes the status's description), or ``expired`` (skipped). Never
+    raises: a span that cannot be recorded is logged (once) and left out."""
+    try:
+        _record_request(
+            tracer_, queue, url, props, tag, started, outcome, values, batch, algo, error
+        )
+    except Exception:
+        _failure("recording a request's span")
+
+
+def _record_request(
+    tracer_: Any,
+    queue: str,
+    url: str,
+    props: Any,
+    tag: int | None,
+    started: float,
+    outcome: str,
+    values: int,
+    batch: bool,
+    algo: str | None,
+    error: bytes | None,
+) -> None:
     global _GETTER
     now, elapsed = time.time_ns(), time.perf_counter() - started
     _, propagate, _, kinds, status = _api

@@ -377,3 +377,52 @@ def test_the_global_provider_read_directly_is_the_one_the_api_returns():
         trace._TRACER_PROVIDER_SET_ONCE = Once()
         trace._TRACER_PROVIDER = None
     assert tracing.tracer() is None
+
+
+def test_a_worker_told_of_an_exporter_no_package_offers_serves_untraced(monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "no-such-exporter")
+    with caplog.at_level("WARNING", logger="fibrpc.tracing"):
+        assert tracing.export_from_env() is None
+    assert "no installed package offers that span exporter" in caplog.text
+    assert "console" in caplog.text  # the ones that are installed are named
+    assert trace._TRACER_PROVIDER is None
+
+
+@pytest.mark.parametrize("value", ["", "none", " none "])
+def test_a_worker_with_no_exporter_named_sets_nothing_up(monkeypatch, value):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", value)
+    assert tracing.export_from_env() is None
+    assert trace._TRACER_PROVIDER is None
+
+
+class Exploding:
+    """A span processor that fails: tracing must never cost a call."""
+
+    def on_start(self, span, parent_context=None):
+        raise RuntimeError("on_start")
+
+    def on_end(self, span):
+        raise RuntimeError("on_end")
+
+    def shutdown(self):
+        pass
+
+    def force_flush(self, timeout_millis=30000):
+        return True
+
+
+def test_a_failing_span_processor_costs_no_call_and_no_slot(
+    spans, traced_serve, queue, broker_url, caplog
+):
+    traced_serve(workers=1)
+    trace.get_tracer_provider().add_span_processor(Exploding())
+    with (
+        caplog.at_level("WARNING", logger="fibrpc.tracing"),
+        Client(broker_url, queue=queue, timeout=10, window=2) as client,
+    ):
+        assert [client.call(n) for n in range(5)] == [0, 1, 1, 2, 3]
+        with pytest.raises(RequestError):
+            client.call(-1)
+        assert client.map(range(10), batch_size=3)[-1] == 34
+        assert client.in_flight == 0
+    assert "the call goes on untraced (logged once)" in caplog.text
