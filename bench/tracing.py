@@ -3,10 +3,10 @@
 
     .venv/bin/python bench/tracing.py [--url URL] [--rounds 5] [--with-sdk]
 
-``fibrpc bench --spawn 2 --json`` once per scenario (sequential, pipelined), the modes
-alternating within each round. A mode is a ``sitecustomize`` module put first on the
-``PYTHONPATH`` of the bench and of the server it spawns, so client and workers alike run
-in it:
+``fibrpc bench --spawn 2 --json`` once per scenario (sequential, pipelined) and mode,
+``--rounds`` times, each round starting with the next mode. A mode is a
+``sitecustomize`` module put first on the ``PYTHONPATH`` of the bench and of the server
+it spawns, so client and workers alike run in it:
 
 * ``blocked``: ``sys.modules['opentelemetry'] = None``: as if the package were absent;
 * ``no-provider``: ``opentelemetry.trace`` and ``opentelemetry.propagate`` imported, no
@@ -82,8 +82,9 @@ def main() -> None:
         for scenario in CALLS:
             runs: dict[str, list[float]] = {mode: [] for mode in modes}
             ratios: dict[str, list[float]] = {mode: [] for mode in modes[1:]}
-            for _ in range(args.rounds):
-                for mode in modes:
+            for round_ in range(args.rounds):
+                # Each round starts with the next mode: no mode always runs first.
+                for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:
                     runs[mode].append(bench(args.url, scenario, sites[mode]))
                 for mode in modes[1:]:
                     ratios[mode].append(runs[mode][-1] / runs["blocked"][-1])
