@@ -278,66 +278,48 @@ def record_request(
     ``outcome``: ``ok``, the wire code of a refusal (then ``error`` is the reply's body,
     whose message becomes the status's description), or ``expired`` (skipped). Never
     raises: a span that cannot be recorded is logged (once) and left out."""
+    global _GETTER
     try:
-        _record_request(
-            tracer_, queue, url, props, tag, started, outcome, values, batch, algo, error
+        now, elapsed = time.time_ns(), time.perf_counter() - started
+        _, propagate, _, kinds, status = _api
+        if _GETTER is None:
+            _GETTER = _getter()
+        headers = props.headers if isinstance(props.headers, dict) else {}
+        parent = propagate.extract(headers, getter=_GETTER)
+        corr_id = props.correlation_id
+        host, port = _address(url)
+        attributes: dict[str, Any] = {
+            SYSTEM: "rabbitmq",
+            DESTINATION: queue,
+            OPERATION_TYPE: "process",
+            OPERATION_NAME: "process",
+            ROUTING_KEY: queue,
+            SERVER_ADDRESS: host,
+            SERVER_PORT: port,
+            OUTCOME: outcome,
+        }
+        if corr_id is not None:
+            attributes[CONVERSATION_ID] = corr_id
+            attributes[MESSAGE_ID] = props.message_id or corr_id
+        if tag is not None:
+            attributes[DELIVERY_TAG] = tag
+        if algo is not None:
+            attributes[ALGO] = algo
+        if batch:
+            attributes[BATCH_COUNT] = values
+        span = tracer_.start_span(
+            f"process {queue}",
+            context=parent,
+            kind=kinds.CONSUMER,
+            attributes=attributes,
+            start_time=now - int(elapsed * 1e9),
         )
+        if error is not None:
+            span.set_attribute(ERROR_TYPE, outcome)
+            span.set_status(status.ERROR, f"{outcome}: {_error_message(error)}")
+        span.end(end_time=now)
     except Exception:
         _failure("recording a request's span")
-
-
-def _record_request(
-    tracer_: Any,
-    queue: str,
-    url: str,
-    props: Any,
-    tag: int | None,
-    started: float,
-    outcome: str,
-    values: int,
-    batch: bool,
-    algo: str | None,
-    error: bytes | None,
-) -> None:
-    global _GETTER
-    now, elapsed = time.time_ns(), time.perf_counter() - started
-    _, propagate, _, kinds, status = _api
-    if _GETTER is None:
-        _GETTER = _getter()
-    headers = props.headers if isinstance(props.headers, dict) else {}
-    parent = propagate.extract(headers, getter=_GETTER)
-    corr_id = props.correlation_id
-    host, port = _address(url)
-    attributes: dict[str, Any] = {
-        SYSTEM: "rabbitmq",
-        DESTINATION: queue,
-        OPERATION_TYPE: "process",
-        OPERATION_NAME: "process",
-        ROUTING_KEY: queue,
-        SERVER_ADDRESS: host,
-        SERVER_PORT: port,
-        OUTCOME: outcome,
-    }
-    if corr_id is not None:
-        attributes[CONVERSATION_ID] = corr_id
-        attributes[MESSAGE_ID] = props.message_id or corr_id
-    if tag is not None:
-        attributes[DELIVERY_TAG] = tag
-    if algo is not None:
-        attributes[ALGO] = algo
-    if batch:
-        attributes[BATCH_COUNT] = values
-    span = tracer_.start_span(
-        f"process {queue}",
-        context=parent,
-        kind=kinds.CONSUMER,
-        attributes=attributes,
-        start_time=now - int(elapsed * 1e9),
-    )
-    if error is not None:
-        span.set_attribute(ERROR_TYPE, outcome)
-        span.set_status(status.ERROR, f"{outcome}: {_error_message(error)}")
-    span.end(end_time=now)
 
 
 def _error_message(body: bytes) -> str:
