@@ -12,6 +12,7 @@ has ever been set (a global provider is set once per process).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
 from fibrpc import CallTimeoutError, Client, NoServerError, RequestError, tracing
+from fibrpc.aio import AsyncClient
 
 pytestmark = pytest.mark.broker
 
@@ -426,3 +428,26 @@ def test_a_failing_span_processor_costs_no_call_and_no_slot(
         assert client.map(range(10), batch_size=3)[-1] == 34
         assert client.in_flight == 0
     assert "the call goes on untraced (logged once)" in caplog.text
+
+
+def test_the_asyncio_client_traces_its_calls_the_same_way(spans, traced_serve, queue, broker_url):
+    out = traced_serve(workers=1)
+
+    async def main():
+        async with AsyncClient(broker_url, queue=queue, timeout=10) as client:
+            with trace.get_tracer("test").start_as_current_span("async handler") as outer:
+                assert await client.call(30) == 832040
+            assert (await client.map(range(20), batch_size=10))[-1] == 4181
+        return outer
+
+    outer = asyncio.run(main())
+    call_span, *batches = only(spans.get_finished_spans(), f"publish {queue}")
+    assert call_span.kind is SpanKind.CLIENT
+    assert call_span.parent is not None
+    assert call_span.parent.span_id == outer.get_span_context().span_id
+    assert [s.kind for s in batches] == [SpanKind.PRODUCER] * 2
+    assert [s.attributes["messaging.batch.message_count"] for s in batches] == [10, 10]
+    by_parent = {w["parent_id"]: w for w in worker_spans(out, 3)}
+    for span in (call_span, *batches):
+        worker = by_parent[hex_id(span.context.span_id, 16)]
+        assert worker["context"]["trace_id"] == hex_id(span.context.trace_id, 32)
