@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, Final
 
-from fibrpc import amqp
+from fibrpc import amqp, tracing
 from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
 from fibrpc.client import END, batches, check_timeout, check_window, encode
 from fibrpc.config import (
@@ -347,18 +347,19 @@ class AsyncClient:
 
     async def _one(self, n: object, algo: str, timeout: float | None, as_: int) -> Any:
         seconds = self.timeout if timeout is None else check_timeout(timeout)
-        call, future = await self._send(n, algo, seconds, as_)
+        call, future = await self._send(n, algo, seconds, as_, waits=True)
         try:
             return await self._wait(call, future)
         finally:
             self._slots.give()
 
     async def _send(
-        self, n: object, algo: str, seconds: float, as_: int
+        self, n: object, algo: str, seconds: float, as_: int, *, waits: bool = False
     ) -> tuple[Call, asyncio.Future[Any]]:
         """Check, encode and hand over one call, once a slot of the window is free;
         nothing is reserved before every argument is checked. The caller releases the
-        slot once it is done with the call."""
+        slot once it is done with the call. ``waits``: the caller awaits this one call
+        (``call``, ``call_text``), which makes its span, if traced, a CLIENT span."""
         driver = self._open_driver()
         n, encoded = encode(n, algo, as_, driver.max_message, binary=driver.binary_requests)
         await self._reserve(seconds)
@@ -381,6 +382,7 @@ class AsyncClient:
                 encoded,
                 _Waiter(self, future),
             )
+            tracing.start_call(call, self.queue, waits=waits)  # waits: call, call_text
             if not self._outbox:
                 loop.call_soon(self._hand_over)
             self._outbox.append(call)

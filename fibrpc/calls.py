@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Final, Protocol
 
-from fibrpc import protocol
+from fibrpc import protocol, tracing
 
 #: What a reply is turned into for the caller.
 AS_INT: Final = 0
@@ -73,6 +73,10 @@ class Call:
     Only ``submit`` and the asyncio client give a call a ``Waiter`` (``future``); ``call``
     and ``imap`` read the outcome from the call itself, which costs no lock (a future
     takes one on every ``done()``, and a round trip asked it several times).
+
+    ``span`` and ``trace`` stay None unless the call is traced (``fibrpc.tracing.
+    start_call``): then they are its span, ended when the call settles, and the trace
+    context headers its request carries, every time it is sent.
     """
 
     __slots__ = (
@@ -88,7 +92,9 @@ class Call:
         "n",
         "ok",
         "outcome",
+        "span",
         "timeout",
+        "trace",
     )
 
     def __init__(
@@ -114,6 +120,8 @@ class Call:
         self.done = False
         self.ok = False
         self.outcome: Any = None
+        self.span: Any = None
+        self.trace: dict[str, str] | None = None
 
     def settle(self, outcome: Any, *, ok: bool) -> bool:
         """Record the result (``ok``) or the exception; resolve the future if any (unless
@@ -123,6 +131,8 @@ class Call:
             return False
         self.ok = ok
         self.outcome = outcome
+        if self.span is not None:
+            tracing.end_call(self.span, outcome, ok=ok)
         self.done = True
         if self.future is not None:
             try:

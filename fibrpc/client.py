@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, protocol
+from fibrpc import amqp, protocol, tracing
 from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
 from fibrpc.config import (
     BROKER_MAX_MESSAGE_BYTES,
@@ -406,6 +406,7 @@ class Client:
                 timeout=seconds,
             )
         call = Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, seconds, encoded, future)
+        tracing.start_call(call, self.queue, waits=hold)
         return call, self._driver.submit(call, hold=hold)
 
     def _run_callback(self, fn: Any, future: concurrent.futures.Future[Any]) -> None:

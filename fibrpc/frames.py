@@ -5,7 +5,8 @@ through its general machinery (an object per frame, per property, per table valu
 cProfile of 3,000 sequential calls, pika's ``_send_message`` was over a quarter of the
 client's time. These functions
 build the same bytes directly. They cover what fibrpc sends: the default exchange, a
-few short-string properties and integer and string headers; ``fibrpc.amqp`` hands anything else
+few short-string properties, and integer and string headers (a deadline, a trace
+context); ``fibrpc.amqp`` hands anything else
 (and bodies longer than one frame) to pika. No pika here: tests compare every byte with
 what pika encodes.
 """
@@ -45,7 +46,7 @@ def _shortstr(value: str | bytes) -> bytes:
 
 def _table(headers: Mapping[str, int | str]) -> bytes:
     """A field table of integers and strings, typed as pika types them (int32 when it
-    fits; a str as a long string)."""
+    fits; a string as a long string of UTF-8)."""
     parts = []
     for key, value in headers.items():
         if type(value) is str:
@@ -73,8 +74,8 @@ def properties(
 ) -> tuple[int, bytes]:
     """The property flags and the encoded property list of a content header.
 
-    Raises ``ValueError`` for a short string over 255 bytes and ``TypeError`` for a
-    header value that is neither an int nor a str (pika's own encoder takes those).
+    Raises ``ValueError`` for a string over 255 bytes and ``TypeError`` for a header
+    value that is neither an int nor a str (pika's own encoder takes those).
     """
     flags = 0
     parts = []

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, protocol
+from fibrpc import amqp, protocol, tracing
 from fibrpc.calls import AS_TEXT, Call
 from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
@@ -95,9 +95,9 @@ class AmqpLink:
 
     def publish(self, call: Call) -> None:
         """Queue ``call``'s request with what is left of its time as the message's TTL
-        (at most RabbitMQ's largest) and a deadline header (with no deadline, neither),
-        and, unless it asks for text, a header naming the binary forms of results the
-        client reads. Raises ``LinkLost``."""
+        (at most RabbitMQ's largest) and a deadline header (with no deadline, neither);
+        unless it asks for text, a header naming the binary forms of results the client
+        reads; and the trace context of a traced call. Raises ``LinkLost``."""
         left = call.deadline - time.monotonic()
         expiration: str | None = None
         headers: dict[str, int | str] | None = None
@@ -108,6 +108,9 @@ class AmqpLink:
         if call.as_ != AS_TEXT:  # results as ints: ask for them in binary
             headers = headers or {}
             headers[protocol.ACCEPT_HEADER] = protocol.ACCEPT_BINARY
+        if call.span is not None:
+            headers = {**(headers or {}), **(call.trace or {})}
+            tracing.published(call.span, self.url)
         try:
             amqp.publish_soon(
                 self._channel,

@@ -67,3 +67,6 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     amqp.quiet_pika()
+    # numba logs every step of compiling at debug: thousands of lines that would bury a
+    # worker's own debug lines (each request, by its correlation id).
+    logging.getLogger("numba").setLevel(max(logging.INFO, root.level))

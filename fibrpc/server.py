@@ -20,6 +20,11 @@ What a worker has done is counted in ``WorkerStats`` and, where the stats are co
 ``fibrpc.metrics`` (which records nothing unless the server has a metrics port). Once a
 second at most, from the consume loop (never per message), the worker hands its counters
 to ``fibrpc.state`` for ``fibrpc status`` and its memo's new hits to the metrics.
+
+Each request answered or skipped is recorded as a span when a tracer provider is set
+(``fibrpc.tracing``: the one check per request is in ``_reply`` and ``_skipped``), and
+logged at debug level by its correlation id: received, computed or refused, replied,
+skipped.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from typing import Any, Final
 import pika
 import pika.exceptions
 
-from fibrpc import amqp, backoff, deliveries, inflight, metrics, refusals, state
+from fibrpc import amqp, backoff, deliveries, inflight, metrics, refusals, state, tracing
 from fibrpc.config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -139,6 +144,7 @@ class Worker:
             self._report = state.WorkerReport(Path(settings.state_dir), os.getppid(), os.getpid())
         self._next_tick = 0.0
         self._memo_reported = (0, 0)  # the memo's hits and misses already in the metrics
+        self._debug = log.isEnabledFor(logging.DEBUG)  # decided once: per request it costs
 
     def request_stop(self) -> None:
         """Stop taking requests and drain (safe from a signal handler)."""
@@ -387,6 +393,8 @@ class Worker:
             )
             amqp.ack_soon(channel, tag)
             return
+        if self._debug:
+            log.debug("received %r (%d bytes)", props.correlation_id, len(body))
         headers = props.headers if isinstance(props.headers, dict) else {}
         budget = _budget_ms(props.expiration)
         # Just taken in, a request cannot have been held past its TTL by this worker's
@@ -396,6 +404,7 @@ class Worker:
             self.stats.expired += 1
             self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
             amqp.ack_soon(channel, tag)
+            self._skipped(props, tag, started)
             return
         accept = headers.get(ACCEPT_HEADER) if headers else None
         request = self.handler.decode(body, props.content_type, props.type, accept)
@@ -437,7 +446,9 @@ class Worker:
             reply = self.handler.compute(request)
             if slot is not None:
                 slot.end(inflight.INLINE)
-            self._reply(channel, tag, props, reply, request.algo, len(request.ns), started)
+            self._reply(
+                channel, tag, props, reply, request.algo, len(request.ns), started, request.batch
+            )
 
     def _held_back(
         self,
@@ -540,8 +551,11 @@ class Worker:
             self.stats.expired += 1
             self._metrics.discarded(request.algo, "expired")
             amqp.ack_soon(channel, tag)
+            self._skipped(props, tag, started)
         else:
-            self._reply(channel, tag, props, reply, request.algo, len(request.ns), started)
+            self._reply(
+                channel, tag, props, reply, request.algo, len(request.ns), started, request.batch
+            )
 
     def _reply(
         self,
@@ -552,13 +566,17 @@ class Worker:
         algo: str,
         values: int,
         started: float,
+        batch: bool = False,
     ) -> None:
         """Publish the reply, then ack the request: a crash between the two costs a
         duplicate reply (which clients drop), never a lost one. ``algo``, ``values`` (the
-        number of n asked for, 0 if not decoded) and ``started`` (``perf_counter`` when
-        the request was taken) are for the metrics. ``tag`` None: already acked."""
+        number of n asked for, 0 if not decoded), ``started`` (``perf_counter`` when the
+        request was taken) and ``batch`` (a list of n) are for the metrics and the trace.
+        ``tag`` None: already acked."""
         if reply.error is None:
             self.stats.served += 1
+            if self._debug:
+                log.debug("computed %r: %d value(s) with %r", props.correlation_id, values, algo)
         else:
             self.stats.errors += 1
             log.info("refused %r: %s", props.correlation_id, reply.error)
@@ -572,6 +590,42 @@ class Worker:
         if tag is not None:
             amqp.ack_soon(channel, tag)
         self._metrics.answered(algo, reply.error or "ok", time.perf_counter() - started, values)
+        if self._debug:
+            log.debug("replied %r to %r", props.correlation_id, props.reply_to)
+        self._trace(
+            props,
+            tag,
+            started,
+            reply.error or "ok",
+            values=values,
+            batch=batch,
+            algo=None if algo == metrics.UNKNOWN_ALGO else algo,
+            error=reply.body if reply.error else None,
+        )
+
+    def _skipped(self, props: Any, tag: int, started: float) -> None:
+        """Log and trace a request skipped because its caller had given up (acked)."""
+        if self._debug:
+            log.debug("skipped %r: its deadline had passed", props.correlation_id)
+        self._trace(props, tag, started, "expired")
+
+    def _trace(
+        self, props: Any, tag: int | None, started: float, outcome: str, **details: Any
+    ) -> None:
+        """Record the request's span if a tracer provider is set: the one check per
+        request (``fibrpc.tracing.record_request`` says what ``details`` are)."""
+        tracer = tracing.tracer()
+        if tracer is not None:
+            tracing.record_request(
+                tracer,
+                queue=self.settings.queue,
+                url=self.url,
+                props=props,
+                tag=tag,
+                started=started,
+                outcome=outcome,
+                **details,
+            )
 
 
 def _expired(headers: dict[str, Any], budget: int | None, received: float) -> bool:

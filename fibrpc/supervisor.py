@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from fibrpc import amqp, inflight, kernels, memo, metrics, state
+from fibrpc import amqp, inflight, kernels, memo, metrics, state, tracing
 from fibrpc.config import DEFAULT_METRICS_HOST, QUORUM_DELIVERY_LIMIT
 from fibrpc.errors import (
     AccessRefusedError,
@@ -463,6 +463,7 @@ def _worker_main(settings: WorkerSettings, ready: Any, board: inflight.Board, in
     """The body of a worker process (forked: it inherits the warmed kernels and the
     board of requests in flight)."""
     die_with_parent()
+    exporting = tracing.export_from_env()  # OTEL_TRACES_EXPORTER: spans of this process
     worker = Worker(settings, board=board, index=index)
     install_stop_handlers(worker)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -485,3 +486,5 @@ def _worker_main(settings: WorkerSettings, ready: Any, board: inflight.Board, in
     except BrokerError as exc:
         log.error("%s", exc)
         sys.exit(int(ExitCode.FAILURE))
+    finally:
+        tracing.stop_exporting(exporting)  # the spans still waiting in the batch
