@@ -48,6 +48,12 @@ def test_the_worked_example_of_the_protocol_docs_holds_byte_for_byte():
     assert kind == INTS
     assert body.hex(" ") == "09 00 00 00 c3 bf 94 c5 a7 76 db 33 13"
     assert decode_values(body, INTS) == [354224848179261915075]
+    body, content_type, type_ = encode_request([10, 90], "iter", binary=True)
+    assert (body.hex(" "), content_type, type_) == (
+        "0a 00 00 00 00 00 00 00 5a 00 00 00 00 00 00 00",
+        U64,
+        "iter",
+    )
 
 
 @given(st.lists(st.integers(0, (1 << 64) - 1), max_size=50))
