@@ -324,7 +324,8 @@ class AsyncClient:
         finally:
             if in_flight:
                 gone = ClientClosedError("imap was left with this call in flight.")
-                for call, _ in in_flight:
+                for call, future in in_flight:
+                    future.cancel()  # nobody awaits it: no "exception never retrieved"
                     self._abandon(call, gone)
                     slots.give()
 

@@ -368,3 +368,28 @@ def test_a_wait_for_the_window_fails_once_expire_finds_it_past_its_time():
         assert window.free == 0
 
     asyncio.run(main())
+
+
+def test_leaving_imap_or_a_refused_map_leaves_no_unretrieved_exception(serve, queue):
+    """asyncio reports a future whose exception nobody retrieved when it is collected:
+    the calls imap abandons must not be such futures."""
+    import gc  # noqa: PLC0415
+
+    serve(workers=1)
+    reported: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        async with AsyncClient(URL, queue=queue, window=8, timeout=30) as client:
+            values = client.imap(range(10_000), batch_size=10)
+            async with contextlib.aclosing(values):
+                async for _ in values:
+                    break
+            with pytest.raises(RequestError):
+                await client.map([*range(100), -1, *range(1000)], batch_size=10)
+            await asyncio.sleep(0.2)  # the abandoned calls' replies come and go
+            gc.collect()
+            await asyncio.sleep(0)
+
+    run(main)
+    assert reported == []
