@@ -10,8 +10,10 @@ Each round runs, one after the other so that they never share the CPUs:
 1. ``tutorial_server.py --iter`` (one server, prefetch 1) and ``tutorial_client.py 3000 90``;
 2. two ``raw_pipeline.py serve 64`` and ``raw_pipeline.py call 20000 90 128``;
 3. two ``raw_batched.py serve Q`` and ``raw_batched.py call Q 2000000 1000 8``;
-4. ``fibrpc bench --spawn 2 --json --window 128 --batch-window 8 --batch-size 1000``, once
-   per scenario (``--scenario S --calls N``), with the baselines' counts.
+4. ``fibrpc bench --spawn 2 --json --window 128 --batch-window 8``, once per scenario
+   (``--scenario S --calls N``), with the baselines' counts: ``batched`` at fibrpc's own
+   batch size (the client's automatic one, 10,000 a message), and once more at the
+   probe's 1,000 a message (``batched_1000``).
 
 The baselines come from ``$(dirname repo)/shared/baselines`` (``--baselines`` overrides).
 Every queue but ``raw_rpc`` (hard-coded in raw_pipeline.py) is named for this run, and
@@ -180,21 +182,25 @@ def one_round(args: argparse.Namespace, procs: Processes, tag: str) -> dict[str,
     figures["raw_batched"] = {"calls/s": field(out, "calls/s")}
     procs.stop_all()
 
-    counts = {"sequential": args.sequential, "pipelined": args.pipelined}
-    counts["batched"] = args.batched
-    for scenario, calls in counts.items():
+    runs = [("sequential", args.sequential, []), ("pipelined", args.pipelined, [])]
+    runs += [
+        ("batched", args.batched, []),
+        ("batched_1000", args.batched, ["--batch-size", "1000"]),
+    ]
+    for name, calls, extra in runs:
+        scenario = name.partition("_")[0]
         out = run(
             [
                 *(py, "-m", "fibrpc", "bench", "--spawn", "2", "--json", "--no-progress"),
                 *("--scenario", scenario, "--calls", str(calls), "--max-n", "90"),
-                *("--window", "128", "--batch-window", "8", "--batch-size", "1000"),
+                *("--window", "128", "--batch-window", "8", *extra),
             ],
             {"FIBRPC_URL": BROKER},
         )
         (result,) = json.loads(out)["scenarios"]
         if result["errors"]:
             raise SystemExit(f"compare: fibrpc bench counted errors: {result}")
-        figures[f"fibrpc_{scenario}"] = {
+        figures[f"fibrpc_{name}"] = {
             "calls/s": result["calls_per_s"],
             "p50_ms": result["p50_ms"],
             "p99_ms": result["p99_ms"],
@@ -206,6 +212,7 @@ def one_round(args: argparse.Namespace, procs: Processes, tag: str) -> dict[str,
 RATIOS = (
     ("fibrpc batched / tutorial", "fibrpc_batched", "tutorial", "calls/s"),
     ("fibrpc batched / raw_batched", "fibrpc_batched", "raw_batched", "calls/s"),
+    ("fibrpc batched at 1,000 / raw_batched", "fibrpc_batched_1000", "raw_batched", "calls/s"),
     ("fibrpc pipelined / tutorial", "fibrpc_pipelined", "tutorial", "calls/s"),
     ("fibrpc pipelined / raw_pipeline", "fibrpc_pipelined", "raw_pipeline", "calls/s"),
     ("fibrpc sequential / tutorial", "fibrpc_sequential", "tutorial", "calls/s"),

@@ -285,7 +285,7 @@ class AsyncClient:
         """Stream F(n) for every n of a (possibly endless) iterable, in order.
 
         As ``Client.imap``: values are packed ``batch_size`` to a message (by default up
-        to 1,000, or fewer when their results would pass about 1 MB), up to ``window``
+        to 10,000, or fewer when their results would pass about 1 MB), up to ``window``
         messages in flight; ``timeout`` is per message; the first refused batch raises
         its ``RequestError``. Leaving the loop early (``break``, an exception,
         cancellation) gives back the window at once.

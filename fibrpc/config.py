@@ -128,7 +128,7 @@ BENCH_WINDOW: Final = 128
 BENCH_BATCH_WINDOW: Final = 8
 """Batch messages in flight in ``batched``: raw_batched.py's window."""
 
-BENCH_BATCH_SIZE: Final = 1000
+BENCH_BATCH_SIZE: Final = 10_000
 """Values of n per batch message: the client's own automatic batch size."""
 
 ENV_PREFIX: Final = "FIBRPC_"

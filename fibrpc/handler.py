@@ -82,6 +82,8 @@ class Handler:
             cost = sum(kernels.FAST_TABLE[n + 1] for n in request.ns)
             return cost >= kernels.FAST_TABLE[_HEAVY_NAIVE_N + 2]
         if request.algo == "fast":
+            if top <= kernels.ITER_MAX_N:  # table lookups, as cheap as iter's
+                return len(request.ns) > 100_000
             # The work of F(n) grows with n; the sum of the n not memoised is the batch's.
             if sum(request.ns) <= _HEAVY_FAST_N:
                 return False
