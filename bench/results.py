@@ -1,21 +1,22 @@
 """A large result end to end against the same work done locally, in the same run.
 
-    .venv/bin/python bench/results.py [--url URL] [--n 10000000] [--rounds 3]
+    .venv/bin/python bench/results.py [--url URL] [--n 10000000] [--pairs 9]
 
-Each round, on a fresh ``fibrpc serve --workers 2`` (a fresh memo):
+One ``fibrpc serve --workers 2`` (``fibrpc.bench.spawned_server``) for the whole run, and
+``--pairs`` pairs of measurements, each pair the local work then the same through the
+server, back to back (a machine whose speed drifts moves both alike):
 
-* **local**: ``int(gmpy2.fib(n))`` (an int, as ``Client.call`` returns) and
-  ``gmpy2.fib(n).digits()`` (decimal text, as ``call_text``), in this process;
-* **call**: ``Client.call(n)`` first (computed, sent in binary), then six repeats (from
-  the memo, whichever worker takes them);
-* **call_text**: ``Client.call_text(n)`` first on another fresh server, then six repeats;
-* **transfer**: one message of the size of F(n)'s magnitude published to a queue and
-  consumed back with plain pika over the same broker: what moving those bytes costs,
-  without fibrpc.
+* **call**: ``int(gmpy2.fib(m))`` here (an int, as ``Client.call`` returns), then
+  ``Client.call(m)`` (computed by a worker, not memoised yet, sent in binary);
+* **call_text**: ``gmpy2.fib(m).digits()`` here, then ``Client.call_text(m)``;
+* **repeat**: ``Client.call(n)`` again (from the memo, whichever worker takes it), and one
+  message of the size of F(n)'s magnitude published to a queue and consumed back with
+  plain pika over the same broker: what moving those bytes costs, without fibrpc.
 
-Prints the medians over the rounds (of each round's first call; of each round's worst
-repeat) and the ratios the issue sets bars on: call first / local int (≤ 1.3),
-call_text first / local digits (≤ 1.15), call repeat - transfer (≤ 5 ms).
+Each pair takes a value of m not asked before (n, n - 1, ...: the same cost), so that
+every "first" call is one. Prints the median of the pairs' ratios with their range, for
+the issue's bars: call / local int (≤ 1.3), call_text / local digits (≤ 1.15); and the
+median repeat against the median transfer (≤ transfer + 5 ms).
 """
 
 from __future__ import annotations
@@ -41,90 +42,93 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, value
 
 
-def first_and_repeats(url: str, fn: str, n: int, expected: Any) -> tuple[float, float]:
-    """Seconds of the first call on a fresh server, and of its worst of six repeats."""
-    with spawned_server(url, 2) as server, Client(url, queue=server.queue, timeout=120) as c:
-        call = getattr(c, fn)
-        c.call(10)  # the connection and both workers are warm; the memo holds nothing
-        c.call(11)
-        first, value = timed(lambda: call(n))
-        assert value == expected
-        repeats = []
-        for _ in range(6):
-            seconds, value = timed(lambda: call(n))
-            assert value == expected
-            repeats.append(seconds)
-        return first, max(repeats)
+class Transfer:
+    """Plain pika: publish bytes to a queue of its own and consume them back."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.conn.channel()
+        self.queue = f"bench-transfer-{uuid.uuid4().hex[:8]}"
+        self.channel.queue_declare(self.queue, exclusive=True)
+        self.got: list[bytes] = []
+        self.channel.basic_consume(self.queue, self._on_message, auto_ack=True)
+
+    def _on_message(self, ch: Any, method: Any, props: Any, data: bytes) -> None:
+        self.got.append(data)
+
+    def seconds(self, body: bytes) -> float:
+        self.got.clear()
+        started = time.perf_counter()
+        self.channel.basic_publish("", self.queue, body)
+        while not self.got:
+            self.conn.process_data_events(time_limit=0.001)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.conn.close()
 
 
-def transfer(url: str, size: int) -> float:
-    """Seconds to publish ``size`` bytes to a queue and consume them back, plain pika."""
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        channel = conn.channel()
-        queue = f"bench-transfer-{uuid.uuid4().hex[:8]}"
-        channel.queue_declare(queue, exclusive=True)
-        body = bytes(size)
-        got: list[bytes] = []
-
-        def on_message(ch: Any, method: Any, props: Any, data: bytes) -> None:
-            got.append(data)
-
-        channel.basic_consume(queue, on_message, auto_ack=True)
-        best = float("inf")
-        for _ in range(5):
-            got.clear()
-            started = time.perf_counter()
-            channel.basic_publish("", queue, body)
-            while not got:
-                conn.process_data_events(time_limit=0.001)
-            best = min(best, time.perf_counter() - started)
-        return best
-    finally:
-        conn.close()
+def ratios(pairs: list[tuple[float, float]]) -> str:
+    per_pair = [remote / local for local, remote in pairs]
+    return (
+        f"{statistics.median(per_pair):.2f} (pairs {min(per_pair):.2f}-{max(per_pair):.2f}; "
+        f"medians: here {1000 * statistics.median(p[0] for p in pairs):.1f} ms, through "
+        f"fibrpc {1000 * statistics.median(p[1] for p in pairs):.1f} ms)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--n", type=int, default=10**7)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=9)
     args = parser.parse_args()
     n = args.n
     value = int(gmpy2.fib(n))
-    digits = gmpy2.fib(n).digits()
     size = (value.bit_length() + 7) // 8
-    rows: dict[str, list[float]] = {k: [] for k in ("int", "digits", "call", "call_rep")}
-    rows |= {"text": [], "text_rep": [], "transfer": []}
-    for k in range(args.rounds):
-        rows["int"].append(timed(lambda: int(gmpy2.fib(n)))[0])
-        rows["digits"].append(timed(lambda: gmpy2.fib(n).digits())[0])
-        first, repeat = first_and_repeats(args.url, "call", n, value)
-        rows["call"].append(first)
-        rows["call_rep"].append(repeat)
-        first, repeat = first_and_repeats(args.url, "call_text", n, digits)
-        rows["text"].append(first)
-        rows["text_rep"].append(repeat)
-        rows["transfer"].append(transfer(args.url, size))
-        print(
-            f"round {k + 1}: local int {1000 * rows['int'][-1]:.1f} ms, digits "
-            f"{1000 * rows['digits'][-1]:.1f} ms; call first {1000 * rows['call'][-1]:.1f}, "
-            f"worst repeat {1000 * rows['call_rep'][-1]:.1f} ms; call_text first "
-            f"{1000 * rows['text'][-1]:.1f}, worst repeat {1000 * rows['text_rep'][-1]:.1f} "
-            f"ms; transfer of {size:,} bytes {1000 * rows['transfer'][-1]:.1f} ms",
-            flush=True,
-        )
-    med = {k: statistics.median(v) for k, v in rows.items()}
+    ints: list[tuple[float, float]] = []
+    texts: list[tuple[float, float]] = []
+    repeats: list[float] = []
+    transfers: list[float] = []
+    with (
+        spawned_server(args.url, 2) as server,
+        Client(args.url, queue=server.queue, timeout=120) as client,
+    ):
+        transfer = Transfer(args.url)
+        try:
+            assert client.call(n) == value  # memoised: the repeats' value
+            for k in range(args.pairs):
+                m = n - 1 - k
+                local, expected = timed(lambda: int(gmpy2.fib(m)))  # noqa: B023
+                remote, got = timed(lambda: client.call(m))  # noqa: B023
+                assert got == expected
+                ints.append((local, remote))
+                m = n - 1001 - k
+                local, expected = timed(lambda: gmpy2.fib(m).digits())  # noqa: B023
+                remote, got = timed(lambda: client.call_text(m))  # noqa: B023
+                assert got == expected
+                texts.append((local, remote))
+                seconds, got = timed(lambda: client.call(n))
+                assert got == value
+                repeats.append(seconds)
+                transfers.append(transfer.seconds(bytes(size)))
+                print(
+                    f"pair {k + 1}: int here {1000 * ints[-1][0]:.1f} ms, call "
+                    f"{1000 * ints[-1][1]:.1f}; digits here {1000 * texts[-1][0]:.1f}, "
+                    f"call_text {1000 * texts[-1][1]:.1f}; repeat {1000 * repeats[-1]:.1f}, "
+                    f"transfer {1000 * transfers[-1]:.1f}",
+                    flush=True,
+                )
+        finally:
+            transfer.close()
+    print(f"F({n:,}) and its neighbours: {size:,} bytes, {len(str(gmpy2.fib(n))):,} digits")
+    print(f"  call / local int (bar 1.3):          {ratios(ints)}")
+    print(f"  call_text / local digits (bar 1.15): {ratios(texts)}")
     print(
-        f"F({n:,}): {size:,} bytes of magnitude, {len(digits):,} digits; medians of {args.rounds}"
+        f"  call repeat from the memo: median {1000 * statistics.median(repeats):.1f} ms, worst "
+        f"{1000 * max(repeats):.1f} ms; transfer of its bytes: median "
+        f"{1000 * statistics.median(transfers):.1f} ms (bar: transfer + 5 ms)"
     )
-    print(f"  call first / local int          {med['call'] / med['int']:.2f}  (bar 1.3)")
-    print(f"  call_text first / local digits  {med['text'] / med['digits']:.2f}  (bar 1.15)")
-    print(
-        f"  call repeat {1000 * med['call_rep']:.1f} ms = transfer {1000 * med['transfer']:.1f} "
-        f"ms + {1000 * (med['call_rep'] - med['transfer']):.1f} ms  (bar: transfer + 5 ms)"
-    )
-    print(f"  call_text repeat / first        {med['text_rep'] / med['text']:.3f}  (bar 0.2)")
 
 
 if __name__ == "__main__":
