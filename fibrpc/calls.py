@@ -27,6 +27,21 @@ AS_TEXT: Final = 1
 AS_INTS: Final = 2
 
 
+#: Past this n a single result has more than 64 bits (F(94) and on).
+_SMALL_N: Final = 93
+
+
+def wants_binary(n: int | list[int], as_: int) -> bool:
+    """Whether a call asks for its results in a binary form (``protocol.ACCEPT_HEADER``):
+    every batch, and a single ``call`` of n whose F(n) passes 64 bits. A result of at
+    most 20 digits costs nothing to read as text, and asking for binary on every single
+    call cost pipelined calls a tenth of their rate (bench/README.md); ``call_text``
+    wants text."""
+    if as_ == AS_INTS:
+        return True
+    return as_ == AS_INT and n > _SMALL_N  # type: ignore[operator]  # an int here
+
+
 def read_reply(body: bytes, content_type: str | None, as_: int) -> Any:
     """What a reply gives the caller of a call made ``as_``: an int (``AS_INT``), a
     batch's ints (``AS_INTS``) or decimal text (``AS_TEXT``), from any form the server

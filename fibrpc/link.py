@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from fibrpc import amqp, protocol, tracing
-from fibrpc.calls import AS_TEXT, Call
+from fibrpc.calls import Call, wants_binary
 from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
 
@@ -105,7 +105,7 @@ class AmqpLink:
             remaining_ms = max(1, min(MAX_TTL_MS, int(left * 1000)))
             expiration = str(remaining_ms)
             headers = {protocol.DEADLINE_HEADER: int(time.time() * 1000) + remaining_ms}
-        if call.as_ != AS_TEXT:  # results as ints: ask for them in binary
+        if wants_binary(call.n, call.as_):
             headers = headers or {}
             headers[protocol.ACCEPT_HEADER] = protocol.ACCEPT_BINARY
         if call.span is not None:

@@ -43,7 +43,7 @@ from fibrpc import amqp, protocol
 
 # The client's own checks, encoding and batching: imported, not copied, so that a stub
 # refuses and batches exactly as the clients do.
-from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, read_reply
+from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, read_reply, wants_binary
 from fibrpc.client import END, batches, check_timeout, check_window, encode
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
@@ -180,7 +180,7 @@ class _Stub:
         """What a worker makes of the request's bytes: a request, or the refusal."""
         if self._closing:
             raise ClientClosedError("The client was closed with this call in flight.")
-        accept = protocol.ACCEPT_BINARY if request.as_ != AS_TEXT else None  # as the link
+        accept = protocol.ACCEPT_BINARY if wants_binary(request.n, request.as_) else None
         return self.handler.decode(request.body, request.content_type, request.type, accept)
 
     def _result(self, request: _Request, reply: Reply, started: float) -> Any:

@@ -242,3 +242,12 @@ def test_a_binary_batch_of_small_n_gets_the_bytes_a_json_batch_gets(ns, algo):
     general = handler.handle(*encode_request(ns, algo), ACCEPT_BINARY)
     assert packed == general
     assert decode_values(packed.body, U64) == [FAST_TABLE[n] for n in ns]
+
+
+def test_a_call_asks_for_binary_where_it_pays_batches_and_results_past_64_bits():
+    from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, wants_binary  # noqa: PLC0415
+
+    assert wants_binary([1, 2], AS_INTS) and wants_binary([], AS_INTS)
+    assert wants_binary(94, AS_INT) and wants_binary(10**7, AS_INT)
+    assert not wants_binary(93, AS_INT)  # 20 digits at most: text costs nothing to read
+    assert not wants_binary(10**7, AS_TEXT)  # call_text wants the digits
