@@ -38,7 +38,7 @@ from typing import Any, Final
 
 from fibrpc import amqp, tracing
 from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
-from fibrpc.client import END, batches, check_timeout, check_window, encode
+from fibrpc.client import END, batches, check_timeout, check_urls, check_window, encode
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_QUEUE,
@@ -166,13 +166,11 @@ class AsyncClient:
     ) -> None:
         self.timeout = check_timeout(timeout)
         self.window = check_window(window)
-        self.urls = amqp.split_urls(url)
+        self.urls = check_urls(url, tls)
         self.url = self.urls[0]
         self.queue = queue
         self._heartbeat = heartbeat
         self._tls = tls
-        for node in self.urls:
-            amqp.parameters(node, tls=tls)  # a URL pika cannot read, a bad TLS option
         self._prefix = uuid.uuid4().hex[:12] + "."
         self._ids = itertools.count()
         self._driver: Driver | None = None

@@ -73,6 +73,16 @@ def check_timeout(timeout: object) -> float:
     return seconds
 
 
+def check_urls(url: str | Sequence[str], tls: amqp.TLSOptions | None) -> tuple[str, ...]:
+    """The broker's nodes named by ``url`` (one URL, a list, or one string of them
+    separated by commas), each one read as pika will read it, with ``tls``. Raises
+    ``ConfigError`` for a URL pika cannot read or a bad TLS option."""
+    urls = amqp.split_urls(url)
+    for node in urls:
+        amqp.parameters(node, tls=tls)
+    return urls
+
+
 def check_window(window: object) -> int:
     """``window`` as an int of 1 or more (not a bool); raises ``ConfigError``."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -213,13 +223,11 @@ class Client:
     ) -> None:
         self.timeout = check_timeout(timeout)
         self.window = check_window(window)
-        self.urls = amqp.split_urls(url)  # a bad URL: ConfigError, here
+        self.urls = check_urls(url, tls)  # a bad URL: ConfigError, here
         self.url = self.urls[0]
         self.queue = queue
         self._heartbeat = heartbeat
         self._tls = tls
-        for node in self.urls:
-            amqp.parameters(node, tls=tls)  # a URL pika cannot read, a bad TLS option
         self._start()
 
     def _start(self) -> None:

@@ -44,7 +44,7 @@ from fibrpc import amqp, protocol
 # The client's own checks, encoding and batching: imported, not copied, so that a stub
 # refuses and batches exactly as the clients do.
 from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, read_reply, wants_binary
-from fibrpc.client import END, batches, check_timeout, check_window, encode
+from fibrpc.client import END, batches, check_timeout, check_urls, check_window, encode
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MEMO_BYTES,
@@ -113,11 +113,9 @@ class _Stub:
     ) -> None:
         self.timeout = check_timeout(timeout)
         self.window = check_window(window)
-        self.urls = amqp.split_urls(url)
+        self.urls = check_urls(url, tls)  # as Client: ConfigError for a URL or TLS option
         self.url = self.urls[0]
         self.queue = queue
-        for node in self.urls:
-            amqp.parameters(node, tls=tls)  # as Client: a URL pika cannot read, a bad TLS option
         self.limits = limits or Limits()
         self._memo_bytes = memo_bytes
         self._handler: Handler | None = None
