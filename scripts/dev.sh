@@ -48,12 +48,14 @@ case "$cmd" in
     echo "== the client's and the worker's integration tests on pika's stock paths"
     FIBRPC_TEST_BROKER=local FIBRPC_FAST_PATH=0 "$venv/bin/pytest" "$@" \
       tests/test_client.py tests/test_end_to_end.py tests/test_fuzz.py tests/test_message_size.py
-    # Network faults and the cluster need RabbitMQ 4 (private nodes); the stand-ins, the
-    # pytest plugin, tracing and the memo are fibrpc's own machinery, the same whatever
-    # the broker, and already ran above: the suite stays well under 15 minutes.
+    # Network faults and the cluster run on RabbitMQ 4 only (private nodes), as do the
+    # checks of RabbitMQ 4 itself; the docs' examples, the stand-ins, the pytest plugin,
+    # tracing and the memo are the same whatever the broker, and ran above: the suite
+    # stays well under 15 minutes.
     echo "== the test suite on the local RabbitMQ (but what is the same on any broker)"
     FIBRPC_TEST_BROKER=local exec "$venv/bin/pytest" "$@" \
       --ignore=tests/test_edge_faults.py --ignore=tests/test_cluster.py \
+      --ignore=tests/test_rabbitmq4.py --ignore=tests/test_docs.py \
       --ignore=tests/test_testing.py --ignore=tests/test_pytest_plugin.py \
       --ignore=tests/test_tracing.py --ignore=tests/test_shared_memo.py \
       --ignore=tests/test_memo.py

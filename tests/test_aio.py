@@ -1,6 +1,7 @@
 """The asyncio client keeps the threaded client's promises, from an event loop that it
 never blocks: results, errors, timeouts, the window, cancellation, no-server detection,
-failover and re-sending, closing. Real servers and a real broker; each test runs its own
+closing (failover, re-sending and half-open connections: test_edge_faults.py, with the
+network faults, on RabbitMQ 4). Real servers and a real broker; each test runs its own
 loop (``asyncio.run``)."""
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ import contextlib
 import math
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 from conftest import URL
-from faultproxy import FaultProxy
 from test_client import StandIn
 
 from fibrpc import (
@@ -256,49 +255,6 @@ def test_an_unreachable_broker_is_a_clear_error_on_connect():
                 pass
 
     run(main)
-
-
-def test_a_lost_connection_fails_over_and_re_sends_the_calls_in_flight(serve, queue):
-    serve(workers=1)
-    parts = urllib.parse.urlsplit(URL)
-    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
-
-        async def main() -> None:
-            # The proxy first (its connection is reset mid-run), then the broker itself.
-            async with AsyncClient([proxy.url(URL), URL], queue=queue, timeout=30) as client:
-                assert await client.call(10) == 55
-                calls = [asyncio.create_task(client.call(n % 90)) for n in range(300)]
-                await asyncio.sleep(0.01)
-                proxy.reset()
-                assert await asyncio.gather(*calls) == [FAST_TABLE[n % 90] for n in range(300)]
-                assert await client.call(20) == 6765
-
-        run(main)
-
-
-def test_calls_keep_their_deadlines_over_a_half_open_connection(serve, queue):
-    serve(workers=1)
-    parts = urllib.parse.urlsplit(URL)
-    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
-
-        async def main() -> None:
-            url = proxy.url(URL)
-            async with AsyncClient(url, queue=queue, timeout=3, heartbeat=2) as client:
-                assert await client.call(30) == 832040
-                proxy.blackhole()
-                proxy.restore()  # new connections work; the current one stays dead
-                started = time.monotonic()
-                with pytest.raises(CallTimeoutError):
-                    await client.call(31, timeout=2)
-                assert time.monotonic() - started < 2 + MARGIN
-                deadline = time.monotonic() + 30
-                while True:  # heartbeats find the connection dead; it reconnects
-                    with contextlib.suppress(CallTimeoutError):
-                        assert await client.call(32) == FAST_TABLE[32]
-                        return
-                    assert time.monotonic() < deadline, "the client never recovered"
-
-        run(main)
 
 
 def _fib(n: int) -> int:

@@ -1,11 +1,13 @@
 """Faults at the edges, each real: a broker that accepts TCP and never speaks, a network that
 stalls or silently drops packets (``faultproxy.py``), a broker that blocks publishers (a
 memory alarm on a private node), a ``fork()``, a done-callback that calls the client,
-timeouts the broker cannot carry, clocks that differ. Every deadline is kept, within its
+timeouts the broker cannot carry, clocks that differ; the asyncio client over a reset and
+a half-open connection. Every deadline is kept, within its
 timeout plus a small margin, and nothing innocent is harmed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -17,8 +19,10 @@ import pytest
 from conftest import URL, run_cli
 from faultproxy import FaultProxy, SilentListener
 from rawclient import RawClient
+from test_aio import run
 
 from fibrpc import BrokerUnreachableError, CallTimeoutError, Client, ConfigError
+from fibrpc.aio import AsyncClient
 from fibrpc.exitcodes import ExitCode
 from fibrpc.kernels import FAST_TABLE
 from fibrpc.protocol import DEADLINE_HEADER
@@ -312,3 +316,49 @@ def test_a_client_clock_1_5_s_behind_does_not_get_its_1_s_calls_skipped(serve, q
         assert gone not in raw.replies
     finally:
         raw.close()
+
+
+# -- the asyncio client over the same faults ---------------------------------------------
+
+
+def test_a_lost_connection_fails_over_and_re_sends_the_calls_in_flight(serve, queue):
+    serve(workers=1)
+    parts = urllib.parse.urlsplit(URL)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
+
+        async def main() -> None:
+            # The proxy first (its connection is reset mid-run), then the broker itself.
+            async with AsyncClient([proxy.url(URL), URL], queue=queue, timeout=30) as client:
+                assert await client.call(10) == 55
+                calls = [asyncio.create_task(client.call(n % 90)) for n in range(300)]
+                await asyncio.sleep(0.01)
+                proxy.reset()
+                assert await asyncio.gather(*calls) == [FAST_TABLE[n % 90] for n in range(300)]
+                assert await client.call(20) == 6765
+
+        run(main)
+
+
+def test_calls_keep_their_deadlines_over_a_half_open_connection(serve, queue):
+    serve(workers=1)
+    parts = urllib.parse.urlsplit(URL)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
+
+        async def main() -> None:
+            url = proxy.url(URL)
+            async with AsyncClient(url, queue=queue, timeout=3, heartbeat=2) as client:
+                assert await client.call(30) == 832040
+                proxy.blackhole()
+                proxy.restore()  # new connections work; the current one stays dead
+                started = time.monotonic()
+                with pytest.raises(CallTimeoutError):
+                    await client.call(31, timeout=2)
+                assert time.monotonic() - started < 2 + MARGIN
+                deadline = time.monotonic() + 30
+                while True:  # heartbeats find the connection dead; it reconnects
+                    with contextlib.suppress(CallTimeoutError):
+                        assert await client.call(32) == FAST_TABLE[32]
+                        return
+                    assert time.monotonic() < deadline, "the client never recovered"
+
+        run(main)
