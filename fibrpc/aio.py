@@ -33,12 +33,12 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, Final
 
 from fibrpc import amqp, tracing
-from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
-from fibrpc.client import END, batches, check_timeout, check_urls, check_window, encode
+from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
+from fibrpc.client import END, check_timeout, check_urls, check_window, encode, messages
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_QUEUE,
@@ -47,7 +47,7 @@ from fibrpc.config import (
     DEFAULT_WINDOW,
 )
 from fibrpc.driver import TICK, Driver
-from fibrpc.errors import CallTimeoutError, ClientClosedError, ConfigError
+from fibrpc.errors import CallTimeoutError, ClientClosedError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM
 
@@ -298,12 +298,8 @@ class AsyncClient:
         self, ns: Iterable[int], algo: str, batch_size: int | None, timeout: float | None
     ) -> AsyncGenerator[list[int], None]:
         """``imap``, a message's results at a time (a list of one with ``batch_size=1``)."""
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
+        chunks, as_ = messages(ns, algo, batch_size)
         seconds = self.timeout if timeout is None else check_timeout(timeout)
-        chunks: Iterator[int | list[int]]
-        chunks = iter(ns) if batch_size == 1 else batches(ns, batch_size, algo)
-        as_ = AS_INT if batch_size == 1 else AS_INTS
         slots = self._slots
         in_flight: collections.deque[tuple[Call, asyncio.Future[Any]]] = collections.deque()
         try:

@@ -333,14 +333,8 @@ class Client:
         self, ns: Iterable[int], algo: str, batch_size: int | None, timeout: float | None
     ) -> Generator[list[int], None, None]:
         """``imap``, a message's results at a time (a list of one with ``batch_size=1``)."""
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
+        chunks, as_ = messages(ns, algo, batch_size)
         timeout = self.timeout if timeout is None else check_timeout(timeout)
-        if batch_size == 1:
-            chunks: Iterator[int | list[int]] = iter(ns)
-        else:
-            chunks = batches(ns, batch_size, algo)
-        as_ = AS_INT if batch_size == 1 else AS_INTS
         in_flight: collections.deque[Call] = collections.deque()
         try:
             chunk: Any = next(chunks, END)
@@ -468,6 +462,17 @@ def _call_back(fn: Any, future: concurrent.futures.Future[Any]) -> None:
         fn(future)
     except Exception:
         log.exception("a done-callback of a fibrpc future raised")
+
+
+def messages(ns: Iterable[object], algo: str, batch_size: int | None) -> tuple[Iterator[Any], int]:
+    """How ``imap`` cuts ``ns`` into messages, and what each reply becomes: one n a
+    message (``AS_INT``) with ``batch_size=1``, else ``batches`` (``AS_INTS``). Raises
+    ``ConfigError`` for a ``batch_size`` under 1 (or a bool)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
+    if batch_size == 1:
+        return iter(ns), AS_INT
+    return batches(ns, batch_size, algo), AS_INTS
 
 
 def batches(ns: Iterable[object], size: int | None, algo: str) -> Iterator[list[int]]:

@@ -43,8 +43,8 @@ from fibrpc import amqp, protocol
 
 # The client's own checks, encoding and batching: imported, not copied, so that a stub
 # refuses and batches exactly as the clients do.
-from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, read_reply, wants_binary
-from fibrpc.client import END, batches, check_timeout, check_urls, check_window, encode
+from fibrpc.calls import AS_INT, AS_TEXT, read_reply, wants_binary
+from fibrpc.client import END, check_timeout, check_urls, check_window, encode, messages
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MEMO_BYTES,
@@ -57,7 +57,6 @@ from fibrpc.config import (
 from fibrpc.errors import (
     CallTimeoutError,
     ClientClosedError,
-    ConfigError,
     RequestError,
     UnreadableReplyError,
 )
@@ -211,11 +210,7 @@ class _Stub:
         self, ns: Iterable[int], algo: str, batch_size: int | None
     ) -> tuple[Iterator[Any], int]:
         """The requests' n of a ``map``: as ``Client.imap`` cuts them."""
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
-        if batch_size == 1:
-            return iter(ns), AS_INT
-        return batches(ns, batch_size, algo), AS_INTS
+        return messages(ns, algo, batch_size)
 
     def _read_ahead(
         self,
