@@ -42,7 +42,7 @@ case "$cmd" in
     "$venv/bin/ruff" check .
     "$venv/bin/ruff" format --check .
     "$venv/bin/mypy"
-    scripts/rabbitmq4-root.sh >/dev/null  # once per machine: RabbitMQ 4 for private nodes
+    scripts/rabbitmq-root.sh trixie >/dev/null  # once per machine: RabbitMQ 4 for private nodes
     echo "== the test suite on a private RabbitMQ 4 node (every deprecated feature denied)"
     FIBRPC_TEST_BROKER=rabbitmq4 "$venv/bin/pytest" "$@"
     echo "== the client's and the worker's integration tests on pika's stock paths"

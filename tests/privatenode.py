@@ -9,7 +9,7 @@ reads nothing from ``/etc/rabbitmq`` and never touches the shared node's data.
 
 By default the node is the machine's own RabbitMQ (Debian 12: 3.10). ``version="4"`` runs
 RabbitMQ 4.x instead, from a Debian trixie root built once per machine by
-``scripts/rabbitmq4-root.sh`` (see ``rabbitmq4_root``): the node, and ``rabbitmqctl`` for
+``scripts/rabbitmq-root.sh trixie`` (see ``rabbitmq4_root``): the node, and ``rabbitmqctl`` for
 it (the root's own), run chrooted in that root, each in a mount and PID namespace of its
 own (``unshare``), with /proc, /dev and the node's directory (at the same path) mounted
 inside. Those mounts vanish with the namespace, so nothing stays mounted on the host, and
@@ -42,7 +42,7 @@ _SCRIPT_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/local/lib/rabbitmq/bin")
 BOOT_TIMEOUT = 90.0
 
 #: Builds (once per machine) and prints the root that holds RabbitMQ 4.x.
-ROOT_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq4-root.sh"
+ROOT_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-root.sh"
 #: How long building that root may take (debootstrap: ~40 s here, slower on a cold mirror).
 ROOT_BUILD_TIMEOUT = 1200.0
 
@@ -111,12 +111,12 @@ def _script(name: str) -> str:
 
 @functools.cache
 def rabbitmq4_root() -> Path:
-    """The root holding RabbitMQ 4.x, built by ``scripts/rabbitmq4-root.sh`` if it is not
+    """The root holding RabbitMQ 4.x, built by ``scripts/rabbitmq-root.sh trixie`` if it is not
     there yet (~40 s, once per machine); a test failure with the script's output if that
-    fails. ``FIBRPC_RABBITMQ4_ROOT`` moves it (default /var/lib/fibrpc/rabbitmq4-root)."""
+    fails. ``FIBRPC_RABBITMQ_ROOTS`` moves it (default /var/lib/fibrpc/rabbitmq-trixie-root)."""
     try:
         result = subprocess.run(
-            ["bash", str(ROOT_SCRIPT)],
+            ["bash", str(ROOT_SCRIPT), "trixie"],
             capture_output=True,
             text=True,
             timeout=ROOT_BUILD_TIMEOUT,

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Build, once per machine, a Debian trixie root holding RabbitMQ 4.x, for tests that run a
-# private 4.x node beside the machine's own RabbitMQ (tests/privatenode.py runs it with
-# unshare + chroot; nothing in the root is ever started by this script).
+# Build, once per machine, a Debian root holding another line of RabbitMQ, for tests that
+# run a private node of it beside the machine's own RabbitMQ (tests/privatenode.py runs it
+# with unshare + chroot; nothing in the root is ever started by this script).
 #
-#   scripts/rabbitmq4-root.sh        prints the root's path, building it first if needed
+#   scripts/rabbitmq-root.sh SUITE   prints the root's path, building it first if needed
 #
-# The root lives outside the repository, at $FIBRPC_RABBITMQ4_ROOT (default
-# /var/lib/fibrpc/rabbitmq4-root). It is built into a temporary folder beside it and
+# SUITE is a Debian suite: trixie (Debian 13: RabbitMQ 4.0) or sid (unstable: today's
+# RabbitMQ, 4.3 in December 2026; sid moves, so the root records the version it got, and
+# the tests print it). The root lives outside the repository, at
+# $FIBRPC_RABBITMQ_ROOTS/rabbitmq-SUITE-root (default folder /var/lib/fibrpc). It is built into a temporary folder beside it and
 # renamed into place only once complete, so an interrupted build is never taken for a
 # finished one. Packages come from the Debian mirror this machine's apt already uses
 # ($FIBRPC_DEBIAN_MIRROR overrides it). Takes ~40 s and ~370 MB once; then < 1 s.
@@ -14,9 +16,13 @@
 # ROOT.build.log and its tail printed if the build fails.
 set -euo pipefail
 
-ROOT=${FIBRPC_RABBITMQ4_ROOT:-/var/lib/fibrpc/rabbitmq4-root}
-SUITE=trixie
-MARKER=.fibrpc-rabbitmq4-root   # written last, inside the root, before the rename
+SUITE=${1:-}
+case $SUITE in
+    trixie|sid) ;;
+    *) printf 'usage: %s trixie|sid\n' "$0" >&2; exit 2 ;;
+esac
+ROOT=${FIBRPC_RABBITMQ_ROOTS:-/var/lib/fibrpc}/rabbitmq-$SUITE-root
+MARKER=.fibrpc-rabbitmq-root   # written last, inside the root, before the rename
 
 complete() { [[ -f $1/$MARKER && -x $1/usr/lib/rabbitmq/bin/rabbitmq-server ]]; }
 
@@ -26,11 +32,11 @@ if complete "$ROOT"; then
     exit 0
 fi
 
-say() { printf 'rabbitmq4-root: %s\n' "$*" >&2; }
+say() { printf 'rabbitmq-root: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
 
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap and chroot need it)"
-case $ROOT in /*) ;; *) die "FIBRPC_RABBITMQ4_ROOT must be an absolute path, not '$ROOT'" ;; esac
+case $ROOT in /*) ;; *) die "FIBRPC_RABBITMQ_ROOTS must be an absolute path, not '$ROOT'" ;; esac
 ROOT=${ROOT%/}
 [[ -n $ROOT && $ROOT != / ]] || die "refusing to use / as the root"
 
@@ -155,7 +161,9 @@ fi
 [[ -x $BUILD/usr/lib/rabbitmq/bin/rabbitmq-server ]] ||
     { tail -n 60 "$LOG" >&2; die "debootstrap finished but $BUILD has no rabbitmq-server"; }
 
-# Small fixes for running a node in it: names for localhost, no package cache.
+# Small fixes for running a node in it: names for localhost (a minbase sid root has no
+# /etc/hosts, and the node then fails to boot: epmd error for host localhost: nxdomain),
+# no package cache.
 grep -qs '^127\.0\.0\.1[[:space:]].*localhost' "$BUILD/etc/hosts" ||
     printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >>"$BUILD/etc/hosts"
 rm -f "$BUILD"/var/cache/apt/archives/*.deb "$BUILD"/var/cache/apt/*.bin
