@@ -19,7 +19,6 @@ stuck in a round trip, say). The registry (``fibrpc.calls``) settles each call o
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import threading
 import time
@@ -134,6 +133,8 @@ class Driver:
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        #: When to try the broker again after losing it (a few times a second at most).
+        self.reconnects = backoff.Reconnects(_RECONNECT_DELAYS)
         #: The thread inside a turn (``_step``), if any; and what to call after each turn
         #: (the client wakes its callback runner once per turn, not once per reply).
         self.stepping: int | None = None
@@ -366,21 +367,27 @@ class Driver:
     def _open(self) -> None:
         self._blocked = None
         self.link.open(self)
+        self.reconnects.connected(time.monotonic())
 
     def _reconnect(self) -> None:
-        """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
-        flight."""
+        """Reconnect with backoff (``backoff.Reconnects``: at once after losing a healthy
+        connection, else after a growing pause, even when every connection opens and is
+        lost again at once), expiring calls meanwhile; then re-send every call in flight
+        (with the link's reply-to of the new connection)."""
         self.link.close()
-        for attempt in itertools.count():
-            if self.closing:
-                return
+        self.reconnects.lost(time.monotonic())
+        while not self.closing:
             self._expire(time.monotonic())
+            delay = self.reconnects.pause()
+            if delay:
+                log.info("reconnecting to %s in %.2f s", self.url, delay)
+                self._pause(delay)
+                if self.closing:
+                    return
             try:
                 self._open()
             except FibrpcError as exc:
-                delay = backoff.reconnect_delay(attempt, _RECONNECT_DELAYS)
-                log.info("reconnect failed (%s); retrying in %.2f s", exc, delay)
-                self._pause(delay)
+                log.info("reconnect failed (%s)", exc)
                 continue
             log.info("reconnected; re-sending %d call(s)", len(self.registry))
             # Servers reconnect too (and redeclare the queue, which a broker restart may

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fibrpc import protocol
+from fibrpc import backoff, protocol
 from fibrpc.calls import AS_INT, Call, Registry
 from fibrpc.driver import Driver, LinkEvents, LinkLost
 from fibrpc.errors import CallTimeoutError, ClientClosedError, NoServerError
@@ -204,3 +204,77 @@ def test_closing_fails_what_is_in_flight_and_frees_the_window():
     assert time.monotonic() - started < 2
     assert len(outcomes) == 2 and all(isinstance(e, ClientClosedError) for e in outcomes)
     assert driver.registry.reserve(0.1, block=True) and driver.registry.reserve(0.1)
+
+
+# -- reconnecting: the policy (fibrpc.backoff.Reconnects) and the driver's use of it --------
+
+
+def test_the_first_try_after_a_healthy_connection_is_at_once_and_later_ones_wait_longer():
+    policy = backoff.Reconnects(rand=lambda: 0.0)
+    policy.connected(0.0)
+    policy.lost(100.0)
+    pauses = [policy.pause() for _ in range(8)]
+    assert pauses[0] == 0.0
+    assert pauses[1:] == [d / 2 for d in (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 5.0)]
+
+
+def test_a_connection_lost_soon_after_opening_does_not_start_the_pauses_afresh():
+    policy = backoff.Reconnects(rand=lambda: 0.0)
+    policy.connected(0.0)
+    policy.lost(100.0)
+    assert [policy.pause() for _ in range(3)] == [0.0, 0.05, 0.125]
+    policy.connected(101.0)
+    policy.lost(101.5)  # opened, then dropped at once
+    assert policy.pause() == 0.25
+    policy.connected(102.0)
+    policy.lost(102.0 + backoff.HEALTHY_AFTER)  # lasted: the next loss is a new outage
+    assert policy.pause() == 0.0
+
+
+def test_pauses_are_jittered_over_their_upper_half():
+    for rand, expected in ((0.0, 0.5), (0.5, 0.75), (0.999, 0.9995)):
+        policy = backoff.Reconnects((1.0,), rand=lambda r=rand: r)
+        policy.pause()
+        assert policy.pause() == pytest.approx(expected)
+
+
+class DroppingLink(FakeLink):
+    """A broker that accepts every connection and drops it on the first turn; the
+    pauses the driver takes between opens are recorded instead of slept."""
+
+    def __init__(self, opens: int) -> None:
+        super().__init__()
+        self.opens = opens
+        self.enough = threading.Event()
+
+    def open(self, events: LinkEvents) -> None:
+        super().open(events)
+        if self.opened >= self.opens:
+            self.enough.set()
+
+    def turn(self, *, wait: bool) -> None:
+        if not self.enough.is_set():
+            raise LinkLost("dropped at once")
+        super().turn(wait=wait)
+
+
+def test_a_broker_that_drops_every_connection_at_once_is_retried_with_growing_pauses():
+    link = DroppingLink(opens=8)
+    driver = Driver(link, Registry(8))
+    driver.reconnects = backoff.Reconnects(driver.reconnects.delays, rand=lambda: 0.0)
+    pauses: list[float] = []
+    driver._pause = pauses.append  # type: ignore[method-assign]
+    driver.start()
+    try:
+        assert driver.registry.reserve(5.0)
+        call = Call("c-drop", 30, "fast", AS_INT, 30.0, protocol.encode_request(30, "fast"))
+        driver.submit(call)
+        driver.notify_io()
+        assert link.enough.wait(10), f"only {link.opened} opens"
+    finally:
+        driver.close()
+    # Open 1 is the client's start, 2 at once after the first loss, then a pause before
+    # each, growing to a reconnect every 1-2 s (the client's longest delay, jittered),
+    # however fast the broker drops the connections.
+    assert link.opened == 8
+    assert pauses == [d / 2 for d in (0.1, 0.25, 0.5, 1.0, 2.0, 2.0)], pauses
