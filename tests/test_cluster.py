@@ -275,8 +275,9 @@ def _under_load(
         assert _reconnects(server.text) <= MOST_RECONNECTS, server.text[-4000:]
     gap = max(b - a for a, b in itertools.pairwise(stamps) if a >= faulted)
     print(
-        f"\n{fault.__doc__}: first answer {first:.2f} s after the fault, both servers "
-        f"consuming after {capacity:.2f} s, longest gap between answers {gap:.2f} s"
+        f"\n{fault.__doc__}, reply_queue={reply_queue}: first answer {first:.2f} s after "
+        f"the fault, both servers consuming after {capacity:.2f} s, longest gap between "
+        f"answers {gap:.2f} s"
     )
 
 
