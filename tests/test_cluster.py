@@ -52,7 +52,7 @@ LINES: dict[str | None, tuple[str, ...]] = {
     None: ("exclusive",),
     "4": ("direct", "exclusive"),
 }
-_NAMES = {None: "3.10", "4": "4.0"}
+_NAMES: dict[str | None, str] = {None: "3.10", "4": "4.0"}  # test ids; else the version
 
 #: The lines where a client on the node that leads the queue survives losing it. On 3.10
 #: the requests it publishes from its new node are lost until the node comes back (its
@@ -84,11 +84,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     lines = getattr(metafunc.function, "lines", tuple(LINES))
     if "reply_queue" in metafunc.fixturenames:
         cases = [(line, mode) for line in lines for mode in LINES[line]]
-        ids = [f"{_NAMES[line]}-{mode}" for line, mode in cases]
+        ids = [f"{_NAMES.get(line, str(line))}-{mode}" for line, mode in cases]
         metafunc.parametrize("line, reply_queue", cases, ids=ids, indirect=["line"], scope="module")
     else:
         metafunc.parametrize(
-            "line", lines, ids=[_NAMES[line] for line in lines], indirect=True, scope="module"
+            "line",
+            lines,
+            ids=[_NAMES.get(line, str(line)) for line in lines],
+            indirect=True,
+            scope="module",
         )
 
 
@@ -102,7 +106,7 @@ def line(request: pytest.FixtureRequest) -> str | None:
 def cluster(
     line: str | None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[PrivateNode]]:
-    root = tmp_path_factory.mktemp(f"cluster-{_NAMES[line]}")
+    root = tmp_path_factory.mktemp(f"cluster-{_NAMES.get(line, str(line))}")
     # Each line's defaults: on 4.0.5 a node with every deprecated feature denied fails
     # to start_app after join_cluster (failed_to_deny_deprecated_features); the denials
     # are proven on a single node (test_rabbitmq4.py).
