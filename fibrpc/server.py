@@ -55,9 +55,19 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
-from fibrpc import amqp, backoff, deliveries, inflight, metrics, refusals, state, tracing
+from fibrpc import (
+    amqp,
+    backoff,
+    deliveries,
+    inflight,
+    metrics,
+    protocol,
+    refusals,
+    state,
+    tracing,
+)
 from fibrpc.config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -70,7 +80,13 @@ from fibrpc.config import (
     Limits,
 )
 from fibrpc.deliveries import Decision, Fate
-from fibrpc.errors import BrokerError, BrokerUnreachableError, ErrorCode, RequestError
+from fibrpc.errors import (
+    AccessRefusedError,
+    BrokerError,
+    BrokerRefusedError,
+    ErrorCode,
+    RequestError,
+)
 from fibrpc.handler import Handler, Reply, error_reply
 from fibrpc.protocol import ACCEPT_HEADER, DEADLINE_HEADER, DELIVERIES_HEADER
 from fibrpc.serverlink import AmqpWorkerLink, ChannelClosedError, LinkLostError
@@ -235,17 +251,21 @@ class Worker:
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Consume until ``request_stop``, answer what is held, close.
 
-        Reconnects, with backoff, whenever the broker is unreachable, drops the
-        connection or closes the channel. Raises ``AccessRefusedError`` (and
-        ``BrokerRefusedError``, ``ConfigError``) at once: retrying a refusal cannot
-        help, and the supervisor must hear of it.
+        Reconnects, with backoff, whenever the broker is unreachable or does not answer
+        (a quorum queue without a majority never confirms a consume, say: an outage is
+        never a crash, however long it lasts), drops the connection or closes the
+        channel. Raises ``AccessRefusedError`` (and ``BrokerRefusedError``,
+        ``ConfigError``) at once: retrying a refusal cannot help, and the supervisor must
+        hear of it.
         """
         parent = os.getppid()
         try:
             while not self._stopping and os.getppid() == parent:
                 try:
                     self._open()
-                except BrokerUnreachableError as exc:
+                except (AccessRefusedError, BrokerRefusedError):
+                    raise
+                except BrokerError as exc:  # unreachable, or not answering: an outage
                     self._unreachable(exc)
                     continue
                 if on_ready is not None:
@@ -284,7 +304,7 @@ class Worker:
             self._outage_since = None
         log.info("consuming %r at %s", self.settings.queue, amqp.redact(self.url))
 
-    def _unreachable(self, exc: BrokerUnreachableError) -> None:
+    def _unreachable(self, exc: BrokerError) -> None:
         """No node answered: wait (backoff) and try again; one warning per outage."""
         delay = self._retry.failed()
         if self._outage_since is None:
@@ -462,16 +482,38 @@ class Worker:
             log.debug("received %r (%d bytes)", props.correlation_id, len(body))
         accept = headers.get(ACCEPT_HEADER) if headers else None
         request = self.handler.decode(body, props.content_type, props.type, accept)
-        again = deliveries.redelivered(method.redelivered, headers)
+        decision = self._decide(method.redelivered, props, headers, request)
+        fate = decision.fate
+        if fate is Fate.LIGHT:
+            self._compute_light(method.delivery_tag, props, request, started)
+        elif fate is Fate.HEAVY:
+            self._offload(method.delivery_tag, props, request, headers, budget, started)
+        elif fate is Fate.REFUSE:
+            reply = cast(Reply, request)
+            self._reply(method.delivery_tag, props, reply, metrics.UNKNOWN_ALGO, 0, started)
+        else:
+            self._charge(decision, method, props, body, headers, started)
+
+    def _decide(
+        self,
+        flag: bool,
+        props: Any,
+        headers: dict[str, Any] | None,
+        request: protocol.Request | Reply,
+    ) -> Decision:
+        """The fate of a decoded request (``deliveries.decide``), with what this worker
+        knows of it when it was delivered before (``flag``: pika's ``redelivered``)."""
+        refused = isinstance(request, Reply)
+        again = deliveries.redelivered(flag, headers)
         suspect, unacked = False, None
         if again:
             self.stats.redelivered += 1
             self._metrics.redelivered()
             key = inflight.key(props.reply_to, props.correlation_id)
-            suspect = not isinstance(request, Reply) and self._is_suspect(key)
+            suspect = not refused and self._is_suspect(key)
             unacked = self._unacked.get(key)
-        decision = deliveries.decide(
-            refused=isinstance(request, Reply),
+        return deliveries.decide(
+            refused=refused,
             heavy=not isinstance(request, Reply) and self.handler.is_heavy(request),
             redelivered=again,
             suspect=suspect,
@@ -479,19 +521,6 @@ class Worker:
             counted=headers.get(DELIVERIES_HEADER) if headers else None,
             max_deliveries=self.settings.max_deliveries,
         )
-        fate = decision.fate
-        tag = method.delivery_tag
-        if isinstance(request, Reply):
-            if fate is Fate.REFUSE:
-                self._reply(tag, props, request, metrics.UNKNOWN_ALGO, 0, started)
-                return
-        elif fate is Fate.LIGHT:
-            self._compute_light(tag, props, request, started)
-            return
-        elif fate is Fate.HEAVY:
-            self._offload(tag, props, request, headers, budget, started)
-            return
-        self._charge(decision, method, props, body, headers, started)
 
     def _is_suspect(self, key: bytes) -> bool:
         board = self._board

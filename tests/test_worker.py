@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from fibrpc import backoff, inflight, protocol
-from fibrpc.errors import BrokerUnreachableError
+from fibrpc.errors import BrokerError, BrokerRefusedError, BrokerUnreachableError
 from fibrpc.handler import Handler
 from fibrpc.server import Worker, WorkerSettings
 from fibrpc.serverlink import ChannelClosedError, LinkLostError
@@ -439,6 +439,25 @@ def test_a_cancelled_consumer_consumes_again_on_the_same_link():
     run(make_worker(link))
     assert link.reconsumed == 1 and link.opened == 1
     assert link.replies() == [b"55"]
+
+
+def test_a_broker_that_does_not_confirm_the_consume_is_an_outage_not_a_crash():
+    link = FakeLink()
+    link.deliver(b"10")
+    # What a quorum queue without a majority gives: no consume-ok within the round trip.
+    link.open_failures = [BrokerError("RabbitMQ at amqp://fake failed: no consume-ok")] * 4
+    worker = make_worker(link)
+    run(worker)
+    assert link.opened == 5
+    assert link.replies() == [b"55"]
+
+
+def test_a_refused_queue_ends_the_worker_at_once():
+    link = FakeLink()
+    link.open_failures = [BrokerRefusedError("inequivalent arg 'x-queue-type'", reply_code=406)]
+    with pytest.raises(BrokerRefusedError):
+        make_worker(link).run()
+    assert link.opened == 1
 
 
 @pytest.mark.parametrize("code", [403, 530])
