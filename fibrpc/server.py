@@ -557,6 +557,8 @@ class Worker:
         max_deliveries = self.settings.max_deliveries
         key = inflight.key(props.reply_to, props.correlation_id)
         self._unacked.pop(key, None)  # charged once per time it went unacked
+        if self._board is not None:
+            self._board.acquit(key)  # and once per crash it is suspected of
         if decision.fate is Fate.REPUBLISH:
             if decision.reason is not None:
                 log.warning(

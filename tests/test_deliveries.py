@@ -120,6 +120,18 @@ def test_the_board_is_shared_with_a_forked_child():
     assert board.convict(0) == [request]
 
 
+def test_an_acquitted_request_is_a_suspect_no_more_until_convicted_again():
+    board = inflight.Board(2)
+    request = inflight.key("amq.rabbitmq.reply-to.x", "c1")
+    board.slot(1).begin(inflight.INLINE, request)
+    board.convict(1)
+    board.acquit(request)
+    assert not board.is_suspect(request, worker=0)
+    board.slot(1).begin(inflight.HEAVY, request)
+    board.convict(1)
+    assert board.is_suspect(request, worker=0)
+
+
 def test_the_ring_keeps_the_most_recent_suspects():
     board = inflight.Board(1)
     keys = [inflight.key("r", f"c{i}") for i in range(inflight.SUSPECTS + 5)]

@@ -260,6 +260,23 @@ def test_a_redelivered_suspect_is_republished_with_its_count_and_the_original_ac
     assert link.done[:2] == [("republish", "c1", {protocol.DELIVERIES_HEADER: 2}), ("ack", 8)]
 
 
+def test_a_charged_suspect_only_prefetched_by_the_next_worker_that_died_is_not_charged_again():
+    link = FakeLink()
+    props = Props()
+    board = suspect_board(key(props))
+    link.deliver(b"10", props, tag=1, redelivered=True)  # computing when a worker died
+    copy = Props(headers={protocol.DELIVERIES_HEADER: 2})
+    link.deliver(b"10", copy, tag=2, redelivered=True)  # its copy, then only prefetched
+    run(make_worker(link, board=board))
+    assert link.done[:4] == [
+        ("republish", "c1", {protocol.DELIVERIES_HEADER: 2}),
+        ("ack", 1),
+        ("reply", "c1", b"55"),
+        ("ack", 2),
+    ]
+    assert not board.is_suspect(key(props), worker=0)
+
+
 def test_a_redelivered_suspect_past_the_limit_is_acked_then_refused_as_poison():
     link = FakeLink()
     props = Props(headers={protocol.DELIVERIES_HEADER: 3})
