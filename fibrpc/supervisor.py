@@ -175,7 +175,13 @@ class Supervisor:
                 if failure is not None:
                     code = failure
                     break
-            return int(self._stop(code))
+            code = self._stop(code)
+            # Nothing is left for a signal to stop, and at exit Python puts back the
+            # default action of the signals it handled: a signal then (a second SIGTERM
+            # just after the first, on an idle server) would end it bare, exit 143.
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+            return int(code)
         finally:
             self._close_state()
             self._close_memo()
