@@ -94,8 +94,6 @@ from fibrpc.serverlink import AmqpWorkerLink, ChannelClosedError, LinkLostError
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG: Final = 1
-#: Requests remembered as replied but unacked when a channel or connection closed.
-_UNACKED_KEYS: Final = 4096
 #: What a request's callback lets through: the link failed, the worker reconnects.
 _LINK_ERRORS: Final = (LinkLostError, ChannelClosedError, BrokerError)
 
@@ -225,8 +223,9 @@ class Worker:
         #: The properties of the latest replies (at most a prefetch of them can be
         #: unacked at the broker): remembered as unacked if the link fails.
         self._replied: collections.deque[Any] = collections.deque(maxlen=settings.prefetch + 1)
-        #: Keys of requests replied but unacked when a link failed, with the reason.
-        self._unacked: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        #: Keys of the requests replied but perhaps unacked when the link last failed,
+        #: with the broker's reason (``_charge_unacked``).
+        self._unacked: dict[bytes, str] = {}
         self._outage_since: float | None = None
         self._logged_expired = 0
         self._metrics = metrics.current()
@@ -345,13 +344,16 @@ class Worker:
         return False
 
     def _charge_unacked(self, reason: str) -> None:
-        """The link failed: the requests replied to lately may be unacked at the broker;
-        each is charged as a delivery if it comes back (``deliveries.decide``)."""
-        for props in self._replied:
-            self._unacked[inflight.key(props.reply_to, props.correlation_id)] = reason
-            if len(self._unacked) > _UNACKED_KEYS:
-                self._unacked.popitem(last=False)
-        self._replied.clear()
+        """The link failed: the requests replied to lately may be unacked at the broker.
+        RabbitMQ handles a channel's frames in order and drops those after the one it
+        chokes on: the first of them to come back is the culprit, charged as a delivery
+        (``deliveries.decide``); those behind it are innocent (``_decide``)."""
+        if self._replied:
+            self._unacked = {
+                inflight.key(props.reply_to, props.correlation_id): reason
+                for props in self._replied
+            }
+            self._replied.clear()
 
     def _limit_replies(self, largest: int) -> None:
         """RabbitMQ closed the channel over a reply larger than its ``max_message_size``
@@ -512,6 +514,8 @@ class Worker:
             key = inflight.key(props.reply_to, props.correlation_id)
             suspect = not refused and self._is_suspect(key)
             unacked = self._unacked.get(key)
+            if unacked is not None:
+                self._unacked = {}  # the first back is the culprit: the others are not
         return deliveries.decide(
             refused=refused,
             heavy=not isinstance(request, Reply) and self.handler.is_heavy(request),
@@ -556,7 +560,6 @@ class Worker:
         past the limit refused as poison or dropped."""
         max_deliveries = self.settings.max_deliveries
         key = inflight.key(props.reply_to, props.correlation_id)
-        self._unacked.pop(key, None)  # charged once per time it went unacked
         if self._board is not None:
             self._board.acquit(key)  # and once per crash it is suspected of
         if decision.fate is Fate.REPUBLISH:

@@ -349,9 +349,11 @@ class RefusingLink(FakeLink):
     to a direct reply-to address on another node of its cluster): the ack that follows
     is lost and the request redelivered; republished copies are queued as new messages."""
 
-    def __init__(self, body: bytes, props: Props) -> None:
+    def __init__(self, body: bytes, props: Props, *others: Props) -> None:
         super().__init__()
         self.queue: list[tuple[Method, Props, bytes]] = [(Method(1), props, body)]
+        self.queue += [(Method(2 + i), other, body) for i, other in enumerate(others)]
+        self.refused = props.reply_to  # the broker chokes on replies to this address only
         self.closes = 0
         self._replied_now = False
         self._acked_now: list[tuple[Method, Props, bytes]] = []
@@ -360,8 +362,8 @@ class RefusingLink(FakeLink):
     def turn(self) -> None:
         assert time.monotonic() < self._deadline, "the worker did not stop in time"
         self._replied_now, self._acked_now = False, []
-        if self.queue:
-            method, props, body = self.queue.pop(0)
+        deliveries, self.queue = self.queue, []  # all it has, in one turn, in order
+        for method, props, body in deliveries:
             self._held[method.delivery_tag] = (method, props, body)
             assert self._on_request is not None
             self._on_request(None, method, props, body)
@@ -376,15 +378,17 @@ class RefusingLink(FakeLink):
 
     def reply(self, props: Any, body: bytes, content_type: str) -> None:
         super().reply(props, body, content_type)
-        self._replied_now = True
+        self._replied_now = self._replied_now or props.reply_to == self.refused
 
     def ack(self, tag: int) -> None:
         super().ack(tag)
         self._acked_now.append(self._held.pop(tag))
+        if not self._replied_now:
+            self._acked_now.clear()  # acked before the reply that breaks the channel
 
     def republish(self, routing_key: str, body: bytes, props: Any, headers: Any) -> None:
         super().republish(routing_key, body, props, headers)
-        tag = 1 + len(self.done)
+        tag = 100 + len(self.done)
         self.queue.append((Method(tag), dataclasses.replace(props, headers=dict(headers)), body))
 
 
@@ -406,6 +410,19 @@ def test_a_request_whose_replies_the_broker_keeps_refusing_is_dropped_with_one_e
     assert REPLY_TO in errors[0] and "INTERNAL_ERROR - case_clause" in errors[0]
     assert worker.stats.dropped == 1
     assert link.done[-2][0] == "ack" and link.done[-1] == ("cancel",)  # no reply after it
+
+
+def test_the_requests_replied_after_the_one_the_broker_refused_are_not_charged(caplog):
+    bad = Props(correlation_id="bad", reply_to=REPLY_TO.replace("abc", "xyz"))
+    good = [Props(correlation_id=f"good{i}") for i in range(3)]
+    link = RefusingLink(b"10", bad, *good)
+    with caplog.at_level(logging.ERROR, "fibrpc.server"):
+        worker = make_worker(link, board=inflight.Board(1), max_deliveries=3)
+        run(worker)
+    republished = [item[1] for item in link.done if item[0] == "republish"]
+    assert republished == ["bad", "bad"]  # only the culprit is charged
+    assert worker.stats.dropped == 1 and "'bad'" in caplog.text
+    assert all(("reply", g.correlation_id, b"55") in link.done for g in good)
 
 
 def test_every_reconnect_waits_a_growing_pause():
