@@ -1,76 +1,73 @@
-"""How long to wait before trying a broker again: one policy for the client and workers.
+"""How long to wait before trying a broker (or a process) again: one policy for all.
 
-Pure: ``reconnect_delay(attempt)`` is the pause after the ``attempt``-th failed round
-(0-based) of connecting to every node; it grows from 0.1 s to 5 s and stays there. An
-outage is never a crash: the caller keeps trying, this only spaces the tries.
-
-``Reconnects`` keeps that count across connections: one that is lost within
-``HEALTHY_AFTER`` seconds of opening (a broker that accepts and then drops every
-connection, or closes it on the first message) does not start the pauses again from
-none, so a process never reconnects more than a few times a second, whatever the
-broker does. Its pauses are jittered (``jittered``): processes that lost the same node
-at once do not all come back at the same instant.
+Pure: ``jittered(attempt)`` is the pause after the ``attempt``-th failure (0-based): from
+0.1 s, doubling up to 5 s, with jitter (so that the workers of a server, or the clients
+of a node, all cut off at once, do not come back in step); ``Backoff`` counts the
+attempts of one reconnect loop, and starts again from the first once a connection has
+stayed healthy for a while (``HEALTHY_AFTER``). An outage is never a crash: the caller
+keeps trying, this only spaces the tries, so nothing reconnects more than a few times a
+second whatever the broker does.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from typing import Final
 
-#: Seconds after failed round 0, 1, 2, ...; the last repeats.
-RECONNECT_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-
-#: Seconds a connection must last to count as healthy: losing it then reconnects at
-#: once; losing it sooner goes on with the pauses where they were.
+#: ``jittered``: the first pause and the longest (seconds).
+FIRST_DELAY: Final = 0.1
+MAX_DELAY: Final = 5.0
+#: Seconds a connection must last for the next loss to count as a first failure again.
 HEALTHY_AFTER: Final = 10.0
 
 
-def reconnect_delay(attempt: int, delays: tuple[float, ...] = RECONNECT_DELAYS) -> float:
-    """Seconds to wait after failed attempt ``attempt`` (0, 1, ...) before the next."""
-    return delays[min(max(attempt, 0), len(delays) - 1)]
+def jittered(
+    attempt: int,
+    *,
+    first: float = FIRST_DELAY,
+    cap: float = MAX_DELAY,
+    draw: float = 1.0,
+) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (0, 1, ...): ``first`` doubled per
+    attempt up to ``cap``, scaled into [half, all] of that by ``draw`` (0..1, a random
+    number: ``Backoff`` draws it)."""
+    ceiling = min(cap, first * 2.0 ** min(max(attempt, 0), 60))
+    return ceiling * (0.5 + 0.5 * min(max(draw, 0.0), 1.0))
 
 
-def jittered(delay: float, rand: float) -> float:
-    """``delay`` seconds spread over its upper half by ``rand`` (0 <= rand < 1)."""
-    return delay * (0.5 + 0.5 * rand)
-
-
-class Reconnects:
-    """When to try again after a lost connection (see the module docstring). Pure: the
-    caller passes the times (``time.monotonic()``) and does the waiting.
-
-    The first try after losing a healthy connection is at once (a failover should be
-    quick); every later one, until a connection lasts ``healthy_after`` seconds, waits
-    ``jittered(reconnect_delay(k, delays))`` for the k-th (0-based) pause."""
+class Backoff:
+    """The pauses of one reconnect loop: ``failed()`` after each failed try, ``up()`` when
+    a connection (or process) is up; the first failure after one that stayed up
+    ``healthy_after`` seconds starts from ``first`` again."""
 
     def __init__(
         self,
-        delays: tuple[float, ...] = RECONNECT_DELAYS,
         *,
+        first: float = FIRST_DELAY,
+        cap: float = MAX_DELAY,
         healthy_after: float = HEALTHY_AFTER,
-        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+        draw: Callable[[], float] = random.random,
     ) -> None:
-        self.delays = delays
+        self.first = first
+        self.cap = cap
         self.healthy_after = healthy_after
-        self._rand = rand
-        #: Tries since the last healthy connection was lost.
-        self.tries = 0
-        self._since: float | None = None  # when the connection in use opened
+        self.attempts = 0  #: failures since the last healthy spell
+        self._clock = clock
+        self._draw = draw
+        self._up_since: float | None = None
 
-    def connected(self, now: float) -> None:
-        """A connection opened at ``now``."""
-        self._since = now
+    def up(self) -> None:
+        """A connection is up (from now on it may prove healthy)."""
+        self._up_since = self._clock()
 
-    def lost(self, now: float) -> None:
-        """The connection was lost at ``now``: after a healthy one, start afresh."""
-        if self._since is not None and now - self._since >= self.healthy_after:
-            self.tries = 0
-        self._since = None
-
-    def pause(self) -> float:
-        """Seconds to wait before the next try (0: none); counts that try."""
-        tries, self.tries = self.tries, self.tries + 1
-        if tries == 0:
-            return 0.0
-        return jittered(reconnect_delay(tries - 1, self.delays), self._rand())
+    def failed(self) -> float:
+        """A try failed, or a connection was lost: the seconds to wait before the next."""
+        if self._up_since is not None and self._clock() - self._up_since >= self.healthy_after:
+            self.attempts = 0
+        self._up_since = None
+        delay = jittered(self.attempts, first=self.first, cap=self.cap, draw=self._draw())
+        self.attempts += 1
+        return delay

@@ -206,36 +206,7 @@ def test_closing_fails_what_is_in_flight_and_frees_the_window():
     assert driver.registry.reserve(0.1, block=True) and driver.registry.reserve(0.1)
 
 
-# -- reconnecting: the policy (fibrpc.backoff.Reconnects) and the driver's use of it --------
-
-
-def test_the_first_try_after_a_healthy_connection_is_at_once_and_later_ones_wait_longer():
-    policy = backoff.Reconnects(rand=lambda: 0.0)
-    policy.connected(0.0)
-    policy.lost(100.0)
-    pauses = [policy.pause() for _ in range(8)]
-    assert pauses[0] == 0.0
-    assert pauses[1:] == [d / 2 for d in (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 5.0)]
-
-
-def test_a_connection_lost_soon_after_opening_does_not_start_the_pauses_afresh():
-    policy = backoff.Reconnects(rand=lambda: 0.0)
-    policy.connected(0.0)
-    policy.lost(100.0)
-    assert [policy.pause() for _ in range(3)] == [0.0, 0.05, 0.125]
-    policy.connected(101.0)
-    policy.lost(101.5)  # opened, then dropped at once
-    assert policy.pause() == 0.25
-    policy.connected(102.0)
-    policy.lost(102.0 + backoff.HEALTHY_AFTER)  # lasted: the next loss is a new outage
-    assert policy.pause() == 0.0
-
-
-def test_pauses_are_jittered_over_their_upper_half():
-    for rand, expected in ((0.0, 0.5), (0.5, 0.75), (0.999, 0.9995)):
-        policy = backoff.Reconnects((1.0,), rand=lambda r=rand: r)
-        policy.pause()
-        assert policy.pause() == pytest.approx(expected)
+# -- reconnecting with the one backoff policy (fibrpc.backoff.Backoff) ---------------------
 
 
 class DroppingLink(FakeLink):
@@ -261,7 +232,7 @@ class DroppingLink(FakeLink):
 def test_a_broker_that_drops_every_connection_at_once_is_retried_with_growing_pauses():
     link = DroppingLink(opens=8)
     driver = Driver(link, Registry(8))
-    driver.reconnects = backoff.Reconnects(driver.reconnects.delays, rand=lambda: 0.0)
+    driver.retry = backoff.Backoff(cap=driver.retry.cap, draw=lambda: 0.0)
     pauses: list[float] = []
     driver._pause = pauses.append  # type: ignore[method-assign]
     driver.start()
@@ -273,8 +244,8 @@ def test_a_broker_that_drops_every_connection_at_once_is_retried_with_growing_pa
         assert link.enough.wait(10), f"only {link.opened} opens"
     finally:
         driver.close()
-    # Open 1 is the client's start, 2 at once after the first loss, then a pause before
-    # each, growing to a reconnect every 1-2 s (the client's longest delay, jittered),
-    # however fast the broker drops the connections.
+    # Open 1 is the client's start; a pause before each of the 7 reconnects, doubling up
+    # to a reconnect every 1-2 s (the client's cap, jittered), however fast the broker
+    # drops the connections.
     assert link.opened == 8
-    assert pauses == [d / 2 for d in (0.1, 0.25, 0.5, 1.0, 2.0, 2.0)], pauses
+    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0], pauses
