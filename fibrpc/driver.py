@@ -128,6 +128,7 @@ class Driver:
         self.max_message = 0  # the broker's largest message, once it has named one
         #: Whether light single calls share messages: until a server refuses the form.
         self.coalescing = True
+        self.coalesced = 0  #: coalesced messages sent (for tests and bench)
         #: The coalesced messages in flight: their correlation id, and their calls.
         self._messages: dict[str, list[Call]] = {}
         #: Whether batches go in the binary form: until a server refuses it (an older
@@ -516,6 +517,7 @@ class Driver:
             if call.span is not None:
                 tracing.coalesced(call.span, message_id, len(calls), self.url)
         self.link.publish(message)
+        self.coalesced += 1
 
     def _on_channel_closed(self, reason: FibrpcError) -> None:
         """The broker closed the channel: a refusal (a permission, most likely) fails

@@ -45,7 +45,18 @@ from typing import Any, Final
 import pika
 import pika.exceptions
 
-from fibrpc import amqp, backoff, deliveries, inflight, metrics, refusals, state, tracing
+from fibrpc import (
+    amqp,
+    backoff,
+    coalesce,
+    deliveries,
+    inflight,
+    metrics,
+    protocol,
+    refusals,
+    state,
+    tracing,
+)
 from fibrpc.config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -406,6 +417,11 @@ class Worker:
             amqp.ack_soon(channel, tag)
             self._skipped(props, tag, started)
             return
+        if props.content_type is not None and (
+            protocol.media_type(props.content_type) == coalesce.CALLS
+        ):
+            self._handle_calls(channel, method, props, headers, body, received, started)
+            return
         accept = headers.get(ACCEPT_HEADER) if headers else None
         request = self.handler.decode(body, props.content_type, props.type, accept)
         if method.redelivered or _QUORUM_DELIVERIES in headers:
@@ -449,6 +465,209 @@ class Worker:
             self._reply(
                 channel, tag, props, reply, request.algo, len(request.ns), started, request.batch
             )
+
+    # -- coalesced calls (fibrpc.coalesce) ------------------------------------------------
+
+    def _handle_calls(
+        self,
+        channel: Any,
+        method: Any,
+        props: Any,
+        headers: dict[str, Any],
+        body: bytes,
+        received: float,
+        started: float,
+    ) -> None:
+        """A coalesced message: each call decoded, skipped, split out or computed alone
+        (``coalesce.plan``); the light ones answered in one reply, then the message
+        acked. A redelivered message that is a crash suspect is split into one message
+        per call, carrying its count, so that only a call that kills again is charged."""
+        tag = method.delivery_tag
+        try:
+            calls = coalesce.decode_calls(body, self.handler.limits)
+        except RequestError as exc:  # the message itself is refused: every call with it
+            self._reply(channel, tag, props, error_reply(exc), metrics.UNKNOWN_ALGO, 0, started)
+            return
+        counted = self._crash_count(method, props, headers)
+        now_ms, now = time.time() * 1000, time.monotonic()
+
+        def expired(call: coalesce.Incoming) -> bool:
+            if call.deadline_ms is None and call.ttl_ms is None:
+                return False
+            return deliveries.expired(
+                now_wall_ms=now_ms,
+                now=now,
+                received=received,
+                deadline_ms=call.deadline_ms,
+                budget_ms=call.ttl_ms,
+            )
+
+        plan = coalesce.plan(
+            calls, expired=expired, is_heavy=self.handler.is_heavy, crashed=counted is not None
+        )
+        if counted is not None:
+            log.warning(
+                "coalesced message %r was being computed when a worker died; splitting its "
+                "%d call(s) into a message each (delivery %d)",
+                props.correlation_id,
+                len(plan.split),
+                counted,
+            )
+        for call in plan.split:
+            self._publish_alone(
+                channel, method.routing_key, props, headers, call, counted, received
+            )
+        if plan.expired:
+            self.stats.expired += len(plan.expired)
+            for call in plan.expired:
+                assert call.request is not None
+                self._metrics.discarded(call.request.algo, "expired")
+                if self._debug:
+                    log.debug("skipped call %r: its deadline had passed", call.id)
+        if not plan.heavy_together:
+            slot = self._slot
+            if slot is not None:
+                slot.begin(inflight.INLINE, inflight.key(props.reply_to, props.correlation_id))
+            answers = self.handler.answer_calls(plan.light)
+            if slot is not None:
+                slot.end(inflight.INLINE)
+            self._reply_calls(channel, tag, props, plan, answers, started)
+            return
+        self._answer_off_thread(channel, tag, props, plan, started)
+
+    def _crash_count(self, method: Any, props: Any, headers: dict[str, Any]) -> int | None:
+        """The deliveries counted against a coalesced message that was being computed
+        when a worker died (``deliveries.judge``), or None if it is not a suspect."""
+        if not (method.redelivered or _QUORUM_DELIVERIES in headers):
+            return None
+        self.stats.redelivered += 1
+        self._metrics.redelivered()
+        board = self._board
+        suspect = board is None or board.is_suspect(
+            inflight.key(props.reply_to, props.correlation_id), worker=self._index
+        )
+        prior = headers.get(DELIVERIES_HEADER)
+        verdict = deliveries.judge(
+            redelivered=True,
+            suspect=suspect,
+            counted=prior if _is_int(prior) else None,
+            max_deliveries=self.settings.max_deliveries,
+        )
+        return None if verdict.action is deliveries.Action.COMPUTE else verdict.deliveries
+
+    def _answer_off_thread(
+        self, channel: Any, tag: int, props: Any, plan: coalesce.Plan, started: float
+    ) -> None:
+        """Light calls heavy together: computed as a whole on the compute thread (marked
+        on the board under the message's key), answered back on the I/O thread."""
+        self._in_flight += 1
+        conn, generation = self._conn, self._generation
+        key = inflight.key(props.reply_to, props.correlation_id)
+
+        def compute() -> list[coalesce.Answer]:
+            slot = self._slot
+            if slot is not None:
+                slot.begin(inflight.HEAVY, key)
+            try:
+                return self.handler.answer_calls(plan.light)
+            finally:
+                if slot is not None:
+                    slot.end(inflight.HEAVY)
+
+        def done(f: concurrent.futures.Future[list[coalesce.Answer]]) -> None:
+            if f.cancelled():
+                return
+            answers = f.result()
+
+            def finish() -> None:
+                if generation != self._generation or not channel.is_open:
+                    return  # the broker requeued it with the connection
+                self._in_flight -= 1
+                self._reply_calls(channel, tag, props, plan, answers, started)
+
+            with contextlib.suppress(Exception):  # the connection may be gone
+                amqp.call_threadsafe(conn, finish)
+
+        self._compute.submit(compute).add_done_callback(done)
+
+    def _reply_calls(
+        self,
+        channel: Any,
+        tag: int,
+        props: Any,
+        plan: coalesce.Plan,
+        answers: list[coalesce.Answer],
+        started: float,
+    ) -> None:
+        """Publish the answers of a coalesced message (the refused calls' and the
+        computed ones', in request order; none: no reply), then ack it. Counted per call."""
+        seconds = time.perf_counter() - started
+        metrics_ = self._metrics
+        for call in plan.refused:
+            assert call.error is not None
+            self.stats.errors += 1
+            metrics_.answered(metrics.UNKNOWN_ALGO, call.error.code, seconds, 0)
+        for call, answer in zip(plan.light, answers, strict=True):
+            assert call.request is not None
+            if answer.error is None:
+                self.stats.served += 1
+                metrics_.answered(call.request.algo, "ok", seconds, 1)
+            else:
+                self.stats.errors += 1
+                metrics_.answered(call.request.algo, answer.error.code, seconds, 1)
+        if plan.refused:
+            answers = answers + [coalesce.Answer(c.id, error=c.error) for c in plan.refused]
+            order = {call.id: call.index for call in (*plan.light, *plan.refused)}
+            answers.sort(key=lambda answer: order[answer.id])
+        if answers:
+            amqp.publish_soon(
+                channel,
+                props.reply_to,
+                coalesce.encode_answers(answers),
+                correlation_id=props.correlation_id,
+                content_type=coalesce.CALLS,
+            )
+        amqp.ack_soon(channel, tag)
+        if self._debug:
+            log.debug("answered %d call(s) of %r", len(answers), props.correlation_id)
+        self._trace(props, tag, started, "ok", values=len(answers), batch=True)
+
+    def _publish_alone(
+        self,
+        channel: Any,
+        routing_key: str,
+        props: Any,
+        headers: dict[str, Any],
+        call: coalesce.Incoming,
+        counted: int | None,
+        received: float,
+    ) -> None:
+        """Re-publish one call of a coalesced message as a single JSON request whose
+        correlation id is the call's id (its own deadline and TTL; ``counted``: its
+        deliveries so far, after a crash), to be answered alone."""
+        copied = {
+            k: v
+            for k, v in headers.items()
+            if k not in (_QUORUM_DELIVERIES, DELIVERIES_HEADER, DEADLINE_HEADER)
+        }
+        if call.deadline_ms is not None:
+            copied[DEADLINE_HEADER] = call.deadline_ms
+        if counted is not None:
+            copied[DELIVERIES_HEADER] = counted
+        expiration = None
+        if call.ttl_ms is not None:
+            left = call.ttl_ms - int((time.monotonic() - received) * 1000)
+            expiration = str(max(1, left))
+        properties = pika.BasicProperties(
+            content_type=protocol.JSON,
+            correlation_id=call.id,
+            reply_to=props.reply_to,
+            expiration=expiration,
+            headers=copied or None,
+        )
+        amqp.publish_properties_soon(
+            channel, routing_key, coalesce.single_request(call), properties
+        )
 
     def _held_back(
         self,
