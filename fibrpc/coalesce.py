@@ -39,6 +39,8 @@ MAX_CALLS: Final = 1000
 #: recursion that a worker computes inline.
 LIGHT_MAX_N: Final = {"fast": 93, "iter": 93, "naive": 22}
 _COMPACT: Final = (",", ":")
+#: An id of at most this many characters is at most 255 bytes in UTF-8 (4 bytes each).
+_SHORT_ID: Final = MAX_ID_BYTES // 4
 
 
 def is_light(n: object, algo: str) -> bool:
@@ -119,19 +121,35 @@ def decode_answers(body: bytes) -> list[Answer]:
 # -- the server's side -------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Incoming:
-    """One call of a coalesced request, decoded and checked alone: ``request`` (one n)
-    if it is accepted, else ``error``, the refusal of this call only."""
+    """One call of a coalesced request, decoded and checked alone: accepted (``error``
+    None: compute F(``n``) with ``algo``), or refused with ``error``, the refusal of
+    this call only. A plain slotted class: a message holds up to thousands of them."""
 
-    index: int  #: its place in the message
-    id: str
-    request: protocol.Request | None
-    error: RequestError | None
-    deadline_ms: int | None
-    ttl_ms: int | None
-    #: What the call asked, as sent (for its request when it is split out).
-    raw: dict[str, Any]
+    __slots__ = ("algo", "deadline_ms", "error", "id", "index", "n", "ttl_ms")
+
+    def __init__(
+        self,
+        index: int,
+        call_id: str,
+        n: int,
+        algo: str,
+        error: RequestError | None = None,
+        deadline_ms: int | None = None,
+        ttl_ms: int | None = None,
+    ) -> None:
+        self.index = index  #: its place in the message
+        self.id = call_id
+        self.n = n  #: -1 when refused
+        self.algo = algo
+        self.error = error
+        #: Unix ms after which its caller has given up, and its TTL in ms (either None).
+        self.deadline_ms = deadline_ms
+        self.ttl_ms = ttl_ms
+
+    def request(self) -> protocol.Request:
+        """The call as a single request (``Handler.is_heavy`` judges it)."""
+        return protocol.Request(self.algo, [self.n], batch=False, form=protocol.JSON)
 
 
 def decode_calls(body: bytes, limits: Limits) -> list[Incoming]:
@@ -167,7 +185,31 @@ def decode_calls(body: bytes, limits: Limits) -> list[Incoming]:
             f"The message has {len(doc):,} calls; the limit is {limits.max_batch:,} "
             "(the server's --max-batch).",
         )
-    return [_decode_call(i, entry, limits) for i, entry in enumerate(doc)]
+    # The usual call, a light n of fast or iter with a short id, is taken in a few
+    # steps; anything else is checked at length by _decode_call.
+    light = {algo: min(limits.max_n(algo), LIGHT_MAX_N[algo]) for algo in ("fast", "iter")}
+    calls: list[Incoming] = []
+    append = calls.append
+    for i, entry in enumerate(doc):
+        if type(entry) is dict:
+            call_id = entry.get("id")
+            n = entry.get("n")
+            algo = entry.get("algo", DEFAULT_ALGORITHM)
+            deadline = entry.get("deadline")
+            ttl = entry.get("ttl")
+            if (
+                type(n) is int
+                and type(call_id) is str
+                and 0 < len(call_id) <= _SHORT_ID
+                and algo in light
+                and 0 <= n <= light[algo]
+                and (deadline is None or (type(deadline) is int and deadline >= 0))
+                and (ttl is None or (type(ttl) is int and ttl >= 0))
+            ):
+                append(Incoming(i, call_id, n, algo, None, deadline, ttl))
+                continue
+        append(_decode_call(i, entry, limits))
+    return calls
 
 
 def _decode_call(index: int, entry: Any, limits: Limits) -> Incoming:
@@ -198,8 +240,9 @@ def _decode_call(index: int, entry: Any, limits: Limits) -> Incoming:
             )
         request = protocol.decode_single(n, entry.get("algo", DEFAULT_ALGORITHM), limits)
     except RequestError as exc:
-        return Incoming(index, call_id, None, exc, deadline, ttl, entry)
-    return Incoming(index, call_id, request, None, deadline, ttl, entry)
+        algo = entry.get("algo")
+        return Incoming(index, call_id, -1, algo if type(algo) is str else "", exc, deadline, ttl)
+    return Incoming(index, call_id, request.ns[0], request.algo, None, deadline, ttl)
 
 
 def encode_answers(answers: Sequence[Answer]) -> bytes:
@@ -243,19 +286,18 @@ def plan(
     (``Plan.heavy_together``)."""
     refused, gone, split, light = [], [], [], []
     for call in calls:
-        if call.request is None:
+        if call.error is not None:
             refused.append(call)
-        elif expired(call):
+        elif (call.deadline_ms is not None or call.ttl_ms is not None) and expired(call):
             gone.append(call)
-        elif crashed or is_heavy(call.request):
+        elif crashed or (call.n > LIGHT_MAX_N.get(call.algo, -1) and is_heavy(call.request())):
             split.append(call)
         else:
             light.append(call)
     together = False
     by_algo: dict[str, list[int]] = {}
     for call in light:
-        assert call.request is not None
-        by_algo.setdefault(call.request.algo, []).extend(call.request.ns)
+        by_algo.setdefault(call.algo, []).append(call.n)
     for algo, ns in by_algo.items():
         if len(ns) > 1 and is_heavy(protocol.Request(algo, ns, batch=True, form=protocol.JSON)):
             together = True
@@ -265,10 +307,7 @@ def plan(
 def single_request(call: Incoming) -> bytes:
     """The JSON body of ``call`` re-published alone: ``{"n":...,"algo":...}`` (its reply
     is then an ordinary single reply, whose correlation id is the call's id)."""
-    assert call.request is not None
-    return json.dumps(
-        {"n": call.request.ns[0], "algo": call.request.algo}, separators=(",", ":")
-    ).encode()
+    return json.dumps({"n": call.n, "algo": call.algo}, separators=_COMPACT).encode()
 
 
 def _show(value: Any) -> str:

@@ -130,11 +130,10 @@ class Handler:
         raises."""
         by_algo: dict[str, list[coalesce.Incoming]] = {}
         for call in calls:
-            assert call.request is not None
-            by_algo.setdefault(call.request.algo, []).append(call)
+            by_algo.setdefault(call.algo, []).append(call)
         texts: dict[int, str | RequestError] = {}
         for algo, group in by_algo.items():
-            ns = [call.request.ns[0] for call in group if call.request is not None]
+            ns = [call.n for call in group]
             try:
                 done: list[str | RequestError] = list(self._texts_of(algo, ns))
             except Exception:  # one at a time, to fail only the call that fails

@@ -520,8 +520,7 @@ class Worker:
         if plan.expired:
             self.stats.expired += len(plan.expired)
             for call in plan.expired:
-                assert call.request is not None
-                self._metrics.discarded(call.request.algo, "expired")
+                self._metrics.discarded(call.algo, "expired")
                 if self._debug:
                     log.debug("skipped call %r: its deadline had passed", call.id)
         if not plan.heavy_together:
@@ -608,13 +607,12 @@ class Worker:
             self.stats.errors += 1
             metrics_.answered(metrics.UNKNOWN_ALGO, call.error.code, seconds, 0)
         for call, answer in zip(plan.light, answers, strict=True):
-            assert call.request is not None
             if answer.error is None:
                 self.stats.served += 1
-                metrics_.answered(call.request.algo, "ok", seconds, 1)
+                metrics_.answered(call.algo, "ok", seconds, 1)
             else:
                 self.stats.errors += 1
-                metrics_.answered(call.request.algo, answer.error.code, seconds, 1)
+                metrics_.answered(call.algo, answer.error.code, seconds, 1)
         if plan.refused:
             answers = answers + [coalesce.Answer(c.id, error=c.error) for c in plan.refused]
             order = {call.id: call.index for call in (*plan.light, *plan.refused)}
