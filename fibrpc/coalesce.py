@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from fibrpc import protocol
@@ -310,6 +310,46 @@ def single_request(call: Incoming) -> bytes:
     """The JSON body of ``call`` re-published alone: ``{"n":...,"algo":...}`` (its reply
     is then an ordinary single reply, whose correlation id is the call's id)."""
     return json.dumps({"n": call.n, "algo": call.algo}, separators=_COMPACT).encode()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Single:
+    """The properties of a call re-published alone (those a worker's link copies)."""
+
+    correlation_id: str
+    reply_to: str
+    expiration: str | None
+    content_type: str = protocol.JSON
+    type: str | None = None
+
+
+#: Headers of a coalesced message that a call split out of it does not inherit: the
+#: broker's count of the message, its deliveries so far, its deadline (the call has its
+#: own).
+_MESSAGE_HEADERS: Final = ("x-delivery-count", protocol.DELIVERIES_HEADER, protocol.DEADLINE_HEADER)
+
+
+def alone(
+    call: Incoming,
+    *,
+    reply_to: str,
+    headers: Mapping[str, Any],
+    counted: int | None,
+    elapsed_ms: int,
+) -> tuple[bytes, Single, dict[str, Any]]:
+    """What ``call`` (accepted) becomes split out of its coalesced message, as the body,
+    properties and headers of a single JSON request: its correlation id is the call's id,
+    so its reply is an ordinary single reply the client matches to the call. It carries
+    the message's other headers (its ``x-fibrpc-accept``, trace context), its own
+    deadline, what is left of its TTL (``elapsed_ms`` spent since the message arrived),
+    and ``counted``, its deliveries so far, when it is split after a crash."""
+    copied = {k: v for k, v in headers.items() if k not in _MESSAGE_HEADERS}
+    if call.deadline_ms is not None:
+        copied[protocol.DEADLINE_HEADER] = call.deadline_ms
+    if counted is not None:
+        copied[protocol.DELIVERIES_HEADER] = counted
+    expiration = None if call.ttl_ms is None else str(max(1, call.ttl_ms - elapsed_ms))
+    return single_request(call), Single(call.id, reply_to, expiration), copied
 
 
 def _show(value: Any) -> str:
