@@ -327,3 +327,63 @@ def test_a_message_refused_whole_fails_each_of_its_calls_with_the_servers_error(
         assert len(driver.registry) == 0
     finally:
         driver.close()
+
+
+# -- the worker, over test_worker's fake link ------------------------------------------
+
+
+def _coalesced(calls: list[dict[str, Any]]) -> tuple[bytes, Any]:
+    from test_worker import Props  # noqa: PLC0415 - its fake link's types
+
+    return json.dumps(calls).encode(), Props(correlation_id="m+", content_type=CALLS)
+
+
+def test_the_worker_splits_out_a_heavy_call_then_replies_for_the_rest_then_acks():
+    from test_worker import FakeLink, make_worker, run  # noqa: PLC0415
+
+    link = FakeLink()
+    body, props = _coalesced(
+        [{"id": "a", "n": 10}, {"id": "h", "n": 30, "algo": "naive"}, {"id": "b", "n": -1}]
+    )
+    link.deliver(body, props, tag=5)
+    run(make_worker(link))
+    assert link.done[0] == ("republish", "h", {})
+    assert link.done[2:] == [("ack", 5), ("cancel",)]
+    kind, corr_id, reply = link.done[1]
+    assert (kind, corr_id) == ("reply", "m+")
+    answers = coalesce.decode_answers(reply)
+    assert [a.id for a in answers] == ["a", "b"]
+    assert answers[0].result == "55"
+    assert answers[1].error is not None and answers[1].error.code == "negative"
+
+
+def test_the_worker_splits_a_redelivered_suspect_into_a_message_per_call_with_its_count():
+    from test_worker import FakeLink, key, make_worker, run, suspect_board  # noqa: PLC0415
+
+    link = FakeLink()
+    body, props = _coalesced(
+        [{"id": "a", "n": 10}, {"id": "b", "n": 11, "deadline": 1, "ttl": 1}, {"id": "c", "n": -1}]
+    )
+    link.deliver(body, props, tag=9, redelivered=True)
+    run(make_worker(link, board=suspect_board(key(props))))
+    assert link.done[0] == ("republish", "a", {protocol.DELIVERIES_HEADER: 2})
+    kind, corr_id, reply = link.done[1]
+    assert (kind, corr_id) == ("reply", "m+")  # the refused call's answer; b was expired
+    assert [a.id for a in coalesce.decode_answers(reply)] == ["c"]
+    assert link.done[2:] == [("ack", 9), ("cancel",)]  # nothing else: b skipped alone
+
+
+def test_a_call_split_out_keeps_its_deadline_its_ttl_left_and_the_messages_other_headers():
+    [call] = coalesce.decode_calls(b'[{"id":"x.1","n":40,"deadline":5000,"ttl":900}]', Limits())
+    headers = {"x-fibrpc-accept": "a", "x-delivery-count": 3, protocol.DEADLINE_HEADER: 9999}
+    body, single, copied = coalesce.alone(
+        call, reply_to="r", headers=headers, counted=2, elapsed_ms=100
+    )
+    assert body == b'{"n":40,"algo":"fast"}'
+    assert (single.correlation_id, single.reply_to, single.expiration) == ("x.1", "r", "800")
+    assert single.content_type == protocol.JSON
+    assert copied == {
+        "x-fibrpc-accept": "a",
+        protocol.DEADLINE_HEADER: 5000,
+        protocol.DELIVERIES_HEADER: 2,
+    }
