@@ -16,8 +16,8 @@ from fibrpc import coalesce, protocol
 from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
 from fibrpc.coalesce import CALLS, Answer, Outgoing
 from fibrpc.config import Limits
-from fibrpc.driver import Driver, LinkEvents
-from fibrpc.errors import ClientClosedError, RequestError
+from fibrpc.driver import Driver, LinkEvents, LinkLost
+from fibrpc.errors import ClientClosedError, NoServerError, RequestError
 from fibrpc.handler import Handler, error_reply
 from fibrpc.numbers import FAST_TABLE
 
@@ -166,6 +166,9 @@ class ServerLink:
     def __init__(self, *, old: bool = False) -> None:
         self.old = old
         self.stalled = False
+        self.lose_next_turn = False
+        self.returns = False  # no queue of that name: every request comes back
+        self.opened = 0
         self.handler = Handler()
         self.events: LinkEvents | None = None
         self.published: list[tuple[str, bytes, str | None]] = []
@@ -174,6 +177,7 @@ class ServerLink:
 
     def open(self, events: LinkEvents) -> None:
         self.events = events
+        self.opened += 1
 
     def publish(self, call: Call) -> None:
         self.published.append((call.corr_id, call.body, call.content_type))
@@ -185,10 +189,17 @@ class ServerLink:
             self._wake.clear()
         events = self.events
         assert events is not None
+        if self.lose_next_turn:
+            self.lose_next_turn = False
+            self._waiting = []  # gone with the connection
+            raise LinkLost("the fake lost its connection")
         if self.stalled:
             return
         waiting, self._waiting = self._waiting, []
         for call in waiting:
+            if self.returns:
+                events.on_return(call.corr_id)
+                continue
             if call.content_type == CALLS:
                 if self.old:
                     refusal = self.handler.handle(call.body, call.content_type, None)
@@ -387,3 +398,42 @@ def test_a_call_split_out_keeps_its_deadline_its_ttl_left_and_the_messages_other
         protocol.DEADLINE_HEADER: 5000,
         protocol.DELIVERIES_HEADER: 2,
     }
+
+
+def test_after_a_reconnect_each_call_of_a_coalesced_message_is_sent_again_alone():
+    link = ServerLink()
+    link.stalled = True
+    driver = _started(link)
+    calls = _calls(driver, [20, 21, 22])
+    driver.hand_over(calls)
+    try:
+        for _ in range(200):  # bounded: the I/O thread publishes the message
+            if link.published:
+                break
+            threading.Event().wait(0.01)
+        assert [p[2] for p in link.published] == [CALLS]
+        link.lose_next_turn = True
+        link.stalled = False
+        assert [driver.wait(call) for call in calls] == [6765, 10946, 17711]
+        assert link.opened == 2
+        assert [(p[0], p[1]) for p in link.published[1:]] == [
+            (call.corr_id, str(call.n).encode()) for call in calls
+        ]
+    finally:
+        driver.close()
+
+
+def test_a_coalesced_message_returned_for_want_of_a_queue_fails_each_call_with_no_server():
+    link = ServerLink()
+    link.returns = True
+    driver = _started(link)
+    try:
+        calls = _calls(driver, [1, 2, 3])
+        driver.hand_over(calls)
+        for call in calls:
+            with pytest.raises(NoServerError):
+                driver.wait(call)
+        assert [p[2] for p in link.published] == [CALLS]
+        assert len(driver.registry) == 0
+    finally:
+        driver.close()
