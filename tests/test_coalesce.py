@@ -13,14 +13,16 @@ import time
 from typing import Any
 
 import pika
-from conftest import URL
+from conftest import URL, run_cli
 from rawclient import RawClient
 from test_aio import run
 from test_client import StandIn
+from test_tracing import spans  # noqa: F401 - the in-memory span exporter fixture
 
-from fibrpc import Client, RequestError
+from fibrpc import Client, RequestError, tracing
 from fibrpc.aio import AsyncClient
 from fibrpc.coalesce import CALLS
+from fibrpc.exitcodes import ExitCode
 from fibrpc.kernels import FAST_TABLE, fib_naive
 from fibrpc.protocol import JSON
 
@@ -241,3 +243,41 @@ def test_2000_concurrent_asyncio_calls_and_32_threads_each_get_their_own_result(
     assert all(not thread.is_alive() for thread in threads)
     for k in range(32):
         assert got[k] == [FAST_TABLE[(k + i) % 91] for i in range(100)], k
+
+
+def test_each_coalesced_call_has_its_own_span_naming_the_message_it_travelled_in(
+    spans,  # noqa: F811 - the fixture imported from test_tracing
+    serve,
+    queue,
+):
+    serve(workers=1)
+
+    async def main() -> list[int]:
+        async with AsyncClient(URL, queue=queue, timeout=30) as client:
+            return await asyncio.gather(*(client.call(n) for n in range(10)))
+
+    assert run(main) == list(FAST_TABLE[:10])
+    finished = [s for s in spans.get_finished_spans() if s.name == f"publish {queue}"]
+    assert len(finished) == 10
+    conversations = {s.attributes[tracing.CONVERSATION_ID] for s in finished}
+    assert len(conversations) == 10  # each call its own id
+    messages = {s.attributes[tracing.MESSAGE_ID] for s in finished}
+    assert len(messages) == 1  # all in one message, named on every span
+    [message] = messages
+    assert str(message).endswith("+") and message not in conversations
+    assert all(s.attributes[tracing.COALESCED] == 10 for s in finished)
+    assert sorted(s.attributes[tracing.N] for s in finished) == list(range(10))
+
+
+def test_bench_measures_independent_callers_with_every_result_checked() -> None:
+    result = run_cli(
+        *("bench", "--spawn", "1", "--calls", "3000", "--json", "--url", URL),
+        *("--scenario", "tasks", "--scenario", "threads"),
+        timeout=180,
+    )
+    assert result.returncode == ExitCode.OK, result.stderr
+    doc = json.loads(result.stdout)
+    assert [s["name"] for s in doc["scenarios"]] == ["tasks", "threads"]
+    for scenario in doc["scenarios"]:
+        assert scenario["calls"] == 3000 and scenario["errors"] == 0
+        assert 0 < scenario["p50_ms"] <= scenario["p99_ms"]

@@ -17,7 +17,7 @@ from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
 from fibrpc.coalesce import CALLS, Answer, Outgoing
 from fibrpc.config import Limits
 from fibrpc.driver import Driver, LinkEvents, LinkLost
-from fibrpc.errors import ClientClosedError, NoServerError, RequestError
+from fibrpc.errors import CallTimeoutError, ClientClosedError, NoServerError, RequestError
 from fibrpc.handler import Handler, error_reply
 from fibrpc.numbers import FAST_TABLE
 
@@ -168,6 +168,7 @@ class ServerLink:
         self.stalled = False
         self.lose_next_turn = False
         self.returns = False  # no queue of that name: every request comes back
+        self.skip: set[str] = set()  # ids of calls a worker skips as expired
         self.opened = 0
         self.handler = Handler()
         self.events: LinkEvents | None = None
@@ -206,7 +207,8 @@ class ServerLink:
                     events.on_reply(call.corr_id, refusal.content_type, refusal.body)
                     continue
                 try:
-                    body, _ = _answer(self.handler, call.body, now_ms=0)
+                    kept = [c for c in json.loads(call.body) if c["id"] not in self.skip]
+                    body, _ = _answer(self.handler, json.dumps(kept).encode(), now_ms=0)
                 except RequestError as exc:
                     reply = error_reply(exc)
                     events.on_reply(call.corr_id, reply.content_type, reply.body)
@@ -434,6 +436,24 @@ def test_a_coalesced_message_returned_for_want_of_a_queue_fails_each_call_with_n
             with pytest.raises(NoServerError):
                 driver.wait(call)
         assert [p[2] for p in link.published] == [CALLS]
+        assert len(driver.registry) == 0
+    finally:
+        driver.close()
+
+
+def test_a_call_a_worker_skips_as_expired_is_told_at_its_own_deadline():
+    link = ServerLink()
+    driver = _started(link)
+    try:
+        calls = _calls(driver, [7, 8, 9])
+        short = calls[1]
+        short.timeout, short.deadline = 0.3, short.deadline - 4.7  # 0.3 s from its making
+        link.skip.add(short.corr_id)
+        driver.hand_over(calls)
+        assert driver.wait(calls[0]) == 13 and driver.wait(calls[2]) == 34
+        with pytest.raises(CallTimeoutError) as timed_out:
+            driver.wait(short)
+        assert timed_out.value.timeout == 0.3  # its own deadline, not its neighbours'
         assert len(driver.registry) == 0
     finally:
         driver.close()
