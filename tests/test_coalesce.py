@@ -17,6 +17,7 @@ from conftest import URL, run_cli
 from rawclient import RawClient
 from test_aio import run
 from test_client import StandIn
+from test_metrics import free_port, key, wait_for_scrape
 from test_tracing import spans  # noqa: F401 - the in-memory span exporter fixture
 
 from fibrpc import Client, RequestError, tracing
@@ -281,3 +282,27 @@ def test_bench_measures_independent_callers_with_every_result_checked() -> None:
     for scenario in doc["scenarios"]:
         assert scenario["calls"] == 3000 and scenario["errors"] == 0
         assert 0 < scenario["p50_ms"] <= scenario["p99_ms"]
+
+
+def test_the_servers_metrics_count_each_coalesced_call_by_its_own_outcome(serve, queue):
+    port = free_port()
+    serve("--metrics-port", str(port), workers=1)
+    past = int(time.time() * 1000) - 60_000
+    calls = [{"id": f"x.{i}", "n": i} for i in range(9)]
+    calls += [{"id": "x.bad", "n": 94, "algo": "iter"}]
+    calls += [{"id": "x.late", "n": 5, "algo": "iter", "deadline": past, "ttl": 1}]
+    raw = RawClient(URL, queue)
+    try:
+        raw.publish(json.dumps(calls).encode(), corr_id="x+", content_type=CALLS)
+        assert len(_answers(raw, "x+")) == 10
+    finally:
+        raw.close()
+    wait_for_scrape(
+        port,
+        {
+            key("fibrpc_requests_total", algo="fast", outcome="ok"): 9,
+            key("fibrpc_requests_total", algo="unknown", outcome="out_of_range"): 1,
+            key("fibrpc_requests_total", algo="iter", outcome="expired"): 1,
+            key("fibrpc_deadline_skips_total"): 1,
+        },
+    )
