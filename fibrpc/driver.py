@@ -219,7 +219,12 @@ class Driver:
         turn (``hold``: to wait for the reply at once, see ``wait``)."""
         # ``_driving`` read without the lock is a hint: if it is stale, ``_kick`` or the
         # driver's ``_end_turn`` still gets the outbox flushed.
-        if not self._broken and not self._driving and self._try_turn():
+        if (
+            not self._broken
+            and not self._driving
+            and not (hold and len(self.registry))
+            and self._try_turn()
+        ):
             held = False
             try:  # nobody is driving: publish now, from this thread
                 self._send([call])
@@ -263,11 +268,13 @@ class Driver:
                 self.abandon(call, self.timed_out(call))
                 break
             wakeup = call.future
-            if type(wakeup) is Wakeup and self._driving and not self._broken:
-                # Another thread drives (and publishes this call): sleep until the call
-                # settles, which wakes this thread alone, or a tick has passed.
+            if type(wakeup) is Wakeup and not self._broken:
+                # Handed over: another thread (the I/O thread, most often) drives and
+                # publishes it. Sleep until the call settles, which wakes this thread
+                # alone; only if a tick passes with nobody driving, take the turn.
                 wakeup.wait(TICK)
-                continue
+                if call.done or self._driving:
+                    continue
             with self._turn:
                 if self._broken or self.closing:
                     self._turn.wait(TICK)  # the I/O thread reconnects (or shuts down)
