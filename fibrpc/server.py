@@ -171,8 +171,10 @@ class WorkerLink(Protocol):
     def call_threadsafe(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` during a later ``turn`` (from any thread)."""
 
-    def consume_again(self) -> None:
-        """Declare the queue and consume again after the broker cancelled the consumer."""
+    def consume_again(self) -> bool:
+        """Declare the queue and consume again after the broker cancelled the consumer:
+        True. False when the queue went again before the consume: the link has a fresh
+        channel, not consuming, on which the old one's deliveries cannot be acked."""
 
     def cancel(self, timeout: float) -> None:
         """Stop consuming (waiting up to ``timeout`` seconds for the broker)."""
@@ -218,7 +220,13 @@ class Worker:
         self.stats = WorkerStats()
         self._stopping = False
         self._in_flight = 0
-        self._generation = 0  # bumped per connection: stale compute results are dropped
+        self._generation = 0  # bumped per channel: stale compute results are dropped
+        #: Generations whose consumer RabbitMQ cancelled (their queue was deleted): what
+        #: they hold never comes back, so it is answered on this connection whatever
+        #: happens to their channel (``_fate_of``).
+        self._orphans: set[int] = set()
+        self._resubscribe = backoff.Backoff()
+        self._resubscribe_at: float | None = None  # when to consume again, after a 404
         self._compute = concurrent.futures.ThreadPoolExecutor(1, "fibrpc-compute")
         self._consumer_cancelled = False
         #: The properties of the latest replies (at most a prefetch of them can be
@@ -292,7 +300,9 @@ class Worker:
         to this connection's generation."""
         self._generation += 1
         self._in_flight = 0
+        self._orphans.clear()
         self._consumer_cancelled = False
+        self._resubscribe_at = None
         self.link.open(self._on_request, self._on_cancelled)
         self._retry.up()
         if self._outage_since is not None:
@@ -379,7 +389,7 @@ class Worker:
     def _consume(self, parent: int) -> None:
         while not self._stopping:
             self.link.turn()  # returns within a quarter of a second
-            if self._consumer_cancelled:
+            if self._consumer_cancelled and time.monotonic() >= (self._resubscribe_at or 0.0):
                 self._consume_again()
             self._log_expired()
             self._tick()
@@ -396,16 +406,46 @@ class Worker:
         """Declare the queue again and consume it on the same channel. The requests this
         worker holds are still its own (their delivery tags live on the channel, not in
         the queue), so those being computed are answered and acked as usual: their
-        callers' reply addresses do not depend on the queue."""
-        log.warning(
-            "RabbitMQ cancelled the consumer of %r (the queue was deleted?); declaring it "
-            "again, %d request(s) still held",
+        callers' reply addresses do not depend on the queue.
+
+        A quorum queue still being deleted may answer the declare and be gone by the
+        consume, which closes the channel (404): the link opens another, the held
+        requests are answered on it unacked (their queue is gone: nothing requeues them),
+        and the worker declares and consumes again after a pause (backoff)."""
+        if self._resubscribe_at is None:
+            log.warning(
+                "RabbitMQ cancelled the consumer of %r (the queue was deleted?); declaring "
+                "it again, %d request(s) still held",
+                self.settings.queue,
+                self._in_flight,
+            )
+            self.stats.reconnects += 1
+        self._orphans.add(self._generation)
+        if self.link.consume_again():
+            self._consumer_cancelled = False
+            self._resubscribe_at = None
+            self._resubscribe.up()
+            return
+        self._generation += 1  # a fresh channel: the old one's delivery tags are gone
+        self._orphans.add(self._generation)
+        delay = self._resubscribe.failed()
+        self._resubscribe_at = time.monotonic() + delay
+        log.info(
+            "%r was gone again before the consume; declaring it again in %.2f s",
             self.settings.queue,
-            self._in_flight,
+            delay,
         )
-        self._consumer_cancelled = False
-        self.stats.reconnects += 1
-        self.link.consume_again()
+
+    def _fate_of(self, generation: int) -> bool | None:
+        """What to do with a result computed for a request of ``generation``: True,
+        reply and ack (its channel is this one); False, reply only (its queue was
+        deleted and its channel is gone: nothing requeues it); None, drop it (its
+        connection or channel is gone and the broker requeued it)."""
+        if not self.link.is_open():
+            return None
+        if generation == self._generation:
+            return True
+        return False if generation in self._orphans else None
 
     def _drain(self) -> None:
         """Cancel the consumer (what reaches us after that is rejected, to be requeued),
@@ -637,10 +677,11 @@ class Worker:
                     slot.end(inflight.HEAVY)
 
         def finish(answers: list[coalesce.Answer]) -> None:
-            if generation != self._generation or not self.link.is_open():
+            fate = self._fate_of(generation)
+            if fate is None:
                 return  # the broker requeued it with the connection
             self._in_flight -= 1
-            self._reply_calls(tag, props, plan, answers, started)
+            self._reply_calls(tag if fate else None, props, plan, answers, started)
 
         def done(f: concurrent.futures.Future[list[coalesce.Answer]]) -> None:
             if not f.cancelled():
@@ -651,14 +692,15 @@ class Worker:
 
     def _reply_calls(
         self,
-        tag: int,
+        tag: int | None,
         props: Any,
         plan: coalesce.Plan,
         answers: list[coalesce.Answer],
         started: float,
     ) -> None:
         """Publish the answers of a coalesced message (the refused calls' and the
-        computed ones', in request order; none: no reply), then ack it. Counted per call."""
+        computed ones', in request order; none: no reply), then ack it (``tag`` None:
+        not, its channel is gone). Counted per call."""
         seconds = time.perf_counter() - started
         metrics_ = self._metrics
         for call in plan.refused:
@@ -678,8 +720,9 @@ class Worker:
             answers.sort(key=lambda answer: order[answer.id])
         if answers:
             self.link.reply(props, coalesce.encode_answers(answers), coalesce.CALLS)
-        self.link.ack(tag)
-        self._replied.append(props)
+        if tag is not None:
+            self.link.ack(tag)
+            self._replied.append(props)
         if self._debug:
             log.debug("answered %d call(s) of %r", len(answers), props.correlation_id)
         self._trace(props, tag, started, "ok", values=len(answers), batch=True)
@@ -847,16 +890,26 @@ class Worker:
         request: Any,
         started: float,
     ) -> None:
-        if generation != self._generation or not self.link.is_open():
+        fate = self._fate_of(generation)
+        if fate is None:
             return  # computed for a connection that is gone: the broker requeued it
         self._in_flight -= 1
         if reply is None:
             self.stats.expired += 1
             self._metrics.discarded(request.algo, "expired")
-            self.link.ack(tag)
+            if fate:
+                self.link.ack(tag)
             self._skipped(props, tag, started)
         else:
-            self._reply(tag, props, reply, request.algo, len(request.ns), started, request.batch)
+            self._reply(
+                tag if fate else None,
+                props,
+                reply,
+                request.algo,
+                len(request.ns),
+                started,
+                request.batch,
+            )
 
     def _reply(
         self,
@@ -872,7 +925,7 @@ class Worker:
         duplicate reply (which clients drop), never a lost one. ``algo``, ``values`` (the
         number of n asked for, 0 if not decoded), ``started`` (``perf_counter`` when the
         request was taken) and ``batch`` (a list of n) are for the metrics and the trace.
-        ``tag`` None: already acked."""
+        ``tag`` None: already acked (or its channel is gone with its queue)."""
         if reply.error is None:
             self.stats.served += 1
             if self._debug:

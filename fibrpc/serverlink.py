@@ -27,6 +27,8 @@ from fibrpc.errors import FibrpcError
 TURN: Final = 0.25
 #: Seconds a closing worker gives the broker to acknowledge before dropping the socket.
 CLOSE_WITHIN: Final = 2.0
+#: The reply code of a channel closed for a queue that does not exist (any more).
+NOT_FOUND: Final = 404
 
 
 class LinkLostError(Exception):
@@ -115,16 +117,33 @@ class AmqpWorkerLink:
             on_cancel=lambda frame: on_cancel(),
         )
 
-    def consume_again(self) -> None:
+    def consume_again(self) -> bool:
         """After the broker cancelled the consumer (its queue was deleted, say): declare
         the queue and consume it again on the same channel, so the requests held are
-        still answered and acked. Raises ``ChannelClosedError`` or ``LinkLostError`` when
-        that fails (the queue deleted again meanwhile, say): the worker reconnects."""
+        still answered and acked; True.
+
+        False when the queue went between the declare and the consume (RabbitMQ closes
+        the channel with 404 NOT_FOUND: a quorum queue still being deleted answers the
+        declare, then is gone): the link then has a fresh channel on the same connection,
+        not consuming, and the deliveries of the old one can no longer be acked (their
+        queue is gone: they never come back). Raises ``ChannelClosedError`` for any
+        other close, ``LinkLostError`` when the connection is lost: the worker
+        reconnects."""
         try:
             amqp.declare_request_queue(self._channel, self.queue, queue_type=self._queue_type)
             self._subscribe()
+            return True
+        except Exception as exc:
+            failure = self._failure(exc)
+            if not (isinstance(failure, ChannelClosedError) and failure.reply_code == NOT_FOUND):
+                _raise(failure, exc)
+        self._tag = None
+        try:
+            self._channel = self._conn.channel()
+            self._channel.basic_qos(prefetch_count=self._prefetch)
         except Exception as exc:
             _raise(self._failure(exc), exc)
+        return False
 
     def cancel(self, timeout: float) -> None:
         """Cancel the consumer and wait up to ``timeout`` seconds for the broker's answer

@@ -63,6 +63,7 @@ class FakeLink:
         self.fail_after_turn: list[Exception] = []  # raised after the next turns' deliveries
         self.stop_when: Callable[[FakeLink], bool] = lambda link: not link.pending
         self.reconsumed = 0
+        self.reconsume_failures = 0  # consume_again()s that find the queue gone again
         self.channel_open = True
         self._on_request: Callable[[Any, Any, Any, bytes], None] | None = None
         self._on_cancel: Callable[[], None] | None = None
@@ -117,8 +118,13 @@ class FakeLink:
             self._callbacks.append(callback)
         self._woken.set()
 
-    def consume_again(self) -> None:
+    def consume_again(self) -> bool:
         self.reconsumed += 1
+        if self.reconsume_failures:  # the queue went again before the consume: a new channel
+            self.reconsume_failures -= 1
+            self.done.append(("new channel",))
+            return False
+        return True
 
     def cancel(self, timeout: float) -> None:
         self.done.append(("cancel",))
@@ -473,6 +479,47 @@ def test_a_cancelled_consumer_consumes_again_on_the_same_link():
     run(make_worker(link))
     assert link.reconsumed == 1 and link.opened == 1
     assert link.replies() == [b"55"]
+
+
+def test_a_held_request_whose_queue_went_before_the_consume_is_answered_unacked():
+    """A quorum queue still being deleted answers the declare and is gone by the consume:
+    the channel goes (the link opens another), the request held is answered on the new
+    channel without its ack (its tag died with the old one; its queue is gone, so
+    nothing requeues it), and the worker consumes again after a pause."""
+    link = FakeLink()
+    handler = Handler()
+    release = threading.Event()
+    compute = handler.compute
+
+    def held(request: Any) -> Any:
+        assert release.wait(BOUND)
+        return compute(request)
+
+    handler.compute = held  # type: ignore[method-assign]
+    link.deliver(b"25", Props(type="naive"), tag=3)
+    link.reconsume_failures = 1
+    original = link.turn
+
+    def turn() -> None:
+        if not link.reconsumed and not link.pending:
+            link.cancel_consumer()  # the request is held on the compute thread by now
+        if ("new channel",) in link.done and not release.is_set():
+            release.set()
+        if link.reconsumed == 2 and len(link.replies()) == 1 and not link.pending:
+            link.deliver(b"10", Props(correlation_id="c2"), tag=1)  # on the new channel
+        original()
+
+    link.turn = turn  # type: ignore[method-assign]
+    link.stop_when = lambda link: len(link.replies()) == 2
+    run(make_worker(link, handler=handler))
+    assert link.opened == 1 and link.reconsumed == 2
+    assert link.done == [
+        ("new channel",),
+        ("reply", "c1", b"75025"),
+        ("reply", "c2", b"55"),
+        ("ack", 1),
+        ("cancel",),
+    ]
 
 
 def test_a_broker_that_does_not_confirm_the_consume_is_an_outage_not_a_crash():
