@@ -724,19 +724,22 @@ class Driver:
 
     def on_consumers(self, consumers: int | None) -> None:
         """Fail every waiting call with ``NoServerError`` once the queue has had no
-        consumer for ``NO_SERVER_GRACE`` seconds (or does not exist at all)."""
+        consumer, or has not existed (``consumers`` None), for ``NO_SERVER_GRACE``
+        seconds. A queue deleted under calls already routed is no sign of no server:
+        the workers answer what they hold and declare it again (a quorum queue takes a
+        moment), so it gets the same grace. (A call published while it does not exist is
+        returned and fails at once: ``on_return``.)"""
         now = time.monotonic()
         if now < self._grace_until:
             return
         if consumers:
             self._no_consumer_since = None
             return
-        if consumers is not None:
-            if self._no_consumer_since is None:
-                self._no_consumer_since = now
-                return
-            if now - self._no_consumer_since < NO_SERVER_GRACE:
-                return
+        if self._no_consumer_since is None:
+            self._no_consumer_since = now
+            return
+        if now - self._no_consumer_since < NO_SERVER_GRACE:
+            return
         error = self._no_server(missing=consumers is None)
         for call in self.registry.calls():
             self.registry.fail(call.corr_id, error)

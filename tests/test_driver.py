@@ -193,6 +193,43 @@ def test_no_consumer_fails_the_waiting_calls_with_no_server_error():
     driver.close()
 
 
+def test_a_queue_deleted_under_held_calls_and_declared_again_fails_none_of_them():
+    """A probe that finds the queue gone (deleted; its workers still hold the calls and
+    declare it again) fails nothing until the queue has been gone the grace; it was
+    failing every call at once."""
+    probes = threading.Semaphore(0)
+
+    class Probed(FakeLink):
+        def ask_consumers(self) -> None:
+            super().ask_consumers()
+            probes.release()
+
+    link = Probed()
+    driver = Driver(link, Registry(8))
+    driver.start()
+    link.stalled = True  # held by a worker
+    link.consumers = None  # the queue does not exist...
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(_call(driver, 30, math.inf)))
+    thread.start()
+    for _ in range(2):  # the second probe is asked once the first was answered
+        assert probes.acquire(timeout=5)
+    link.consumers = 1  # ...then is declared and consumed again
+    link.stalled = False
+    thread.join(5)
+    assert outcome == [FAST_TABLE[30]]
+    driver.close()
+
+
+def test_a_queue_that_stays_gone_fails_the_waiting_calls_with_no_server_error():
+    driver, link = _driver()
+    link.stalled = True
+    link.consumers = None
+    with pytest.raises(NoServerError, match="does not exist"):
+        _call(driver, 30, math.inf)
+    driver.close()
+
+
 def test_closing_fails_what_is_in_flight_and_frees_the_window():
     driver, link = _driver(window=2)
     link.stalled = True
