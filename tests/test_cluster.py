@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -351,3 +353,53 @@ def test_stop_app_and_start_app_on_a_node_lose_no_call(cluster, setup, line, cap
         threading.Timer(1.0, lambda: node.checked("start_app")).start()
 
     _under_load(urls, fault, node, cluster, servers, LINES[line][0], caplog)
+
+
+#: How long a worker may go on failing to open during the outage before the test says it
+#: never retried: a few consume-ok round trips (``amqp._ROUND_TRIP``, 30 s) and connects.
+OUTAGE_WAIT = 150.0
+
+
+def test_a_server_rides_out_an_outage_of_its_quorum_queue_s_majority(cluster, tmp_path):
+    """Two of three nodes ``kill -9``: the quorum queue has no majority, so no worker's
+    open is answered (no consume-ok). A worker killed meanwhile is restarted into the
+    outage and its open fails; it retries, with backoff, instead of dying (before, each
+    restarted worker died after its round trip and the server exited 9, CRASH_LOOP,
+    within about 3 minutes). Once the nodes are back, the server answers."""
+    for node in cluster:  # every node up, the queue declared afresh
+        if node.proc is None or node.proc.poll() is not None:
+            node.start()
+    conn = pika.BlockingConnection(pika.URLParameters(cluster[0].url()))
+    channel = conn.channel()
+    channel.queue_delete(QUEUE)
+    channel.queue_declare(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    conn.close()
+    survivor, lost = cluster[0], cluster[1:]
+    urls = _urls(*cluster)
+    args = [a for url in urls for a in ("--url", url)]
+    server = start_server(QUEUE, tmp_path, *args, "--queue-type", "quorum", workers=2)
+    try:
+        _wait(lambda: _consumers(cluster) == 2, 30, "both workers consuming")
+        victim = server.worker_pids()[0]
+        for node in lost:
+            node.kill()
+        os.kill(victim, signal.SIGKILL)  # restarted into the outage
+        server.wait_for_log(f"pid {victim}) died (killed by SIGKILL); restarting", timeout=10)
+        # The restarted worker, and the one whose node went, fail to open and retry.
+        deadline = time.monotonic() + OUTAGE_WAIT
+        while server.text.count("Retrying, with backoff, until it answers") < 2:
+            assert server.proc.poll() is None, server.text[-4000:]
+            assert time.monotonic() < deadline, (
+                f"no two workers retrying within {OUTAGE_WAIT:.0f} s:\n{server.text[-4000:]}"
+            )
+            time.sleep(0.5)
+        assert server.proc.poll() is None, server.text[-4000:]
+        for node in lost:
+            node.start()
+        with Client([survivor.url(), *_urls(*lost)], queue=QUEUE, timeout=120) as client:
+            assert client.call(90) == FAST_TABLE[90]
+        assert server.proc.poll() is None, server.text[-4000:]
+        assert server.text.count("died") == 1, server.text[-4000:]  # only the one killed
+        server.wait_for_log("RabbitMQ answers again", count=2, timeout=60)
+    finally:
+        server.stop()
