@@ -220,11 +220,13 @@ class Worker:
         self.stats = WorkerStats()
         self._stopping = False
         self._in_flight = 0
-        self._generation = 0  # bumped per channel: stale compute results are dropped
+        self._generation = 0  # per connection and cancelled consumer: stale results dropped
         #: Generations whose consumer RabbitMQ cancelled (their queue was deleted): what
         #: they hold never comes back, so it is answered on this connection whatever
-        #: happens to their channel (``_fate_of``).
+        #: happens to their channel, and never acked (``_fate_of``).
         self._orphans: set[int] = set()
+        #: Orphans' results that came while the link had no open channel (``_fate_of``).
+        self._deferred: list[Callable[[], None]] = []
         self._resubscribe = backoff.Backoff()
         self._resubscribe_at: float | None = None  # when to consume again, after a 404
         self._compute = concurrent.futures.ThreadPoolExecutor(1, "fibrpc-compute")
@@ -301,6 +303,7 @@ class Worker:
         self._generation += 1
         self._in_flight = 0
         self._orphans.clear()
+        self._deferred.clear()
         self._consumer_cancelled = False
         self._resubscribe_at = None
         self.link.open(self._on_request, self._on_cancelled)
@@ -403,16 +406,17 @@ class Worker:
         self._consumer_cancelled = True
 
     def _consume_again(self) -> None:
-        """Declare the queue again and consume it on the same channel. The requests this
-        worker holds are still its own (their delivery tags live on the channel, not in
-        the queue), so those being computed are answered and acked as usual: their
-        callers' reply addresses do not depend on the queue.
+        """Declare the queue again and consume it. What the cancelled consumer delivered
+        is still this worker's to answer (the callers' reply addresses do not depend on
+        the queue), but not to ack: its queue is gone, and RabbitMQ 4 closes the channel
+        (406, unknown delivery tag) at an ack of a deleted quorum queue's delivery. So the
+        cancel starts a new generation, and the old one's results are replied unacked
+        (``_fate_of``).
 
         A quorum queue still being deleted may answer the declare and be gone by the
-        consume, which closes the channel (404): the link opens another, the held
-        requests are answered on it unacked (their queue is gone: nothing requeues them),
-        and the worker declares and consumes again after a pause (backoff)."""
-        if self._resubscribe_at is None:
+        consume, which closes the channel (404): the link opens another, and the worker
+        declares and consumes again after a pause (backoff)."""
+        if self._resubscribe_at is None:  # just cancelled (not a retry after a 404)
             log.warning(
                 "RabbitMQ cancelled the consumer of %r (the queue was deleted?); declaring "
                 "it again, %d request(s) still held",
@@ -420,14 +424,17 @@ class Worker:
                 self._in_flight,
             )
             self.stats.reconnects += 1
-        self._orphans.add(self._generation)
-        if self.link.consume_again():
+            self._orphans.add(self._generation)
+            self._generation += 1
+        consumed = self.link.consume_again()
+        deferred, self._deferred = self._deferred, []
+        for finish in deferred:  # results that came while the channel was closed
+            finish()
+        if consumed:
             self._consumer_cancelled = False
             self._resubscribe_at = None
             self._resubscribe.up()
             return
-        self._generation += 1  # a fresh channel: the old one's delivery tags are gone
-        self._orphans.add(self._generation)
         delay = self._resubscribe.failed()
         self._resubscribe_at = time.monotonic() + delay
         log.info(
@@ -436,16 +443,21 @@ class Worker:
             delay,
         )
 
-    def _fate_of(self, generation: int) -> bool | None:
+    def _fate_of(self, generation: int, finish: Callable[[], None]) -> bool | None:
         """What to do with a result computed for a request of ``generation``: True,
-        reply and ack (its channel is this one); False, reply only (its queue was
-        deleted and its channel is gone: nothing requeues it); None, drop it (its
-        connection or channel is gone and the broker requeued it)."""
-        if not self.link.is_open():
+        reply and ack (its consumer is this one); False, reply only (its consumer was
+        cancelled with its queue: nothing requeues it, nothing may ack it); None, drop it
+        (its connection is gone and the broker requeued it). An orphan's result that
+        comes while the channel is closed (between a 404 and the fresh channel) is kept,
+        and ``finish`` run again once the link has a channel: None meanwhile."""
+        if generation in self._orphans:
+            if self.link.is_open():
+                return False
+            self._deferred.append(finish)
             return None
-        if generation == self._generation:
-            return True
-        return False if generation in self._orphans else None
+        if generation != self._generation or not self.link.is_open():
+            return None
+        return True
 
     def _drain(self) -> None:
         """Cancel the consumer (what reaches us after that is rejected, to be requeued),
@@ -677,7 +689,7 @@ class Worker:
                     slot.end(inflight.HEAVY)
 
         def finish(answers: list[coalesce.Answer]) -> None:
-            fate = self._fate_of(generation)
+            fate = self._fate_of(generation, lambda: finish(answers))
             if fate is None:
                 return  # the broker requeued it with the connection
             self._in_flight -= 1
@@ -890,7 +902,10 @@ class Worker:
         request: Any,
         started: float,
     ) -> None:
-        fate = self._fate_of(generation)
+        fate = self._fate_of(
+            generation,
+            lambda: self._finish_heavy(generation, tag, props, reply, request, started),
+        )
         if fate is None:
             return  # computed for a connection that is gone: the broker requeued it
         self._in_flight -= 1

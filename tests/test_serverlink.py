@@ -26,7 +26,7 @@ def test_a_queue_gone_between_the_declare_and_the_consume_leaves_a_fresh_channel
     queue, monkeypatch
 ):
     """A quorum queue still being deleted answers the declare and is gone by the consume
-    (RabbitMQ 4 did so in 1 of 7 runs of a server under held calls): the broker closes the
+    (RabbitMQ 4.0 did so in 7 of 15 runs of a server under held calls): the broker closes the
     channel with 404. The link says so (False) and opens a fresh channel on the same
     connection, on which a reply still goes out and the next try consumes."""
     cancelled: list[bool] = []
