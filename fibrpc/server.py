@@ -308,17 +308,20 @@ class Worker:
         self._resubscribe_at = None
         self.link.open(self._on_request, self._on_cancelled)
         self._retry.up()
-        if self._outage_since is not None:
-            log.info(
-                "RabbitMQ answers again at %s, after %.1f s",
-                amqp.redact(self.url),
-                time.monotonic() - self._outage_since,
-            )
-            self._outage_since = None
-        log.info("consuming %r at %s", self.settings.queue, amqp.redact(self.url))
+        if self._outage_since is None:
+            log.info("consuming %r at %s", self.settings.queue, amqp.redact(self.url))
+            return
+        log.info(
+            "RabbitMQ answers again, after %.1f s: consuming %r at %s",
+            time.monotonic() - self._outage_since,
+            self.settings.queue,
+            amqp.redact(self.url),
+        )
+        self._outage_since = None
 
     def _unreachable(self, exc: BrokerError) -> None:
-        """No node answered: wait (backoff) and try again; one warning per outage."""
+        """No node answered: wait (backoff) and try again; one warning per outage (none
+        when it began with a lost connection, which said so), the retries at debug."""
         delay = self._retry.failed()
         if self._outage_since is None:
             self._outage_since = time.monotonic()
@@ -343,6 +346,7 @@ class Worker:
                 self._limit_replies(largest)  # the reply over the limit is refused later
                 return False
             log.warning("%s; reconnecting", exc)
+            self._outage_since = time.monotonic()  # that line says it: no second one
             self._charge_unacked(f"{exc.reply_code} {exc.reply_text}")
         except LinkLostError as exc:
             if self._stopping:
@@ -354,6 +358,7 @@ class Worker:
                 exc,
                 " to the next node" if len(self.settings.urls) > 1 else "",
             )
+            self._outage_since = time.monotonic()  # that line says it: no second one
             self._charge_unacked(f"the connection was lost: {exc}")
         return False
 

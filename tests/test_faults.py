@@ -301,6 +301,39 @@ def test_10000_pipelined_calls_complete_across_a_broker_restart(serve, queue, pr
     server.wait_for_log("consuming", count=4, timeout=30)  # both workers reconnected
 
 
+def test_an_outage_of_the_one_node_is_one_line_per_worker_and_one_per_recovery(
+    serve, queue, private_broker
+):
+    """The node is killed (``kill -9``) and comes back: at INFO, each worker says once
+    that it lost the connection (no "next node": there is none) and once that RabbitMQ
+    answers again; its retries in between, several each, are at debug level only. (Each
+    worker connects on its own, on a cluster to a node of its own, so each says what it
+    saw; before, each also said every outage twice and its end twice.)"""
+    node = private_broker
+    server = serve("--log-level", "debug", workers=2, url=node.url())
+    mark = len(server.text)
+    node.kill()
+    _wait_for(lambda: server.text.count("Retrying in") >= 6, 60, "a few retries per worker")
+    node.start()
+    server.wait_for_log("answers again", count=2, timeout=60)
+    with Client(node.url(), queue=queue, timeout=30) as client:
+        assert client.call(30) == FAST_TABLE[30]
+    lines = [line.split(" ", 3) for line in server.text[mark:].splitlines()]
+    said = [(pid, rest) for _, _, pid, rest in (x for x in lines if len(x) == 4)]
+    shown = [(pid, rest) for pid, rest in said if not rest.startswith("DEBUG")]
+    pids = sorted({pid for pid, _ in shown})
+    assert len(pids) == 2, shown
+    for pid in pids:
+        mine = [rest for p, rest in shown if p == pid]
+        assert len(mine) == 2, mine
+        assert mine[0].startswith("WARNING fibrpc.server: lost the connection"), mine
+        assert "next node" not in mine[0]
+        assert mine[1].startswith("INFO fibrpc.server: RabbitMQ answers again, after"), mine
+        retries = [rest for p, rest in said if p == pid and "Retrying in" in rest]
+        assert len(retries) >= 2, said  # the test tested an outage with retries
+    assert "died" not in server.text
+
+
 # -- 7. several servers, one queue -------------------------------------------------------
 
 
