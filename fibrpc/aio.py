@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, tracing
+from fibrpc import tracing
 from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
 from fibrpc.client import END, check_timeout, check_urls, check_window, encode, messages
 from fibrpc.config import (
@@ -50,6 +50,8 @@ from fibrpc.driver import TICK, Driver
 from fibrpc.errors import CallTimeoutError, ClientClosedError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: Seconds past its deadline after which the loop fails a call itself, if the I/O
 #: thread has not (a connection stuck in a round trip, say): as the threaded client.
@@ -162,7 +164,7 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
     ) -> None:
         self.timeout = check_timeout(timeout)
         self.window = check_window(window)
@@ -411,7 +413,7 @@ class AsyncClient:
             return
         raise CallTimeoutError(
             f"The client's window of {self.window} calls stayed full for {seconds} s.",
-            url=amqp.redact(self.url),
+            url=redact(self.url),
             queue=self.queue,
             timeout=seconds,
         )

@@ -17,11 +17,13 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from fibrpc import amqp, config, logs
+from fibrpc import config, logs
 from fibrpc.client import Client, check_timeout
 from fibrpc.errors import ConfigError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 from fibrpc.numbers import ALGORITHMS, DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import split_urls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,7 +106,7 @@ def broker_options(func: F) -> F:
 def _urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """``--url``, given once or more, each perhaps several URLs separated by commas."""
     try:
-        return amqp.split_urls(value)
+        return split_urls(value)
     except ConfigError as exc:
         raise click.BadParameter(exc.message) from None
 
@@ -115,7 +117,7 @@ def tls_options(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs["tls"] = amqp.TLSOptions(
+        kwargs["tls"] = TLSOptions(
             ca_file=kwargs.pop("tls_ca_file"),
             cert_file=kwargs.pop("tls_cert_file"),
             key_file=kwargs.pop("tls_key_file"),
@@ -333,7 +335,7 @@ def serve(
     state_dir: str | None,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Serve Fibonacci requests from QUEUE with a supervised pool of workers.
 
@@ -428,7 +430,7 @@ def call(
     as_json: bool,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Compute F(N) on a running server and print it.
 
@@ -487,7 +489,7 @@ def status(
     as_json: bool,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Show QUEUE's depth, consumers and message rates, and the servers on this machine:
     each worker's pid, uptime, requests served, errors and restarts.
@@ -635,7 +637,7 @@ def bench(
     spawn: int | None,
     as_json: bool,
     progress: bool | None,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Measure calls/s and latency of a fibrpc server, with every result checked.
 
@@ -647,7 +649,7 @@ def bench(
     from fibrpc import bench as _bench  # noqa: PLC0415 - keeps `call` light
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
-    amqp.quiet_pika()
+    logs.quiet_pika()
     settings = _bench.BenchSettings(
         urls=urls,
         queue=queue,

@@ -43,6 +43,8 @@ from fibrpc.driver import TICK, Driver, too_large
 from fibrpc.errors import CallTimeoutError, ClientClosedError, ConfigError, ErrorCode, RequestError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM, estimate_digits
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,11 @@ def check_timeout(timeout: object) -> float:
     return seconds
 
 
-def check_urls(url: str | Sequence[str], tls: amqp.TLSOptions | None) -> tuple[str, ...]:
+def check_urls(url: str | Sequence[str], tls: TLSOptions | None) -> tuple[str, ...]:
     """The broker's nodes named by ``url`` (one URL, a list, or one string of them
     separated by commas), each one read as pika will read it, with ``tls``. Raises
     ``ConfigError`` for a URL pika cannot read or a bad TLS option."""
-    urls = amqp.split_urls(url)
+    urls = split_urls(url)
     for node in urls:
         amqp.parameters(node, tls=tls)
     return urls
@@ -219,7 +221,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
     ) -> None:
         self.timeout = check_timeout(timeout)
         self.window = check_window(window)
@@ -405,7 +407,7 @@ class Client:
                 return None, False
             raise CallTimeoutError(
                 f"The client's window of {self.window} calls stayed full for {seconds} s.",
-                url=amqp.redact(self.url),
+                url=redact(self.url),
                 queue=self.queue,
                 timeout=seconds,
             )

@@ -19,6 +19,8 @@ from fibrpc import amqp, protocol, tracing
 from fibrpc.calls import Call, wants_binary
 from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: RabbitMQ's largest per-message TTL in milliseconds (ten years): a longer one closes
 #: the channel the message was published on, failing every call on it.
@@ -35,13 +37,13 @@ class AmqpLink:
         queue: str,
         *,
         heartbeat: int,
-        tls: amqp.TLSOptions | None,
+        tls: TLSOptions | None,
         connect_timeout: float,
         tick: float,
     ) -> None:
         self.urls = tuple(urls)
         self.url = self.urls[0]  # the node connected to (or tried last)
-        self.described = amqp.redact(self.url)
+        self.described = redact(self.url)
         self._next = 0  # the node to try first on the next open: the one after the last
         self.queue = queue
         self._heartbeat = heartbeat
@@ -65,7 +67,7 @@ class AmqpLink:
             connect_timeout=self._connect_timeout,
         )
         self.url = self.urls[node]
-        self.described = amqp.redact(self.url)
+        self.described = redact(self.url)
         self._next = node + 1  # if this connection is lost, fail over to the next node
         try:
             with amqp.translating(self.url):

@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import pika.exceptions
-
 from fibrpc import amqp, state
 from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
 from fibrpc.errors import FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: The management API's rate fields, as reported here.
 _RATES: Final = {
@@ -56,7 +56,7 @@ def default_management_url(url: str) -> str:
 def queue_counts(
     urls: Sequence[str],
     queue: str,
-    tls: amqp.TLSOptions | None = None,
+    tls: TLSOptions | None = None,
     timeout: float = amqp.CONNECT_TIMEOUT,
 ) -> tuple[str, tuple[int, int] | None]:
     """The node that answered (the first of ``urls`` that did), and the messages ready in
@@ -69,13 +69,7 @@ def queue_counts(
     url = urls[node]
     try:
         with amqp.translating(url):
-            try:
-                frame = conn.channel().queue_declare(queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code == 404:
-                    return url, None
-                raise
-        return url, (int(frame.method.message_count), int(frame.method.consumer_count))
+            return url, amqp.queue_counts(conn, queue)
     finally:
         amqp.close_within(conn)
 
@@ -87,7 +81,7 @@ def management_stats(
     "rates", "messages_unacknowledged"}``. Never raises: a failure is in ``error``."""
     base, user, password = _management_target(management_url, url)
     result: dict[str, Any] = {
-        "url": amqp.redact(base),
+        "url": redact(base),
         "reachable": False,
         "error": None,
         "rates": None,
@@ -158,7 +152,7 @@ def gather(
     urls: str | Sequence[str],
     queue: str,
     *,
-    tls: amqp.TLSOptions | None = None,
+    tls: TLSOptions | None = None,
     management_url: str | None = None,
     state_dir: Path | None = None,
     now: float | None = None,
@@ -172,7 +166,7 @@ def gather(
     url = nodes[0]
     report: dict[str, Any] = {
         "queue": queue,
-        "url": amqp.redact(url),
+        "url": redact(url),
         "exists": None,
         "messages": None,
         "consumers": None,
@@ -185,7 +179,7 @@ def gather(
         error = exc
         report["broker_error"] = str(exc)
     else:
-        report["url"] = amqp.redact(url)
+        report["url"] = redact(url)
         report["exists"] = counts is not None
         if counts is not None:
             report["messages"], report["consumers"] = counts

@@ -39,7 +39,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fibrpc import amqp, protocol
+from fibrpc import protocol
 
 # The client's own checks, encoding and batching: imported, not copied, so that a stub
 # refuses and batches exactly as the clients do.
@@ -61,6 +61,8 @@ from fibrpc.errors import (
     UnreadableReplyError,
 )
 from fibrpc.numbers import DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 if TYPE_CHECKING:
     from fibrpc.handler import Handler, Reply
@@ -106,7 +108,7 @@ class _Stub:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
         limits: Limits | None = None,
         memo_bytes: int = DEFAULT_MEMO_BYTES,
     ) -> None:
@@ -192,12 +194,12 @@ class _Stub:
         except Exception as exc:
             raise UnreadableReplyError(
                 f"The reply to {request.describe()} could not be read: {exc}",
-                url=amqp.redact(self.url),
+                url=redact(self.url),
                 queue=self.queue,
             ) from exc
 
     def _timed_out(self, request: _Request) -> CallTimeoutError:
-        url = amqp.redact(self.url)
+        url = redact(self.url)
         return CallTimeoutError(
             f"No reply to {request.describe()} within {request.timeout} s from queue "
             f"{self.queue!r} at {url}.",

@@ -31,8 +31,8 @@ from privatenode import (
 )
 
 from fibrpc import BrokerUnreachableError, Client, ConfigError
-from fibrpc.amqp import TLSOptions
 from fibrpc.exitcodes import ExitCode
+from fibrpc.tls import TLSOptions
 
 #: A second loopback address, for a host the server certificate does not name.
 OTHER_ADDRESS = "127.0.0.2"
