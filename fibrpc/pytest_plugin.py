@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Final
 
 import pytest
 
-from fibrpc import config, serving
+from fibrpc import config
+from fibrpc import serving as processes
 
 if TYPE_CHECKING:
     from fibrpc.client import Client
@@ -45,14 +46,14 @@ if TYPE_CHECKING:
 #: The broker when the tests name none.
 DEFAULT_URL: Final = config.DEFAULT_URL
 #: Seconds a server may take to log "ready:", and to drain after SIGTERM.
-READY_TIMEOUT: Final = serving.READY_TIMEOUT
-STOP_TIMEOUT: Final = serving.STOP_TIMEOUT
+READY_TIMEOUT: Final = processes.READY_TIMEOUT
+STOP_TIMEOUT: Final = processes.STOP_TIMEOUT
 
 
 #: A running ``fibrpc serve`` (``fibrpc.serving.ServerProcess``): ``.url``, ``.queue``,
 #: ``.client(**kwargs)``, ``.text`` (its log), ``.wait_for_log``, ``.stop()``...
-FibrpcServer = serving.ServerProcess
-private_queue = serving.private_queue
+FibrpcServer = processes.ServerProcess
+private_queue = processes.private_queue
 
 
 def start_server(
@@ -75,7 +76,7 @@ def start_server(
     """
     urls = [url] if isinstance(url, str) else list(url)
     log = log_dir / f"serve-{uuid.uuid4().hex[:6]}.log"
-    server = serving.start(urls, queue, *args, log=log, workers=workers, env=env)
+    server = processes.start(urls, queue, *args, log=log, workers=workers, env=env)
     if wait:
         try:
             server.wait_ready(ready_timeout)
@@ -88,7 +89,7 @@ def start_server(
 def delete_queue(url: str, queue: str) -> None:
     """Delete ``queue`` at ``url`` if it is there; never raises (the queue may be gone,
     the broker too)."""
-    serving.delete_queue(url, queue)
+    processes.delete_queue(url, queue)
 
 
 def check_broker(url: str) -> None:

@@ -27,6 +27,8 @@ from privatenode import PrivateNode, private_cluster
 from fibrpc import Client
 from fibrpc.numbers import FAST_TABLE
 
+pytestmark = pytest.mark.broker
+
 QUEUE = "fibrpc-cluster-rpc"
 CALLS = 20_000
 RECOVERY = 15.0
