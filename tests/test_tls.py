@@ -57,6 +57,10 @@ class TLSBroker:
         return f"amqps://fibrpc:{self.password}@{host}:{self.port}/%2F"
 
 
+#: Every test here talks to a private RabbitMQ node.
+pytestmark = pytest.mark.broker
+
+
 @pytest.fixture(scope="module")
 def tls_broker() -> Iterator[TLSBroker]:
     with tempfile.TemporaryDirectory(prefix="fibrpc-tls-", ignore_cleanup_errors=True) as tmp:
