@@ -15,10 +15,6 @@ from fibrpc import fastpath
 PACKAGE = Path(fastpath.__file__).parent
 #: The modules allowed to import pika.
 BOUNDARY = {"amqp.py", "fastpath.py"}
-#: Modules that still import pika until the redesign of the worker (branch ``worker``)
-#: lands: it takes pika out of them. Remove each name as it does; the test below fails
-#: when one of them no longer imports pika, so that this list cannot go stale.
-NOT_YET = {"server.py"}
 
 
 def _tree(name: str) -> ast.Module:
@@ -84,8 +80,7 @@ def _private_attributes(tree: ast.Module) -> set[str]:
 
 def test_only_the_boundary_imports_pika() -> None:
     importing = {p.name for p in PACKAGE.glob("*.py") if _imports_pika(_tree(p.name))}
-    assert importing - NOT_YET == BOUNDARY
-    assert importing >= NOT_YET, "a module left pika: take it off NOT_YET"
+    assert importing == BOUNDARY
 
 
 def test_the_internals_check_names_every_private_name_the_fast_path_uses() -> None:
@@ -114,7 +109,9 @@ def test_an_internal_pika_lacks_is_reported_by_owner_and_name() -> None:
     ]
 
 
-@pytest.mark.parametrize("name", ["amqp.py", "link.py", "status.py", "urls.py", "tls.py"])
+@pytest.mark.parametrize(
+    "name", ["amqp.py", "link.py", "serverlink.py", "server.py", "supervisor.py", "status.py"]
+)
 def test_outside_the_fast_path_no_private_name_of_pika_is_reached(name: str) -> None:
     # namedtuple's _replace is public API, whatever its underscore says.
     assert _private_attributes(_tree(name)) - {"_replace"} == set()
