@@ -368,6 +368,40 @@ def queue_counts(connection: Any, queue: str) -> tuple[int, int] | None:
     return int(frame.method.message_count), int(frame.method.consumer_count)
 
 
+#: What RabbitMQ names the queues it names (``queue.declare`` with an empty name): a
+#: client's user needs configure and read permissions matching it for an exclusive
+#: reply queue (docs/security.md).
+SERVER_NAMED_PREFIX: Final = "amq.gen-"
+
+
+def declare_reply_queue(channel: Any, url: str) -> str:
+    """Declare a client's reply queue on ``channel`` and return the name RabbitMQ gave
+    it (``amq.gen-...``): exclusive (only this connection may consume it, and RabbitMQ
+    deletes it when the connection closes), not durable, not auto-delete (a channel
+    closed by a refusal must not take the queue, and the replies in it, along).
+
+    An exclusive transient queue is allowed by every RabbitMQ from 3.8 on, 4.3's
+    defaults included (those refuse only transient queues that are *not* exclusive).
+    Raises ``AccessRefusedError`` naming the permissions to grant when the user may not
+    declare or read it, and what ``translate`` makes of any other refusal.
+    """
+    try:
+        frame = channel.queue_declare("", exclusive=True)
+    except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ConnectionClosedByBroker) as exc:
+        if exc.reply_code in refusals.ACCESS_REFUSED_CODES:
+            where = redact(url)
+            raise AccessRefusedError(
+                f"RabbitMQ at {where} refused the client's reply queue ({exc.reply_code}: "
+                f"{exc.reply_text}). A client with reply_queue='exclusive' needs the "
+                f"configure and read permissions on '^amq\\.gen-.*' (docs/security.md), "
+                "or reply_queue='direct'.",
+                url=where,
+            ) from exc
+        raise
+    name: str = frame.method.queue
+    return name
+
+
 def publish_soon(
     channel: Any,
     routing_key: str,

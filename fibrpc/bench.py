@@ -132,6 +132,7 @@ class BenchSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     timeout: float = DEFAULT_TIMEOUT
     tls: TLSOptions | None = None
+    reply_queue: str = config.DEFAULT_REPLY_QUEUE
 
     def calls_for(self, scenario: str) -> int:
         """How many calls ``scenario`` makes."""
@@ -183,6 +184,7 @@ class Report:
             "spawn": self.spawn,
             "url": ", ".join(redact(url) for url in s.urls),
             "queue": s.queue,
+            "reply_queue": s.reply_queue,
         }
 
     def table(self) -> str:
@@ -461,6 +463,7 @@ def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> S
             timeout=settings.timeout,
             window=settings.window,
             tls=settings.tls,
+            reply_queue=settings.reply_queue,
         ) as client:
             await client.map(ns[:_WARM_CALLS], settings.algo, batch_size=1)
             started = clock()
@@ -599,6 +602,7 @@ def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> S
         timeout=settings.timeout,
         window=window,
         tls=settings.tls,
+        reply_queue=settings.reply_queue,
     ) as client:
         batch_size = settings.batch_size if name == "batched" else None
         _warm(client, ns, settings.algo, batch_size)

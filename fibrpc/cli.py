@@ -166,6 +166,20 @@ def timeout_option(env: str, help_text: str) -> Callable[[F], F]:
     )
 
 
+def reply_queue_option(func: F) -> F:
+    """``--reply-queue``: where a client takes its replies."""
+    return option(
+        "--reply-queue",
+        env="FIBRPC_REPLY_QUEUE",
+        type=click.Choice(config.REPLY_QUEUES),
+        default=config.DEFAULT_REPLY_QUEUE,
+        show_default=True,
+        help="Where replies come: 'direct' (RabbitMQ's direct reply-to) or 'exclusive' (a "
+        "server-named exclusive queue of the client's own: for clusters of RabbitMQ 3.10, "
+        "and many replies a second; see docs/client.md).",
+    )(func)
+
+
 def _fail(error: BaseException) -> NoReturn:
     """Print ``error`` as one line on stderr and exit with its code."""
     click.echo(f"fibrpc: {error}", err=True)
@@ -413,6 +427,7 @@ Examples:
     help="Algorithm.",
 )
 @timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the reply (inf: no limit).")
+@reply_queue_option
 @option(
     "--json",
     "as_json",
@@ -427,6 +442,7 @@ def call(
     queue: str,
     algo: str,
     timeout: float,
+    reply_queue: str,
     as_json: bool,
     log_level: str,
     log_format: str,
@@ -440,7 +456,7 @@ def call(
     setup_logging(log_level, log_format)
     started = time.perf_counter()
     try:
-        with Client(urls, queue=queue, timeout=timeout, tls=tls) as client:
+        with Client(urls, queue=queue, timeout=timeout, tls=tls, reply_queue=reply_queue) as client:
             text = client.call_text(n, algo, timeout)
     except FibrpcError as exc:
         _fail(exc)
@@ -601,6 +617,7 @@ Examples:
     help="Values of n per message in 'batched'.",
 )
 @timeout_option("FIBRPC_BENCH_TIMEOUT", "Seconds each call may wait for its reply.")
+@reply_queue_option
 @option(
     "--spawn",
     env="FIBRPC_BENCH_SPAWN",
@@ -635,6 +652,7 @@ def bench(
     batch_window: int,
     batch_size: int,
     timeout: float,
+    reply_queue: str,
     spawn: int | None,
     as_json: bool,
     progress: bool | None,
@@ -664,6 +682,7 @@ def bench(
         batch_size=batch_size,
         timeout=timeout,
         tls=tls,
+        reply_queue=reply_queue,
     )
     if progress is None:
         progress = sys.stderr.isatty()

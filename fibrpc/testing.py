@@ -44,11 +44,20 @@ from fibrpc import protocol
 # The client's own checks, encoding and batching: imported, not copied, so that a stub
 # refuses and batches exactly as the clients do.
 from fibrpc.calls import AS_INT, AS_TEXT, read_reply, wants_binary
-from fibrpc.client import END, check_timeout, check_urls, check_window, encode, messages
+from fibrpc.client import (
+    END,
+    check_reply_queue,
+    check_timeout,
+    check_urls,
+    check_window,
+    encode,
+    messages,
+)
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MEMO_BYTES,
     DEFAULT_QUEUE,
+    DEFAULT_REPLY_QUEUE,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     DEFAULT_WINDOW,
@@ -109,6 +118,7 @@ class _Stub:
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
         tls: TLSOptions | None = None,
+        reply_queue: str = DEFAULT_REPLY_QUEUE,
         limits: Limits | None = None,
         memo_bytes: int = DEFAULT_MEMO_BYTES,
     ) -> None:
@@ -117,6 +127,7 @@ class _Stub:
         self.urls = check_urls(url, tls)  # as Client: ConfigError for a URL or TLS option
         self.url = self.urls[0]
         self.queue = queue
+        self.reply_queue = check_reply_queue(reply_queue)  # taken, and unused: no broker
         self.limits = limits or Limits()
         self._memo_bytes = memo_bytes
         self._handler: Handler | None = None
