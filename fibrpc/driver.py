@@ -11,9 +11,20 @@ thread also reconnects when the link is lost and re-sends every call in flight
 consumes the queue, failing the calls with ``NoServerError`` after a short grace when
 nobody does.
 
-Every call keeps its deadline: the driver expires calls at every turn, and a waiting
-thread fails its own call if the driver has not by shortly after its deadline (a link
-stuck in a round trip, say). The registry (``fibrpc.calls``) settles each call once.
+Every call keeps its deadline, connected or not: the driver expires calls at every turn
+and while it reconnects (those handed over meanwhile too), and a waiting thread fails its
+own call if the driver has not by shortly after its deadline (a link stuck in a round
+trip, say). What a call past its deadline is told says why it got no reply
+(``deadline_error``): the broker unreachable since the connection was lost, no server on
+the queue, or no reply in time. A broker that refuses the client when it reconnects (its
+login, its vhost deleted) fails every call at once. The registry (``fibrpc.calls``)
+settles each call once.
+
+A request never outlives the chance of its answer: one published while the queue has no
+consumer carries a TTL of at most ``NO_SERVER_GRACE`` (the broker drops it if no server
+comes by then), and a call fails with ``NoServerError`` before its deadline only once its
+request is gone from the queue; a request still queued (sent while a server consumed) is
+given its whole time, a server that restarts answering it.
 """
 
 from __future__ import annotations
@@ -31,7 +42,9 @@ from fibrpc.calls import Call, Registry, read_reply
 from fibrpc.config import NO_SERVER_GRACE
 from fibrpc.errors import (
     AccessRefusedError,
+    BrokerError,
     BrokerRefusedError,
+    BrokerUnreachableError,
     CallTimeoutError,
     ClientClosedError,
     ErrorCode,
@@ -57,6 +70,11 @@ _IDLE: Final = 1.0
 _RECONNECT_DELAYS: Final = backoff.RECONNECT_DELAYS[:-1]
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
+#: Seconds past the end of its request's TTL after which a call is sure its request is
+#: gone from the queue (the broker counts the TTL from a moment after the publish).
+_TTL_MARGIN: Final = 0.1
+#: The longest a new connection waits for its first answer on the queue's consumers.
+_FIRST_PROBE: Final = 1.0
 
 
 class LinkLost(Exception):  # noqa: N818 - internal, never raised out of the driver
@@ -129,7 +147,14 @@ class Driver:
         self.closing = False
         self._next_probe = 0.0
         self._no_consumer_since: float | None = None
+        #: The last answer on the queue's consumers said none (outside a reconnect's
+        #: grace): requests published now get a TTL of at most ``NO_SERVER_GRACE``.
+        self._unserved = False
+        self._asked = False  # a question on the consumers is on its way
         self._grace_until = 0.0
+        #: Why the link is down, while it is: the last reconnect's error.
+        self._down: BrokerError | None = None
+        self._shut = False  # the link is closed for good: calls handed over fail at once
         self._returned: collections.deque[tuple[float, str]] = collections.deque()
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
@@ -178,7 +203,7 @@ class Driver:
         turn (``hold``: to wait for the reply at once, see ``wait``)."""
         # ``_driving`` read without the lock is a hint: if it is stale, ``_kick`` or the
         # driver's ``_end_turn`` still gets the outbox flushed.
-        if not self._broken and not self._driving and self._try_turn():
+        if not self._broken and not self.closing and not self._driving and self._try_turn():
             held = False
             try:  # nobody is driving: publish now, from this thread
                 self._send([call])
@@ -197,8 +222,15 @@ class Driver:
         thread if nobody drives); never touches the link from this thread, so it never
         blocks (``fibrpc.aio`` submits every call this way, from its event loop)."""
         with self._lock:
-            first = not self._outbox
-            self._outbox.extend(calls)
+            shut = self._shut
+            if not shut:
+                first = not self._outbox
+                self._outbox.extend(calls)
+        if shut:  # closed: nobody will ever take them
+            closed = ClientClosedError("The client is closed.")
+            for call in calls:
+                self.registry.settle(call, closed, ok=False)
+            return
         if first:  # later ones ride on the first one's kick: the driver takes them all
             self._kick()
 
@@ -217,7 +249,7 @@ class Driver:
             if time.monotonic() > call.deadline + _LATE:
                 # Whoever drives the link should have expired it by now: it is stuck
                 # (in a broker round trip, say). The deadline is kept all the same.
-                self.abandon(call, self.timed_out(call))
+                self.abandon(call, self.deadline_error(call))
                 break
             with self._turn:
                 if self._broken or self.closing:
@@ -248,8 +280,31 @@ class Driver:
         else:
             self.registry.fail(call.corr_id, error)
 
+    def deadline_error(self, call: Call) -> FibrpcError:
+        """What ``call``, past its deadline, is told: the broker unreachable (or refusing)
+        if the connection is down, ``NoServerError`` if the queue had no consumer at the
+        last look, else ``CallTimeoutError``."""
+        down = self._down
+        if self._broken and down is not None:
+            return self._down_error(call, down)
+        if self._unserved and not self._broken:
+            return self._no_server(missing=False)
+        return self.timed_out(call)
+
+    def _down_error(self, call: Call, down: BrokerError) -> BrokerError:
+        """The error of ``call`` while the connection is down: ``down``'s kind, saying
+        what happened to the call."""
+        error = type(down)(
+            f"No reply to {call.describe()}: the connection to RabbitMQ was lost and "
+            f"reconnecting fails: {down.message}",
+            url=down.url or self.url,
+            queue=self.link.queue,
+        )
+        error.__cause__ = down
+        return error
+
     def timed_out(self, call: Call) -> CallTimeoutError:
-        """The error of ``call`` past its deadline."""
+        """The error of ``call`` past its deadline, with a connection and a server."""
         blocked = self._blocked
         why = f" RabbitMQ blocks this client's publishing ({blocked})." if blocked else ""
         return CallTimeoutError(
@@ -328,8 +383,10 @@ class Driver:
         reconnect when it is lost, and keep heartbeats flowing while the client idles."""
         try:
             self._open()
+            self._first_probe()
         except BaseException as exc:
             self._start_error = exc
+            self.link.close()
             ready.set()
             return
         ready.set()
@@ -343,6 +400,8 @@ class Driver:
             try:
                 if self._broken:
                     self._reconnect()
+                    if self.closing:
+                        continue  # the link is closed: the shutdown below fails the calls
                 self._step(wait=False)
                 while not self.closing and self._needs_io() and not self._wanting:
                     self._step(wait=True)
@@ -367,38 +426,90 @@ class Driver:
         self._blocked = None
         self.link.open(self)
 
+    def _first_probe(self) -> None:
+        """Ask whether anyone consumes the queue and wait (up to ``_FIRST_PROBE``) for the
+        answer: the first requests then get the TTL that fits (see the module
+        docstring). No answer in time: they get their whole time."""
+        self._ask_consumers()
+        until = time.monotonic() + _FIRST_PROBE
+        try:
+            while self._asked and time.monotonic() < until:
+                self.link.turn(wait=True)
+        except LinkLost:
+            self._broken = True  # the I/O thread reconnects
+        self._next_probe = time.monotonic() + _PROBE_INTERVAL
+
+    def _ask_consumers(self) -> None:
+        self._asked = True
+        self.link.ask_consumers()
+
     def _reconnect(self) -> None:
-        """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
-        flight."""
+        """Reconnect with backoff, expiring calls meanwhile (those handed over since the
+        loss too); then re-send every call in flight. A broker that refuses the client
+        (``AccessRefusedError``) fails every call at once: waiting cannot help them."""
         self.link.close()
+        self._unserved = False
         for attempt in itertools.count():
             if self.closing:
                 return
+            self._adopt_outbox()
             self._expire(time.monotonic())
             try:
                 self._open()
             except FibrpcError as exc:
+                self._went_down(exc)
                 delay = backoff.reconnect_delay(attempt, _RECONNECT_DELAYS)
                 log.info("reconnect failed (%s); retrying in %.2f s", exc, delay)
                 self._pause(delay)
                 continue
+            self._adopt_outbox()
             log.info("reconnected; re-sending %d call(s)", len(self.registry))
             # Servers reconnect too (and redeclare the queue, which a broker restart may
             # have deleted): give them time before calling the queue unserved.
             self._grace_until = time.monotonic() + RECONNECT_GRACE
             self._next_probe = self._grace_until
             self._no_consumer_since = None
+            self._asked = False
             self._broken = False
+            self._down = None
             for call in self.registry.calls():
-                self.link.publish(call)
+                self._publish(call)
             return
+
+    def _went_down(self, exc: FibrpcError) -> None:
+        """A reconnect failed with ``exc``: the reason calls are given from now on; a
+        refusal fails every call in flight at once."""
+        down = exc if isinstance(exc, BrokerError) else BrokerUnreachableError(str(exc))
+        self._down = down
+        if isinstance(down, AccessRefusedError | BrokerRefusedError):
+            self._adopt_outbox()
+            for call in self.registry.calls():
+                self.registry.fail(call.corr_id, self._down_error(call, down))
+
+    def _adopt_outbox(self) -> None:
+        """Take the calls handed over while the link is down into the calls in flight:
+        their deadlines are kept from now on, and they are sent after the reconnect (or
+        failed at once, if the broker refuses the client)."""
+        if not self._outbox:
+            return
+        with self._lock:
+            calls = list(self._outbox)
+            self._outbox.clear()
+        down = self._down
+        for call in calls:
+            if isinstance(down, AccessRefusedError | BrokerRefusedError):
+                self.registry.settle(call, self._down_error(call, down), ok=False)
+            else:
+                self.registry.track(call)
 
     def _pause(self, seconds: float) -> None:
         """Sleep while reconnecting, still expiring calls on time."""
         until = time.monotonic() + seconds
         while not self.closing and (now := time.monotonic()) < until:
+            self._adopt_outbox()
             self._expire(now)
-            time.sleep(min(TICK, until - now))
+            with self._turn:  # close() notifies: it need not wait out the pause
+                self._turn.wait(min(TICK, until - now))
 
     def _step(self, *, wait: bool) -> None:
         """One turn of the link (the caller has the turn): publish what waits in the
@@ -427,9 +538,18 @@ class Driver:
             self._expire(now)
         if len(registry) and now >= self._next_probe:
             self._next_probe = now + _PROBE_INTERVAL
-            self.link.ask_consumers()
+            self._ask_consumers()
         if registry.settled != settled and self._wanting:
             self._notify()  # some waiter's reply may be in
+
+    def _publish(self, call: Call) -> None:
+        """Publish ``call``'s request with the TTL that fits (see the module docstring):
+        its whole time, or at most ``NO_SERVER_GRACE`` while the queue has no consumer."""
+        if self._unserved:
+            call.expires = min(call.deadline, time.monotonic() + NO_SERVER_GRACE)
+        else:
+            call.expires = call.deadline
+        self.link.publish(call)
 
     def _send(self, calls: list[Call]) -> None:
         """Publish ``calls`` (the caller has the turn).
@@ -441,7 +561,7 @@ class Driver:
             registry.track(call)
         for call in calls:
             try:
-                self.link.publish(call)
+                self._publish(call)
             except LinkLost:
                 raise  # the call stays pending and is re-sent after the reconnect
             except Exception as exc:  # this call cannot be sent; the others can
@@ -465,7 +585,7 @@ class Driver:
                 if len(call.body) > largest:
                     registry.fail(call.corr_id, too_large(len(call.body), largest))
                 else:
-                    self.link.publish(call)
+                    self._publish(call)
             return
         error: FibrpcError = reason
         if not isinstance(reason, AccessRefusedError | BrokerRefusedError):
@@ -508,7 +628,7 @@ class Driver:
         self.binary_requests = False
         call.body, call.content_type, call.msg_type = protocol.encode_request(call.n, call.algo)
         self.registry.track(call)
-        self.link.publish(call)
+        self._publish(call)
 
     def on_return(self, corr_id: str | None) -> None:
         """The broker returned a request: no queue of that name exists. Just after a
@@ -523,14 +643,20 @@ class Driver:
         self.registry.fail(corr_id, self._no_server(missing=True))
 
     def on_consumers(self, consumers: int | None) -> None:
-        """Fail every waiting call with ``NoServerError`` once the queue has had no
-        consumer for ``NO_SERVER_GRACE`` seconds (or does not exist at all)."""
+        """Fail the calls whose request is gone from the queue (past its TTL) with
+        ``NoServerError`` once the queue has had no consumer for ``NO_SERVER_GRACE``
+        seconds; every call at once if the queue does not exist (nothing was queued: the
+        broker returned the requests). A call whose request is still queued waits for a
+        server up to its deadline (then ``deadline_error`` says there was none)."""
+        self._asked = False
         now = time.monotonic()
         if now < self._grace_until:
             return
         if consumers:
             self._no_consumer_since = None
+            self._unserved = False
             return
+        self._unserved = True
         if consumers is not None:
             if self._no_consumer_since is None:
                 self._no_consumer_since = now
@@ -539,7 +665,8 @@ class Driver:
                 return
         error = self._no_server(missing=consumers is None)
         for call in self.registry.calls():
-            self.registry.fail(call.corr_id, error)
+            if consumers is None or call.expires + _TTL_MARGIN <= now:
+                self.registry.fail(call.corr_id, error)
 
     def on_blocked(self, reason: str | None) -> None:
         if reason is not None:
@@ -566,12 +693,12 @@ class Driver:
             _, corr_id = self._returned.popleft()
             for call in self.registry.calls():
                 if call.corr_id == corr_id:
-                    self.link.publish(call)
+                    self._publish(call)
                     break
 
     def _expire(self, now: float) -> None:
         for call in self.registry.due(now):
-            self.registry.settle(call, self.timed_out(call), ok=False)
+            self.registry.settle(call, self.deadline_error(call), ok=False)
 
     def _no_server(self, *, missing: bool) -> NoServerError:
         queue = self.link.queue
@@ -585,7 +712,9 @@ class Driver:
 
     def _shutdown(self) -> None:
         closed = ClientClosedError("The client was closed with this call in flight.")
+        self.registry.close()  # a thread waiting for a slot of the window: closed too
         with self._lock:
+            self._shut = True
             waiting = list(self._outbox)
             self._outbox.clear()
         for call in waiting:
