@@ -402,6 +402,11 @@ class Client:
         if self._closing:
             return
         self._closing = True
+        if self._pid != os.getpid():
+            # Made in a parent process, never used here: its connection, I/O thread and
+            # locks are the parent's (a lock another thread held at the fork stays held
+            # here for good). Nothing of this process's own to close.
+            return
         self._driver.close()
         self._callbacks.close()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import threading
 import time
 import urllib.parse
@@ -310,3 +312,52 @@ def test_numpy_integers_are_a_fine_batch_size(serve, queue):
     serve(workers=1)
     with Client(URL, queue=queue, timeout=10) as client:
         assert client.map(range(5), batch_size=np.int64(2)) == [0, 1, 1, 2, 3]  # type: ignore[arg-type]
+
+
+# -- fork ------------------------------------------------------------------------------------
+
+
+def test_children_forked_from_a_busy_parent_close_its_client_at_once(serve, queue):
+    serve(workers=1)
+    client = Client(URL, queue=queue, timeout=10)
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            futures = [client.submit(n) for n in range(50)]
+            client.call(20)
+            for future in futures:
+                future.result(10)
+
+    threads = [threading.Thread(target=busy) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    stuck: list[int] = []
+    try:
+        for child in range(60):
+            time.sleep(0.02)
+            pid = os.fork()
+            if pid == 0:  # the child: uses the client or not, then closes it
+                code = 1
+                try:
+                    used = child % 3 != 0 or client.call(10) == 55  # a third use it first
+                    client.close()
+                    code = 0 if used else 2
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 5
+            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    stuck.append(child)
+                    break
+                time.sleep(0.01)
+            else:
+                assert os.waitstatus_to_exitcode(done[1]) == 0, child
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        client.close()
+    assert not stuck, f"children {stuck} of 60 hung in close()"
