@@ -550,7 +550,6 @@ def _check_broker(settings: BenchSettings) -> None:
     amqp.close_within(connection, 1.0)
 
 
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class SpawnedServer:
     """A ``fibrpc serve`` started by ``spawned_server``: its private queue and its pid."""
