@@ -26,11 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import pika.exceptions
-
 from fibrpc import amqp, state
 from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
-from fibrpc.errors import FibrpcError
+from fibrpc.errors import BrokerRefusedError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 
 #: The management API's rate fields, as reported here.
@@ -68,13 +66,13 @@ def queue_counts(
     conn, node = amqp.connect_any(urls, name="fibrpc-status", tls=tls, connect_timeout=timeout)
     url = urls[node]
     try:
-        with amqp.translating(url):
-            try:
+        try:
+            with amqp.translating(url):
                 frame = conn.channel().queue_declare(queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code == 404:
-                    return url, None
-                raise
+        except BrokerRefusedError as exc:
+            if exc.reply_code == 404:  # NOT_FOUND: no such queue
+                return url, None
+            raise
         return url, (int(frame.method.message_count), int(frame.method.consumer_count))
     finally:
         amqp.close_within(conn)
