@@ -320,9 +320,17 @@ class AsyncClient:
         try:
             chunk: Any = next(chunks, END)
             while chunk is not END or in_flight:
-                # Fill the window; wait for a slot only when nothing is in flight.
-                while chunk is not END and (not in_flight or slots.free):
+                # Fill the window (wait for a slot only when nothing is in flight), giving
+                # back each answer as soon as it is in: with an input that pauses, results
+                # come while the input is still coming.
+                while (
+                    chunk is not END
+                    and (not in_flight or slots.free)
+                    and not (in_flight and in_flight[0][0].done)
+                ):
                     in_flight.append(await self._send(chunk, algo, seconds, as_))
+                    if chunks.slow:  # reading the input may take a while: hand the
+                        await asyncio.sleep(0)  # calls over to the I/O thread first
                     chunk = next(chunks, END)
                 call, future = in_flight.popleft()
                 try:
@@ -464,7 +472,7 @@ class AsyncClient:
         now = time.monotonic()
         waiting = self._slots.expire(now)
         for call in [call for call in self._waiting if call.deadline < now - _LATE]:
-            driver.abandon(call, driver.timed_out(call))
+            driver.abandon(call, driver.deadline_error(call))
         if waiting or any(call.timeout != math.inf for call in self._waiting):
             self._arm_watchdog()
 

@@ -59,7 +59,7 @@ from typing import Any, Final, TextIO
 import gmpy2
 import numpy as np
 
-from fibrpc import config, serving
+from fibrpc import amqp, config, serving
 from fibrpc.client import Client
 from fibrpc.config import DEFAULT_QUEUE, DEFAULT_TIMEOUT, DEFAULT_URL
 from fibrpc.errors import CallTimeoutError, RequestError, SpawnError
@@ -623,13 +623,15 @@ def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = F
     """Run every scenario of ``settings`` and return the report.
 
     With ``spawn``, first start a server of that many workers on a queue of its own
-    (``settings.queue`` is then ignored) and stop it afterwards, whatever happens.
+    (``settings.queue`` is then ignored) and stop it afterwards, whatever happens; the
+    broker is checked first (``BrokerError`` at once when it does not answer).
     ``progress`` draws a counter on stderr. Raises the client's ``FibrpcError`` when the
     broker or the server is lost, ``SpawnError`` when a spawned server does not start.
     """
     stream = sys.stderr if progress else None
     with contextlib.ExitStack() as stack:
         if spawn is not None:
+            _check_broker(settings)  # a server would wait for it in silence, forever
             options = _tls_options(settings.tls)
             server = stack.enter_context(spawned_server(settings.urls, spawn, options=options))
             settings = dataclasses.replace(settings, queue=server.queue)
@@ -638,6 +640,19 @@ def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = F
 
 
 # -- --spawn -----------------------------------------------------------------------------
+
+
+def _check_broker(settings: BenchSettings) -> None:
+    """Connect once, as the client will: ``BrokerError`` now (within the calls' timeout,
+    at most 15 s) when the broker cannot be reached or refuses, rather than a spawned
+    server waiting out its start-up in silence for a broker that is not there."""
+    connection, _ = amqp.connect_any(
+        settings.urls,
+        name="fibrpc-bench",
+        tls=settings.tls,
+        connect_timeout=min(settings.timeout, amqp.CONNECT_TIMEOUT),
+    )
+    amqp.close_within(connection, 1.0)
 
 
 #: A ``fibrpc serve`` started by ``spawned_server``: ``.queue``, ``.pid``,

@@ -11,9 +11,20 @@ thread also reconnects when the link is lost and re-sends every call in flight
 consumes the queue, failing the calls with ``NoServerError`` after a short grace when
 nobody does.
 
-Every call keeps its deadline: the driver expires calls at every turn, and a waiting
-thread fails its own call if the driver has not by shortly after its deadline (a link
-stuck in a round trip, say). The registry (``fibrpc.calls``) settles each call once.
+Every call keeps its deadline, connected or not: the driver expires calls at every turn
+and while it reconnects (those handed over meanwhile too), and a waiting thread fails its
+own call if the driver has not by shortly after its deadline (a link stuck in a round
+trip, say). What a call past its deadline is told says why it got no reply
+(``deadline_error``): the broker unreachable since the connection was lost, no server on
+the queue, or no reply in time. A broker that refuses the client when it reconnects (its
+login, its vhost deleted) fails every call at once. The registry (``fibrpc.calls``)
+settles each call once.
+
+A request never outlives the chance of its answer: one published while the queue has no
+consumer carries a TTL of at most ``NO_SERVER_GRACE`` (the broker drops it if no server
+comes by then), and a call fails with ``NoServerError`` before its deadline only once its
+request is gone from the queue; a request still queued (sent while a server consumed) is
+given its whole time, a server that restarts answering it.
 
 Light single calls taken from the outbox at the same turn share messages
 (``fibrpc.coalesce``: at most ``coalesce.MAX_CALLS`` a message), with no waiting added: a
@@ -39,7 +50,9 @@ from fibrpc.calls import AS_TEXT, Call, Registry, read_reply
 from fibrpc.config import NO_SERVER_GRACE
 from fibrpc.errors import (
     AccessRefusedError,
+    BrokerError,
     BrokerRefusedError,
+    BrokerUnreachableError,
     CallTimeoutError,
     ClientClosedError,
     ErrorCode,
@@ -66,6 +79,11 @@ _IDLE: Final = 1.0
 _RECONNECT_CAP: Final = 2.0
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
+#: Seconds past the end of its request's TTL after which a call is sure its request is
+#: gone from the queue (the broker counts the TTL from a moment after the publish).
+_TTL_MARGIN: Final = 0.1
+#: The longest a new connection waits for its first answer on the queue's consumers.
+_FIRST_PROBE: Final = 1.0
 #: The coalesced messages remembered are pruned of those wholly settled when they
 #: outnumber the calls in flight by this many.
 _MESSAGES_SLACK: Final = 1024
@@ -170,7 +188,14 @@ class Driver:
         self.closing = False
         self._next_probe = 0.0
         self._no_consumer_since: float | None = None
+        #: The last answer on the queue's consumers said none (outside a reconnect's
+        #: grace): requests published now get a TTL of at most ``NO_SERVER_GRACE``.
+        self._unserved = False
+        self._asked = False  # a question on the consumers is on its way
         self._grace_until = 0.0
+        #: Why the link is down, while it is: the last reconnect's error.
+        self._down: BrokerError | None = None
+        self._shut = False  # the link is closed for good: calls handed over fail at once
         self._returned: collections.deque[tuple[float, str]] = collections.deque()
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
@@ -223,6 +248,7 @@ class Driver:
         # driver's ``_end_turn`` still gets the outbox flushed.
         if (
             not self._broken
+            and not self.closing
             and not self._driving
             and not (hold and len(self.registry))
             and self._try_turn()
@@ -247,8 +273,15 @@ class Driver:
         thread if nobody drives); never touches the link from this thread, so it never
         blocks (``fibrpc.aio`` submits every call this way, from its event loop)."""
         with self._lock:
-            first = not self._outbox
-            self._outbox.extend(calls)
+            shut = self._shut
+            if not shut:
+                first = not self._outbox
+                self._outbox.extend(calls)
+        if shut:  # closed: nobody will ever take them
+            closed = ClientClosedError("The client is closed.")
+            for call in calls:
+                self.registry.settle(call, closed, ok=False)
+            return
         if first:  # later ones ride on the first one's kick: the driver takes them all
             self._kick()
 
@@ -267,7 +300,7 @@ class Driver:
             if time.monotonic() > call.deadline + _LATE:
                 # Whoever drives the link should have expired it by now: it is stuck
                 # (in a broker round trip, say). The deadline is kept all the same.
-                self.abandon(call, self.timed_out(call))
+                self.abandon(call, self.deadline_error(call))
                 break
             wakeup = call.future
             if type(wakeup) is Wakeup and not self._broken:
@@ -306,8 +339,31 @@ class Driver:
         else:
             self.registry.fail(call.corr_id, error)
 
+    def deadline_error(self, call: Call) -> FibrpcError:
+        """What ``call``, past its deadline, is told: the broker unreachable (or refusing)
+        if the connection is down, ``NoServerError`` if the queue had no consumer at the
+        last look, else ``CallTimeoutError``."""
+        down = self._down
+        if self._broken and down is not None:
+            return self._down_error(call, down)
+        if self._unserved and not self._broken:
+            return self._no_server(missing=False)
+        return self.timed_out(call)
+
+    def _down_error(self, call: Call, down: BrokerError) -> BrokerError:
+        """The error of ``call`` while the connection is down: ``down``'s kind, saying
+        what happened to the call."""
+        error = type(down)(
+            f"No reply to {call.describe()}: the connection to RabbitMQ was lost and "
+            f"reconnecting fails: {down.message}",
+            url=down.url or self.url,
+            queue=self.link.queue,
+        )
+        error.__cause__ = down
+        return error
+
     def timed_out(self, call: Call) -> CallTimeoutError:
-        """The error of ``call`` past its deadline."""
+        """The error of ``call`` past its deadline, with a connection and a server."""
         blocked = self._blocked
         why = f" RabbitMQ blocks this client's publishing ({blocked})." if blocked else ""
         return CallTimeoutError(
@@ -386,8 +442,10 @@ class Driver:
         reconnect when it is lost, and keep heartbeats flowing while the client idles."""
         try:
             self._open()
+            self._first_probe()
         except BaseException as exc:
             self._start_error = exc
+            self.link.close()
             ready.set()
             return
         ready.set()
@@ -401,6 +459,8 @@ class Driver:
             try:
                 if self._broken:
                     self._reconnect()
+                    if self.closing:
+                        continue  # the link is closed: the shutdown below fails the calls
                 self._step(wait=False)
                 while not self.closing and self._needs_io() and not self._wanting:
                     self._step(wait=True)
@@ -426,43 +486,96 @@ class Driver:
         self.link.open(self)
         self.retry.up()
 
+    def _first_probe(self) -> None:
+        """Ask whether anyone consumes the queue and wait (up to ``_FIRST_PROBE``) for the
+        answer: the first requests then get the TTL that fits (see the module
+        docstring). No answer in time: they get their whole time."""
+        self._ask_consumers()
+        until = time.monotonic() + _FIRST_PROBE
+        try:
+            while self._asked and time.monotonic() < until:
+                self.link.turn(wait=True)
+        except LinkLost:
+            self._broken = True  # the I/O thread reconnects
+        self._next_probe = time.monotonic() + _PROBE_INTERVAL
+
+    def _ask_consumers(self) -> None:
+        self._asked = True
+        self.link.ask_consumers()
+
     def _reconnect(self) -> None:
         """Reconnect with backoff (``backoff.Backoff``: a pause before every try, doubling
         up to ``_RECONNECT_CAP`` with jitter, from the shortest again only after a
         connection that stayed up a while, so even a broker that drops every connection
-        at once is tried a few times a second at most), expiring calls meanwhile; then
-        re-send every call in flight (with the link's reply-to of the new connection)."""
+        at once is tried a few times a second at most), expiring calls meanwhile (those
+        handed over since the loss too); then re-send every call in flight (with the
+        link's reply-to of the new connection). A broker that refuses the client
+        (``AccessRefusedError``) fails every call at once: waiting cannot help them."""
         self.link.close()
+        self._unserved = False
         while not self.closing:
+            self._adopt_outbox()
             self._expire(time.monotonic())
             delay = self.retry.failed()
-            log.info("reconnecting to %s in %.2f s", self.url, delay)
+            log.debug("reconnecting to %s in %.2f s", self.url, delay)
             self._pause(delay)
             if self.closing:
                 return
             try:
                 self._open()
             except FibrpcError as exc:
-                log.info("reconnect failed (%s)", exc)
+                self._went_down(exc)
+                log.debug("reconnect failed (%s)", exc)
                 continue
+            self._adopt_outbox()
             log.info("reconnected; re-sending %d call(s)", len(self.registry))
             # Servers reconnect too (and redeclare the queue, which a broker restart may
             # have deleted): give them time before calling the queue unserved.
             self._grace_until = time.monotonic() + RECONNECT_GRACE
             self._next_probe = self._grace_until
             self._no_consumer_since = None
+            self._asked = False
             self._broken = False
+            self._down = None
             self._messages.clear()  # their replies went with the old connection
             for call in self.registry.calls():
-                self.link.publish(call)  # each alone
+                self._publish(call)  # each alone
             return
+
+    def _went_down(self, exc: FibrpcError) -> None:
+        """A reconnect failed with ``exc``: the reason calls are given from now on; a
+        refusal fails every call in flight at once."""
+        down = exc if isinstance(exc, BrokerError) else BrokerUnreachableError(str(exc))
+        self._down = down
+        if isinstance(down, AccessRefusedError | BrokerRefusedError):
+            self._adopt_outbox()
+            for call in self.registry.calls():
+                self.registry.fail(call.corr_id, self._down_error(call, down))
+
+    def _adopt_outbox(self) -> None:
+        """Take the calls handed over while the link is down into the calls in flight:
+        their deadlines are kept from now on, and they are sent after the reconnect (or
+        failed at once, if the broker refuses the client)."""
+        if not self._outbox:
+            return
+        with self._lock:
+            calls = list(self._outbox)
+            self._outbox.clear()
+        down = self._down
+        for call in calls:
+            if isinstance(down, AccessRefusedError | BrokerRefusedError):
+                self.registry.settle(call, self._down_error(call, down), ok=False)
+            else:
+                self.registry.track(call)
 
     def _pause(self, seconds: float) -> None:
         """Sleep while reconnecting, still expiring calls on time."""
         until = time.monotonic() + seconds
         while not self.closing and (now := time.monotonic()) < until:
+            self._adopt_outbox()
             self._expire(now)
-            time.sleep(min(TICK, until - now))
+            with self._turn:  # close() notifies: it need not wait out the pause
+                self._turn.wait(min(TICK, until - now))
 
     def _step(self, *, wait: bool) -> None:
         """One turn of the link (the caller has the turn): publish what waits in the
@@ -491,9 +604,24 @@ class Driver:
             self._expire(now)
         if len(registry) and now >= self._next_probe:
             self._next_probe = now + _PROBE_INTERVAL
-            self.link.ask_consumers()
+            self._ask_consumers()
         if registry.settled != settled and self._wanting:
             self._notify()  # some waiter's reply may be in
+
+    def _publish(self, call: Call) -> None:
+        """Publish ``call``'s request with the TTL that fits (``_expiry``)."""
+        self._expiry(call, time.monotonic())
+        self.link.publish(call)
+
+    def _expiry(self, call: Call, now: float) -> float:
+        """Set when ``call``'s request, published ``now``, is to leave the queue (see the
+        module docstring): at its deadline, or within ``NO_SERVER_GRACE`` while the queue
+        has no consumer. Returns it."""
+        if self._unserved:
+            call.expires = min(call.deadline, now + NO_SERVER_GRACE)
+        else:
+            call.expires = call.deadline
+        return call.expires
 
     def _send(self, calls: list[Call]) -> None:
         """Publish ``calls`` (the caller has the turn).
@@ -507,7 +635,7 @@ class Driver:
             calls = self._coalesce(calls)
         for call in calls:
             try:
-                self.link.publish(call)
+                self._publish(call)
             except LinkLost:
                 raise  # the call stays pending and is re-sent after the reconnect
             except Exception as exc:  # this call cannot be sent; the others can
@@ -538,19 +666,20 @@ class Driver:
         latest = 0.0
         for call in calls:
             n: int = call.n  # type: ignore[assignment]  # a light call has one n
-            if call.deadline == math.inf:
+            expires = self._expiry(call, now)
+            if expires == math.inf:
                 latest = math.inf
                 outgoing.append(coalesce.Outgoing(call.corr_id, n, call.algo))
                 continue
-            latest = max(latest, call.deadline)
-            left_ms = max(1, int((call.deadline - now) * 1000))
+            latest = max(latest, expires)
+            left_ms = max(1, int((expires - now) * 1000))
             outgoing.append(
                 coalesce.Outgoing(call.corr_id, n, call.algo, wall_ms + left_ms, left_ms)
             )
         message_id = calls[0].corr_id + "+"
         body = coalesce.encode_calls(outgoing)
         message = Call(message_id, [], "", AS_TEXT, math.inf, (body, coalesce.CALLS, None))
-        message.deadline = latest
+        message.deadline = message.expires = latest
         messages = self._messages
         if len(messages) > len(self.registry) + _MESSAGES_SLACK:
             self._messages = messages = {
@@ -584,7 +713,7 @@ class Driver:
                 if len(call.body) > largest:
                     registry.fail(call.corr_id, too_large(len(call.body), largest))
                 else:
-                    self.link.publish(call)
+                    self._publish(call)
             return
         error: FibrpcError = reason
         if not isinstance(reason, AccessRefusedError | BrokerRefusedError):
@@ -693,7 +822,7 @@ class Driver:
         self.coalescing = False
         for call in members:
             if call.corr_id in self.registry:
-                self.link.publish(call)
+                self._publish(call)
 
     def _resend_as_json(self, call: Call) -> None:
         """A server does not read batches in the binary form: send ``call`` again as
@@ -703,7 +832,7 @@ class Driver:
         self.binary_requests = False
         call.body, call.content_type, call.msg_type = protocol.encode_request(call.n, call.algo)
         self.registry.track(call)
-        self.link.publish(call)
+        self._publish(call)
 
     def on_return(self, corr_id: str | None) -> None:
         """The broker returned a request: no queue of that name exists. Just after a
@@ -723,14 +852,20 @@ class Driver:
         self.registry.fail(corr_id, self._no_server(missing=True))
 
     def on_consumers(self, consumers: int | None) -> None:
-        """Fail every waiting call with ``NoServerError`` once the queue has had no
-        consumer for ``NO_SERVER_GRACE`` seconds (or does not exist at all)."""
+        """Fail the calls whose request is gone from the queue (past its TTL) with
+        ``NoServerError`` once the queue has had no consumer for ``NO_SERVER_GRACE``
+        seconds; every call at once if the queue does not exist (nothing was queued: the
+        broker returned the requests). A call whose request is still queued waits for a
+        server up to its deadline (then ``deadline_error`` says there was none)."""
+        self._asked = False
         now = time.monotonic()
         if now < self._grace_until:
             return
         if consumers:
             self._no_consumer_since = None
+            self._unserved = False
             return
+        self._unserved = True
         if consumers is not None:
             if self._no_consumer_since is None:
                 self._no_consumer_since = now
@@ -739,7 +874,8 @@ class Driver:
                 return
         error = self._no_server(missing=consumers is None)
         for call in self.registry.calls():
-            self.registry.fail(call.corr_id, error)
+            if consumers is None or call.expires + _TTL_MARGIN <= now:
+                self.registry.fail(call.corr_id, error)
 
     def on_blocked(self, reason: str | None) -> None:
         if reason is not None:
@@ -766,11 +902,11 @@ class Driver:
             _, corr_id = self._returned.popleft()
             call = self.registry.get(corr_id)
             if call is not None:
-                self.link.publish(call)
+                self._publish(call)
 
     def _expire(self, now: float) -> None:
         for call in self.registry.due(now):
-            self.registry.settle(call, self.timed_out(call), ok=False)
+            self.registry.settle(call, self.deadline_error(call), ok=False)
 
     def _no_server(self, *, missing: bool) -> NoServerError:
         queue = self.link.queue
@@ -784,7 +920,9 @@ class Driver:
 
     def _shutdown(self) -> None:
         closed = ClientClosedError("The client was closed with this call in flight.")
+        self.registry.close()  # a thread waiting for a slot of the window: closed too
         with self._lock:
+            self._shut = True
             waiting = list(self._outbox)
             self._outbox.clear()
         for call in waiting:

@@ -113,11 +113,12 @@ class AmqpLink:
         amqp.on_return(self._channel, on_return)
 
     def publish(self, call: Call) -> None:
-        """Queue ``call``'s request with what is left of its time as the message's TTL
-        (at most RabbitMQ's largest) and a deadline header (with no deadline, neither);
+        """Queue ``call``'s request with what is left of its time (until ``call.expires``,
+        which the driver sets) as the message's TTL (at most RabbitMQ's largest) and a
+        deadline header (with no deadline, neither);
         unless it asks for text, a header naming the binary forms of results the client
         reads; and the trace context of a traced call. Raises ``LinkLost``."""
-        left = call.deadline - time.monotonic()
+        left = call.expires - time.monotonic()
         expiration: str | None = None
         headers: dict[str, int | str] | None = None
         if left != math.inf:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,3 +173,17 @@ def test_calls_per_scenario_default_to_each_scenarios_own_count(calls: int | Non
     settings = bench.BenchSettings(calls=calls)
     for name in bench.SCENARIOS:
         assert settings.calls_for(name) == (calls or bench.DEFAULT_CALLS[name])
+
+
+def test_bench_spawn_with_the_broker_down_exits_6_at_once_saying_so() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    result = run_cli(
+        "bench", "--spawn", "1", "--url", f"amqp://guest:guest@127.0.0.1:{port}/%2F", timeout=60
+    )
+    assert result.returncode == ExitCode.BROKER_UNREACHABLE, result.stderr
+    assert time.monotonic() - started < 15  # the interpreter's start, then one refusal
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "guest:guest" not in result.stderr
