@@ -36,9 +36,17 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, tracing
+from fibrpc import amqp, control, describe, tracing
 from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
-from fibrpc.client import END, check_timeout, check_urls, check_window, encode, messages
+from fibrpc.client import (
+    END,
+    check_timeout,
+    check_urls,
+    check_window,
+    encode,
+    messages,
+    sorted_descriptions,
+)
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_QUEUE,
@@ -47,7 +55,7 @@ from fibrpc.config import (
     DEFAULT_WINDOW,
 )
 from fibrpc.driver import TICK, Driver
-from fibrpc.errors import CallTimeoutError, ClientClosedError
+from fibrpc.errors import CallTimeoutError, ClientClosedError, ConfigError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM
 
@@ -232,6 +240,28 @@ class AsyncClient:
         if driver is not None:
             await asyncio.get_running_loop().run_in_executor(None, driver.close)
         self._drain()  # the calls failed by closing
+
+    async def describe(self, wait: float = 1.0) -> list[describe.Description]:
+        """What every server on the queue says it is: as ``Client.describe`` (those that
+        answered within ``wait`` seconds, one per server), without blocking the loop."""
+        seconds = check_timeout(wait)
+        if seconds == math.inf:
+            raise ConfigError(f"describe waits a finite number of seconds; got {wait!r}.")
+        driver = self._open_driver()
+        answers: list[tuple[str | None, bytes]] = []
+        corr_id = f"{self._prefix}describe.{next(self._ids)}"
+        driver.control(
+            control.DESCRIBE,
+            control.encode_describe(),
+            corr_id,
+            int(seconds * 1000),
+            lambda content_type, body: answers.append((content_type, body)),
+        )
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            driver.unlisten(corr_id)
+        return sorted_descriptions(list(answers))
 
     # -- calls ----------------------------------------------------------------------------
 
