@@ -173,14 +173,17 @@ def make_worker(
     board: inflight.Board | None = None,
     handler: Handler | None = None,
     retry: backoff.Backoff | None = None,
+    exit: Any = None,
     **settings: Any,
 ) -> Worker:
+    more = {} if exit is None else {"exit": exit}
     worker = Worker(
         WorkerSettings(**settings),
         handler,
         board=board,
         link=link,  # type: ignore[arg-type]
         retry=retry or NoWait(),
+        **more,
     )
     link.worker = worker
     return worker
