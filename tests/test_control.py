@@ -23,6 +23,7 @@ from fibrpc.config import Limits
 from fibrpc.driver import Driver
 from fibrpc.errors import ClientClosedError, ErrorCode, RequestError, UnreadableReplyError
 from fibrpc.exitcodes import ExitCode
+from fibrpc.handler import Handler
 from fibrpc.supervisor import after_death
 
 # -- the cancel set ---------------------------------------------------------------------
@@ -138,14 +139,14 @@ def test_a_released_slot_makes_nothing_a_suspect():
 # -- the worker, through the fake link --------------------------------------------------
 
 
-class Exited(Exception):
+class ExitedError(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
 
 
 def exit_(code: int) -> NoReturn:
-    raise Exited(code)
+    raise ExitedError(code)
 
 
 def cancel_props(corr_id: str = "cancel.1") -> Props:
@@ -192,8 +193,6 @@ class SlowHandler:
     """A handler whose heavy computation waits until released (or BOUND passes)."""
 
     def __init__(self) -> None:
-        from fibrpc.handler import Handler
-
         self.real = Handler(Limits())
         self.limits = self.real.limits
         self.fast = self.real.fast
@@ -212,10 +211,10 @@ class SlowHandler:
         return self.real.compute(request)
 
 
-def abandoning(link: FakeLink, handler: SlowHandler, board: inflight.Board) -> Exited:
+def abandoning(link: FakeLink, handler: SlowHandler, board: inflight.Board) -> ExitedError:
     worker = make_worker(link, handler=handler, board=board, exit=exit_)  # type: ignore[arg-type]
     link.stop_when = lambda link: False
-    with pytest.raises(Exited) as exited:
+    with pytest.raises(ExitedError) as exited:
         worker.run()
     handler.release.set()
     return exited.value
@@ -237,7 +236,7 @@ def test_a_cancel_of_the_request_being_computed_abandons_it_and_ends_the_worker(
 
     link.stop_when = cancel_once_started
     worker = make_worker(link, handler=handler, board=board, exit=exit_)  # type: ignore[arg-type]
-    with pytest.raises(Exited) as exited:
+    with pytest.raises(ExitedError) as exited:
         worker.run()
     handler.release.set()
     assert exited.value.code == ExitCode.ABANDONED
