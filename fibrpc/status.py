@@ -335,8 +335,7 @@ def _render_described(server: dict[str, Any]) -> list[str]:
         doing = f", computing for {busy:,.1f} s" if busy is not None else ""
         mark = f"  STUCK: {', '.join(why)}" if why else ""
         lines.append(
-            f"  #{worker['index']} pid {worker['pid']}, restarts {worker['restarts']}"
-            f"{doing}{mark}"
+            f"  #{worker['index']} pid {worker['pid']}, restarts {worker['restarts']}{doing}{mark}"
         )
     return lines
 
