@@ -57,6 +57,9 @@ _IDLE: Final = 1.0
 _RECONNECT_DELAYS: Final = backoff.RECONNECT_DELAYS[:-1]
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
+#: Seconds between two cancel messages at most: the cancels gathered meanwhile go in one
+#: (a storm of 10,000 futures cancelled one by one is a few messages, not one per turn).
+CANCEL_EVERY: Final = 0.1
 
 
 class LinkLost(Exception):  # noqa: N818 - internal, never raised out of the driver
@@ -148,6 +151,7 @@ class Driver:
         #: Who hears the replies to a control message (a describe), by correlation id.
         self._listeners: dict[str, Callable[[str | None, bytes], None]] = {}
         self.cancels_sent = 0  #: cancel messages sent (for tests and the bench)
+        self._next_cancel = 0.0  # monotonic: no cancel message before this
         #: The thread inside a turn (``_step``), if any; and what to call after each turn
         #: (the client wakes its callback runner once per turn, not once per reply).
         self.stepping: int | None = None
@@ -461,7 +465,7 @@ class Driver:
                 calls = list(self._outbox)
                 self._outbox.clear()
             self._send(calls)
-        if self._cancels or self._controls:
+        if self._controls or (self._cancels and time.monotonic() >= self._next_cancel):
             self._send_controls()
         registry = self.registry
         settled = registry.settled
@@ -510,6 +514,8 @@ class Driver:
             cancels, self._cancels = self._cancels, []
             controls, self._controls = self._controls, []
         step = control.MAX_CANCEL_IDS
+        if cancels:
+            self._next_cancel = time.monotonic() + CANCEL_EVERY
         for start in range(0, len(cancels), step):
             body = control.encode_cancel(cancels[start : start + step])
             self.link.publish_control(control.CANCEL, body, None, control.CANCEL_TTL_MS)
