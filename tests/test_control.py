@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -398,3 +400,18 @@ def test_a_call_never_sent_is_not_cancelled():
     driver.hand_over([call])  # not started: it stays in the outbox
     driver.abandon(call, ClientClosedError("gone"))
     assert link.controls == []
+
+
+# -- docs/protocol.md's worked example --------------------------------------------------
+
+
+def test_the_worked_example_of_a_cancel_in_protocol_md_is_what_the_code_sends_and_reads():
+    text = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    section = text[text.index("### Cancel") : text.index("### Describe")]
+    [body] = re.findall(r'body=(\{"cancel".*?\})\s', section)
+    assert control.decode_cancel(body.encode()) == ["7", "8"]
+    assert control.encode_cancel(["7", "8"]).decode() == body
+    assert f'content_type="{control.CANCEL}"' in section
+    assert f'expiration="{control.CANCEL_TTL_MS}"' in section
+    assert f"at most {control.MAX_CANCEL_IDS:,} a message" in section
+    assert f"`{control.exchange_name('rpc_queue')}`" in section
