@@ -1,6 +1,6 @@
 """The load generator behind ``fibrpc bench``: how fast is fibrpc, end to end, here?
 
-Four scenarios, each the way a real caller would use ``fibrpc.Client``'s public API:
+Six scenarios, each the way a real caller would use ``fibrpc.Client``'s public API:
 
 ``sequential``
     One ``client.call`` at a time: the RabbitMQ tutorial's pattern. Latency is per call.
@@ -11,6 +11,13 @@ Four scenarios, each the way a real caller would use ``fibrpc.Client``'s public 
 ``asyncio``
     ``pipelined`` through ``fibrpc.aio.AsyncClient``: ``window`` tasks of one event loop,
     each awaiting ``client.call`` for the next n. Latency is per call.
+``tasks``
+    Independent callers: ``config.BENCH_TASKS`` (2,000) tasks of one event loop, each
+    awaiting ``AsyncClient.call`` for the next n, the client's window as large. The calls
+    waiting at one turn share messages (``fibrpc.coalesce``). Latency is per call.
+``threads``
+    Independent callers: ``config.BENCH_THREADS`` (32) threads, each calling
+    ``Client.call`` for the next n on one shared client. Latency is per call.
 ``batched``
     ``batch_size`` values of n per message, ``batch_window`` messages in flight
     (``client.imap``). Latency is per batch message, and is what an ``imap`` consumer
@@ -471,6 +478,97 @@ def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> S
     return _result("asyncio", count, seconds, latencies, errors)
 
 
+def run_tasks(settings: BenchSettings, ns: list[int], progress: Progress) -> ScenarioResult:
+    """``config.BENCH_TASKS`` tasks, each awaiting one ``AsyncClient.call`` at a time."""
+    import asyncio  # noqa: PLC0415 - only this scenario needs them
+
+    from fibrpc.aio import AsyncClient  # noqa: PLC0415
+
+    count = len(ns)
+    results: list[int | None] = [None] * count
+    latencies = [0.0] * count
+    errors = 0
+    clock = time.perf_counter
+    todo = iter(range(count))
+    tasks = config.BENCH_TASKS
+
+    async def caller(client: AsyncClient) -> None:
+        nonlocal errors
+        for i in todo:
+            t0 = clock()
+            try:
+                results[i] = await client.call(ns[i], settings.algo)
+            except _CALL_ERRORS:
+                errors += 1
+            latencies[i] = clock() - t0
+            if not i & 1023:
+                progress.update(i)
+
+    async def main() -> float:
+        async with AsyncClient(
+            settings.urls,
+            queue=settings.queue,
+            timeout=settings.timeout,
+            window=tasks,
+            tls=settings.tls,
+        ) as client:
+            await asyncio.gather(*(client.call(n, settings.algo) for n in ns[:_WARM_CALLS]))
+            started = clock()
+            await asyncio.gather(*(caller(client) for _ in range(tasks)))
+            return clock() - started
+
+    seconds = asyncio.run(main())
+    progress.close()
+    errors += count_mismatches(ns, results)
+    return _result("tasks", count, seconds, latencies, errors)
+
+
+def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
+    """``config.BENCH_THREADS`` threads sharing ``client``, each calling ``call`` for
+    the next n until none is left."""
+    count = len(ns)
+    results: list[int | None] = [None] * count
+    latencies = [0.0] * count
+    failures = [0] * config.BENCH_THREADS
+    crashed: list[BaseException] = []
+    clock = time.perf_counter
+    todo = iter(range(count))
+    lock = threading.Lock()
+
+    def caller(k: int) -> None:
+        while True:
+            with lock:  # next() of one iterator from many threads
+                i = next(todo, -1)
+            if i < 0:
+                return
+            t0 = clock()
+            try:
+                results[i] = client.call(ns[i], algo)
+            except _CALL_ERRORS:
+                failures[k] += 1
+            except BaseException as exc:  # the run ends with it, below
+                crashed.append(exc)
+                return
+            latencies[i] = clock() - t0
+            if not i & 1023:
+                progress.update(i)
+
+    threads = [
+        threading.Thread(target=caller, args=(k,), daemon=True) for k in range(config.BENCH_THREADS)
+    ]
+    started = clock()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = clock() - started
+    progress.close()
+    if crashed:
+        raise crashed[0]
+    errors = sum(failures) + count_mismatches(ns, results)
+    return _result("threads", count, seconds, latencies, errors)
+
+
 def _warm(client: Client, ns: list[int], algo: str, batch_size: int | None) -> None:
     """Answer a few calls before the clock starts (connection, server caches, the
     client's first-call costs); refusals are ignored here, the timed run counts them."""
@@ -490,10 +588,16 @@ def _warm(client: Client, ns: list[int], algo: str, batch_size: int | None) -> N
 def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> ScenarioResult:
     """Run one scenario on a client of its own (its window is the scenario's)."""
     ns = draw_ns(settings.calls_for(name), settings.max_n, settings.seed)
-    window = {"pipelined": settings.window, "batched": settings.batch_window}.get(name, 1)
+    window = {
+        "pipelined": settings.window,
+        "batched": settings.batch_window,
+        "threads": config.BENCH_THREADS,
+    }.get(name, 1)
     progress = Progress(name, len(ns), stream)
     if name == "asyncio":
         return run_asyncio(settings, ns, progress)
+    if name == "tasks":
+        return run_tasks(settings, ns, progress)
     with Client(
         settings.urls,
         queue=settings.queue,
@@ -509,6 +613,8 @@ def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> S
             return run_pipelined(client, ns, settings.algo, progress)
         if name == "batched":
             return run_batched(client, ns, settings.algo, settings.batch_size, progress)
+        if name == "threads":
+            return run_threads(client, ns, settings.algo, progress)
     raise ValueError(
         f"Unknown scenario {name!r}; choose from {', '.join(config.BENCH_ALL_SCENARIOS)}."
     )

@@ -577,8 +577,9 @@ Examples:
     multiple=True,
     type=click.Choice(config.BENCH_ALL_SCENARIOS),
     help="Scenario to run; repeat for several (default: sequential, pipelined, batched, "
-    "in this order; 'asyncio' is pipelined through fibrpc.aio.AsyncClient); the variable "
-    "takes them space-separated.",
+    "in this order; 'asyncio' is pipelined through fibrpc.aio.AsyncClient; 'tasks' and "
+    "'threads' are independent callers, 2,000 asyncio tasks or 32 threads each awaiting "
+    "single calls); the variable takes them space-separated.",
 )
 @option(
     "--calls",
@@ -586,7 +587,7 @@ Examples:
     type=click.IntRange(1),
     default=None,
     help="Calls per scenario (default: sequential 3,000, pipelined and asyncio 20,000, "
-    "batched 2,000,000).",
+    "tasks 100,000, threads 50,000, batched 2,000,000).",
 )
 @option(
     "--algo",

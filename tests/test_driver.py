@@ -8,6 +8,7 @@ what crosses one is tested against real RabbitMQ nodes elsewhere.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fibrpc import protocol
+from fibrpc import coalesce, protocol
 from fibrpc.calls import AS_INT, Call, Registry
 from fibrpc.driver import Driver, LinkEvents, LinkLost
 from fibrpc.errors import CallTimeoutError, ClientClosedError, NoServerError
@@ -35,6 +36,7 @@ class FakeLink:
         self.stalled = False
         self.consumers: int | None = 1
         self.lose_next_turn = False
+        self.coalesced = 0  # coalesced messages answered
         self._waiting: list[Call] = []
         self._asked = False
         self._wake = threading.Event()
@@ -69,6 +71,15 @@ class FakeLink:
             if not self.stalled:
                 waiting, self._waiting = self._waiting, []
                 for call in waiting:
+                    if call.content_type == coalesce.CALLS:  # calls sharing a message
+                        self.coalesced += 1
+                        answers = [
+                            coalesce.Answer(c["id"], str(FAST_TABLE[c["n"]]))
+                            for c in json.loads(call.body)
+                        ]
+                        body = coalesce.encode_answers(answers)
+                        self.events.on_reply(call.corr_id, coalesce.CALLS, body)
+                        continue
                     assert isinstance(call.n, int)
                     self.events.on_reply(call.corr_id, None, str(FAST_TABLE[call.n]).encode())
         finally:
