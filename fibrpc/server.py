@@ -1005,7 +1005,7 @@ class Worker:
         if (headers or budget is not None) and _expired(headers, budget, running.received):
             return None
         if self.desk.cancelled(running.props.reply_to, running.props.correlation_id):
-            return None
+            return _CANCELLED
         slot = self._slot
         self._busy_until = time.time() + (
             budget / 1000.0 if budget is not None else describe.EXPECTED_WITHOUT_DEADLINE
@@ -1033,7 +1033,7 @@ class Worker:
         if generation != self._generation or not self.link.is_open():
             return  # computed for a connection that is gone: the broker requeued it
         self._in_flight -= 1
-        if reply is None and self.desk.cancelled(props.reply_to, props.correlation_id):
+        if reply is _CANCELLED:  # cancelled while it waited for the compute thread
             self._count_abandoned(request.algo, props)
             self.link.ack(tag)
         elif reply is None:
@@ -1120,6 +1120,10 @@ def _expired(headers: dict[str, Any], budget: int | None, received: float) -> bo
         deadline_ms=deadline if deliveries.is_int(deadline) else None,
         budget_ms=budget,
     )
+
+
+#: What the compute thread returns for a request cancelled before it started.
+_CANCELLED: Final = cast(Reply, object())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
