@@ -336,7 +336,6 @@ class Worker:
         self._in_flight = 0
         self._consumer_cancelled = False
         self.link.open(self._on_request, self._on_cancelled)
-        self.desk.opened(self.link.open_control(self.settings.server_id, self.desk.heard))
         self._retry.up()
         if self._outage_since is not None:
             log.info(
@@ -420,6 +419,9 @@ class Worker:
         )
 
     def _consume(self, parent: int) -> None:
+        # The control path opens here, not in ``_open``: requests already arrive during
+        # its round trips, and a connection lost meanwhile is handled as in a turn.
+        self.desk.opened(self.link.open_control(self.settings.server_id, self.desk.heard))
         while not self._stopping:
             self.link.turn()  # returns within a quarter of a second
             if self._running is not None or self.desk.busy():
