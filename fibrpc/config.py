@@ -67,6 +67,14 @@ NO_SERVER_GRACE: Final = 1.0
 #: AMQP heartbeat in seconds (``FIBRPC_HEARTBEAT``).
 DEFAULT_HEARTBEAT: Final = 30
 
+#: Where a client takes its replies (``FIBRPC_REPLY_QUEUE``): ``direct``, RabbitMQ's
+#: direct reply-to (``amq.rabbitmq.reply-to``: no queue, the fastest); ``exclusive``, a
+#: server-named exclusive queue the client declares on its connection (``amq.gen-...``),
+#: for clusters of RabbitMQ 3.10 and requesters taking many replies a second
+#: (docs/client.md#where-replies-go).
+REPLY_QUEUES: Final = ("direct", "exclusive")
+DEFAULT_REPLY_QUEUE: Final = "direct"
+
 #: Calls or batches one client keeps in flight (``FIBRPC_WINDOW``).
 DEFAULT_WINDOW: Final = 256
 

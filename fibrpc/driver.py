@@ -27,7 +27,6 @@ that does not read the form (as it does for binary batches).
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import math
 import threading
@@ -62,8 +61,9 @@ _RETURN_RETRY: Final = 0.2
 TICK: Final = 0.05
 #: Seconds the idle I/O thread sleeps between turns that keep heartbeats flowing.
 _IDLE: Final = 1.0
-#: A client retries a little more eagerly than a worker: its callers are waiting.
-_RECONNECT_DELAYS: Final = backoff.RECONNECT_DELAYS[:-1]
+#: The longest pause between reconnects (seconds, before jitter): a client retries a
+#: little more eagerly than a worker, its callers are waiting.
+_RECONNECT_CAP: Final = 2.0
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
 #: Seconds between two cancel messages at most: the cancels gathered meanwhile go in one
@@ -193,6 +193,8 @@ class Driver:
         self._listeners: dict[str, Callable[[str | None, bytes], None]] = {}
         self.cancels_sent = 0  #: cancel messages sent (for tests and the bench)
         self._next_cancel = 0.0  # monotonic: no cancel message before this
+        #: When to try the broker again after losing it (a few times a second at most).
+        self.retry = backoff.Backoff(cap=_RECONNECT_CAP)
         #: The thread inside a turn (``_step``), if any; and what to call after each turn
         #: (the client wakes its callback runner once per turn, not once per reply).
         self.stepping: int | None = None
@@ -479,21 +481,26 @@ class Driver:
     def _open(self) -> None:
         self._blocked = None
         self.link.open(self)
+        self.retry.up()
 
     def _reconnect(self) -> None:
-        """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
-        flight."""
+        """Reconnect with backoff (``backoff.Backoff``: a pause before every try, doubling
+        up to ``_RECONNECT_CAP`` with jitter, from the shortest again only after a
+        connection that stayed up a while, so even a broker that drops every connection
+        at once is tried a few times a second at most), expiring calls meanwhile; then
+        re-send every call in flight (with the link's reply-to of the new connection)."""
         self.link.close()
-        for attempt in itertools.count():
+        while not self.closing:
+            self._expire(time.monotonic())
+            delay = self.retry.failed()
+            log.info("reconnecting to %s in %.2f s", self.url, delay)
+            self._pause(delay)
             if self.closing:
                 return
-            self._expire(time.monotonic())
             try:
                 self._open()
             except FibrpcError as exc:
-                delay = backoff.reconnect_delay(attempt, _RECONNECT_DELAYS)
-                log.info("reconnect failed (%s); retrying in %.2f s", exc, delay)
-                self._pause(delay)
+                log.info("reconnect failed (%s)", exc)
                 continue
             log.info("reconnected; re-sending %d call(s)", len(self.registry))
             # Servers reconnect too (and redeclare the queue, which a broker restart may

@@ -32,8 +32,10 @@ from typing import Any, Final
 
 from fibrpc import amqp, state
 from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
-from fibrpc.errors import BrokerRefusedError, FibrpcError
+from fibrpc.errors import FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: The management API's rate fields, as reported here.
 _RATES: Final = {
@@ -58,7 +60,7 @@ def default_management_url(url: str) -> str:
 def queue_counts(
     urls: Sequence[str],
     queue: str,
-    tls: amqp.TLSOptions | None = None,
+    tls: TLSOptions | None = None,
     timeout: float = amqp.CONNECT_TIMEOUT,
 ) -> tuple[str, tuple[int, int] | None]:
     """The node that answered (the first of ``urls`` that did), and the messages ready in
@@ -70,14 +72,8 @@ def queue_counts(
     conn, node = amqp.connect_any(urls, name="fibrpc-status", tls=tls, connect_timeout=timeout)
     url = urls[node]
     try:
-        try:
-            with amqp.translating(url):
-                frame = conn.channel().queue_declare(queue, passive=True)
-        except BrokerRefusedError as exc:
-            if exc.reply_code == 404:  # NOT_FOUND: no such queue
-                return url, None
-            raise
-        return url, (int(frame.method.message_count), int(frame.method.consumer_count))
+        with amqp.translating(url):
+            return url, amqp.queue_counts(conn, queue)
     finally:
         amqp.close_within(conn)
 
@@ -89,7 +85,7 @@ def management_stats(
     "rates", "messages_unacknowledged"}``. Never raises: a failure is in ``error``."""
     base, user, password = _management_target(management_url, url)
     result: dict[str, Any] = {
-        "url": amqp.redact(base),
+        "url": redact(base),
         "reachable": False,
         "error": None,
         "rates": None,
@@ -160,7 +156,7 @@ def gather(
     urls: str | Sequence[str],
     queue: str,
     *,
-    tls: amqp.TLSOptions | None = None,
+    tls: TLSOptions | None = None,
     management_url: str | None = None,
     state_dir: Path | None = None,
     now: float | None = None,
@@ -176,7 +172,7 @@ def gather(
     url = nodes[0]
     report: dict[str, Any] = {
         "queue": queue,
-        "url": amqp.redact(url),
+        "url": redact(url),
         "exists": None,
         "messages": None,
         "consumers": None,
@@ -189,7 +185,7 @@ def gather(
         error = exc
         report["broker_error"] = str(exc)
     else:
-        report["url"] = amqp.redact(url)
+        report["url"] = redact(url)
         report["exists"] = counts is not None
         if counts is not None:
             report["messages"], report["consumers"] = counts

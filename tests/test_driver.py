@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fibrpc import coalesce, protocol
+from fibrpc import backoff, coalesce, protocol
 from fibrpc.calls import AS_INT, Call, Registry
 from fibrpc.driver import Driver, LinkEvents, LinkLost
 from fibrpc.errors import CallTimeoutError, ClientClosedError, NoServerError
@@ -221,3 +221,48 @@ def test_closing_fails_what_is_in_flight_and_frees_the_window():
     assert time.monotonic() - started < 2
     assert len(outcomes) == 2 and all(isinstance(e, ClientClosedError) for e in outcomes)
     assert driver.registry.reserve(0.1, block=True) and driver.registry.reserve(0.1)
+
+
+# -- reconnecting with the one backoff policy (fibrpc.backoff.Backoff) ---------------------
+
+
+class DroppingLink(FakeLink):
+    """A broker that accepts every connection and drops it on the first turn; the
+    pauses the driver takes between opens are recorded instead of slept."""
+
+    def __init__(self, opens: int) -> None:
+        super().__init__()
+        self.opens = opens
+        self.enough = threading.Event()
+
+    def open(self, events: LinkEvents) -> None:
+        super().open(events)
+        if self.opened >= self.opens:
+            self.enough.set()
+
+    def turn(self, *, wait: bool) -> None:
+        if not self.enough.is_set():
+            raise LinkLost("dropped at once")
+        super().turn(wait=wait)
+
+
+def test_a_broker_that_drops_every_connection_at_once_is_retried_with_growing_pauses():
+    link = DroppingLink(opens=8)
+    driver = Driver(link, Registry(8))
+    driver.retry = backoff.Backoff(cap=driver.retry.cap, draw=lambda: 0.0)
+    pauses: list[float] = []
+    driver._pause = pauses.append  # type: ignore[method-assign]
+    driver.start()
+    try:
+        assert driver.registry.reserve(5.0)
+        call = Call("c-drop", 30, "fast", AS_INT, 30.0, protocol.encode_request(30, "fast"))
+        driver.submit(call)
+        driver.notify_io()
+        assert link.enough.wait(10), f"only {link.opened} opens"
+    finally:
+        driver.close()
+    # Open 1 is the client's start; a pause before each of the 7 reconnects, doubling up
+    # to a reconnect every 1-2 s (the client's cap, jittered), however fast the broker
+    # drops the connections.
+    assert link.opened == 8
+    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0], pauses
