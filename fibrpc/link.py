@@ -150,8 +150,9 @@ class AmqpLink:
         self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
     ) -> None:
         """Queue a control message (``fibrpc.control``) to the request queue with the
-        calls' reply address (direct reply-to on this channel, or the exclusive reply queue:
-        by it and its correlation id) and a TTL of ``ttl_ms``. Raises ``LinkLost``."""
+        calls' reply address (direct reply-to on this channel, or the exclusive reply
+        queue: a worker names a call by it and its correlation id) and a TTL of
+        ``ttl_ms``. Raises ``LinkLost``."""
         try:
             amqp.publish_soon(
                 self._channel,
