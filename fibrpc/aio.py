@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, Final
 
-from fibrpc import tracing
+from fibrpc import control, describe, tracing
 from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
 from fibrpc.client import (
     END,
@@ -46,6 +46,7 @@ from fibrpc.client import (
     check_window,
     encode,
     messages,
+    sorted_descriptions,
 )
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
@@ -56,7 +57,7 @@ from fibrpc.config import (
     DEFAULT_WINDOW,
 )
 from fibrpc.driver import TICK, Driver
-from fibrpc.errors import CallTimeoutError, ClientClosedError
+from fibrpc.errors import CallTimeoutError, ClientClosedError, ConfigError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM
 from fibrpc.tls import TLSOptions
@@ -247,6 +248,28 @@ class AsyncClient:
         if driver is not None:
             await asyncio.get_running_loop().run_in_executor(None, driver.close)
         self._drain()  # the calls failed by closing
+
+    async def describe(self, wait: float = 1.0) -> list[describe.Description]:
+        """What every server on the queue says it is: as ``Client.describe`` (those that
+        answered within ``wait`` seconds, one per server), without blocking the loop."""
+        seconds = check_timeout(wait)
+        if seconds == math.inf:
+            raise ConfigError(f"describe waits a finite number of seconds; got {wait!r}.")
+        driver = self._open_driver()
+        answers: list[tuple[str | None, bytes]] = []
+        corr_id = f"{self._prefix}describe.{next(self._ids)}"
+        driver.control(
+            control.DESCRIBE,
+            control.encode_describe(),
+            corr_id,
+            int(seconds * 1000),
+            lambda content_type, body: answers.append((content_type, body)),
+        )
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            driver.unlisten(corr_id)
+        return sorted_descriptions(list(answers))
 
     # -- calls ----------------------------------------------------------------------------
 

@@ -475,6 +475,7 @@ Examples:
   fibrpc status                                  # the queue, its rates, local workers
   fibrpc status --queue jobs --json | jq .servers
   fibrpc status --management-url http://admin:pw@broker:15672
+  fibrpc status --watch                          # refreshed in place until Ctrl-C
 """
 )
 @broker_options
@@ -494,6 +495,23 @@ Examples:
     is_flag=True,
     help="Print one JSON object instead of text.",
 )
+@option(
+    "--describe-wait",
+    env="FIBRPC_DESCRIBE_WAIT",
+    type=click.FloatRange(min=0.0),
+    default=config.DEFAULT_DESCRIBE_WAIT,
+    show_default=True,
+    help="Seconds to wait for the servers to describe themselves (0: ask none).",
+)
+@option(
+    "--watch",
+    env="FIBRPC_STATUS_WATCH",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    is_flag=False,
+    flag_value=2.0,
+    help="Refresh in place every SECONDS (2 when given alone) until Ctrl-C.",
+)
 @timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the broker to answer.")
 @log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
 def status(
@@ -503,12 +521,17 @@ def status(
     management_url: str | None,
     state_dir: str | None,
     as_json: bool,
+    describe_wait: float,
+    watch: float | None,
     log_level: str,
     log_format: str,
     tls: TLSOptions,
 ) -> None:
-    """Show QUEUE's depth, consumers and message rates, and the servers on this machine:
-    each worker's pid, uptime, requests served, errors and restarts.
+    """Show QUEUE's depth, consumers and message rates; every server on the queue, on
+    any machine, as it describes itself (version, workers, counts per algorithm, a STUCK
+    sign on a worker that held one request past its expected time or stopped answering);
+    and the servers on this machine that did not answer: each worker's pid, uptime,
+    requests served, errors and restarts.
 
     Message rates come from RabbitMQ's management API; without it the rest still works.
     Exit codes: 0 a server consumes the queue, 5 none does (or the queue does not exist),
@@ -517,14 +540,30 @@ def status(
     from fibrpc import status as _status  # noqa: PLC0415 - keeps `call` light
 
     setup_logging(log_level, log_format)
-    report, error = _status.gather(
-        urls,
-        queue,
-        tls=tls,
-        management_url=management_url,
-        state_dir=Path(state_dir) if state_dir else None,
-        timeout=timeout,
-    )
+
+    def look() -> tuple[dict[str, Any], FibrpcError | None]:
+        return _status.gather(
+            urls,
+            queue,
+            tls=tls,
+            management_url=management_url,
+            state_dir=Path(state_dir) if state_dir else None,
+            timeout=timeout,
+            describe_wait=describe_wait,
+        )
+
+    if watch is not None and not as_json:
+        try:
+            while True:
+                report, error = look()
+                shown = _status.render(report)
+                if error is not None:
+                    shown += f"\nfibrpc: {error}"
+                click.echo(f"\x1b[H\x1b[2J{shown}\n(every {watch:g} s; Ctrl-C ends)")
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            sys.exit(int(ExitCode.OK))
+    report, error = look()
     if as_json:
         click.echo(json.dumps(report))
     else:

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, protocol, tracing
+from fibrpc import amqp, control, describe, protocol, tracing
 from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
 from fibrpc.config import (
     BROKER_MAX_MESSAGE_BYTES,
@@ -240,11 +240,21 @@ class _Callbacks:
 
 class _Future(concurrent.futures.Future[Any]):
     """A future whose done-callbacks run on the client's callback thread, never on the
-    thread that drives the connection (where a slow one would stall every call)."""
+    thread that drives the connection (where a slow one would stall every call); its
+    ``cancel()`` gives the call up and tells the servers (``fibrpc.control``)."""
 
     def __init__(self, client: Client) -> None:
         super().__init__()
         self._client = client
+        self.call: Call | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        call = self.call
+        if call is not None:
+            self._client._driver.abandon(call, ClientClosedError("The call was cancelled."))
+        return True
 
     def add_done_callback(self, fn: Any) -> None:
         client = self._client
@@ -419,8 +429,9 @@ class Client:
                     self._driver.abandon(call, gone)
 
     def close(self) -> None:
-        """Fail the calls still in flight with ``ClientClosedError`` and disconnect;
-        returns within about a second, whatever the broker does."""
+        """Fail the calls still in flight with ``ClientClosedError``, tell the servers
+        they are given up on, and disconnect; returns within about a second, whatever
+        the broker does."""
         if self._closing:
             return
         self._closing = True
@@ -431,6 +442,36 @@ class Client:
             return
         self._driver.close()
         self._callbacks.close()
+
+    def describe(self, wait: float = 1.0) -> list[describe.Description]:
+        """What every server on the queue says it is (``fibrpc.describe.Description``):
+        version, algorithms and bounds, limits, forms, per-algorithm counts, workers.
+        Each server answers once; this returns those that answered within ``wait``
+        seconds (none: an empty list), sorted by host and pid. Raises ``ConfigError``
+        for a bad ``wait``, ``ClientClosedError`` if the client is closed, and
+        ``UnreadableReplyError`` for an answer that is not a description."""
+        seconds = check_timeout(wait)
+        if seconds == math.inf:
+            raise ConfigError(f"describe waits a finite number of seconds; got {wait!r}.")
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self._closing:
+            raise ClientClosedError("The client is closed.")
+        answers: list[tuple[str | None, bytes]] = []
+        corr_id = f"{self._prefix}describe.{next(self._ids)}"
+        driver = self._driver
+        driver.control(
+            control.DESCRIBE,
+            control.encode_describe(),
+            corr_id,
+            int(seconds * 1000),
+            lambda content_type, body: answers.append((content_type, body)),
+        )
+        try:
+            time.sleep(seconds)
+        finally:
+            driver.unlisten(corr_id)
+        return sorted_descriptions(answers)
 
     @property
     def in_flight(self) -> int:
@@ -480,6 +521,8 @@ class Client:
                 timeout=seconds,
             )
         call = Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, seconds, encoded, future)
+        if isinstance(future, _Future):
+            future.call = call
         tracing.start_call(call, self.queue, waits=hold)
         return call, self._driver.submit(call, hold=hold)
 
@@ -525,6 +568,24 @@ class Stream(Iterator[int]):
     def close(self) -> None:
         """Stop: the calls in flight are abandoned, their window given back."""
         self._batches.close()
+
+
+def sorted_descriptions(answers: list[tuple[str | None, bytes]]) -> list[describe.Description]:
+    """The descriptions among a describe's answers, one per server (the first of each
+    id), sorted by host and pid. A server that refused the describe (an older fibrpc
+    answers ``unsupported_content_type``) is left out, with a log line. Raises
+    ``UnreadableReplyError`` for an answer that is neither."""
+    found: dict[str, describe.Description] = {}
+    for content_type, body in answers:
+        if protocol.media_type(content_type) == protocol.JSON:
+            try:
+                protocol.decode_reply(body, content_type)
+            except RequestError as exc:
+                log.info("a server refused the describe (an older fibrpc?): %s", exc)
+                continue
+        description = describe.parse(body)
+        found.setdefault(description.id, description)
+    return sorted(found.values(), key=lambda d: (d.host, d.pid))
 
 
 def _call_back(fn: Any, future: concurrent.futures.Future[Any]) -> None:

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from fibrpc import backoff, coalesce, protocol, refusals, tracing
+from fibrpc import backoff, coalesce, control, protocol, refusals, tracing
 from fibrpc.calls import AS_TEXT, Call, Registry, read_reply
 from fibrpc.config import NO_SERVER_GRACE
 from fibrpc.errors import (
@@ -84,6 +84,9 @@ _LATE: Final = 0.25
 _TTL_MARGIN: Final = 0.1
 #: The longest a new connection waits for its first answer on the queue's consumers.
 _FIRST_PROBE: Final = 1.0
+#: Seconds between two cancel messages at most: the cancels gathered meanwhile go in one
+#: (a storm of 10,000 futures cancelled one by one is a few messages, not one per turn).
+CANCEL_EVERY: Final = 0.1
 #: The coalesced messages remembered are pruned of those wholly settled when they
 #: outnumber the calls in flight by this many.
 _MESSAGES_SLACK: Final = 1024
@@ -151,6 +154,12 @@ class Link(Protocol):
     def ask_consumers(self) -> None:
         """Ask how many consumers the queue has (answered by ``on_consumers``)."""
 
+    def publish_control(
+        self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
+    ) -> None:
+        """Queue a control message (``fibrpc.control``) to the request queue, with the
+        calls' reply address; raise ``LinkLost``."""
+
     def wake(self) -> None:
         """Make a waiting ``turn`` return (thread-safe)."""
 
@@ -200,6 +209,15 @@ class Driver:
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        #: Correlation ids of calls given up on, to cancel at the next turn (one message
+        #: per turn for however many: ``fibrpc.control``); guarded by ``_lock``.
+        self._cancels: list[str] = []
+        #: Control messages to send at the next turn: content type, body, id, TTL.
+        self._controls: list[tuple[str, bytes, str, int]] = []
+        #: Who hears the replies to a control message (a describe), by correlation id.
+        self._listeners: dict[str, Callable[[str | None, bytes], None]] = {}
+        self.cancels_sent = 0  #: cancel messages sent (for tests and the bench)
+        self._next_cancel = 0.0  # monotonic: no cancel message before this
         #: When to try the broker again after losing it (a few times a second at most).
         self.retry = backoff.Backoff(cap=_RECONNECT_CAP)
         #: The thread inside a turn (``_step``), if any; and what to call after each turn
@@ -336,8 +354,39 @@ class Driver:
                 queued = True
         if queued:
             self.registry.settle(call, error, ok=False)
-        else:
-            self.registry.fail(call.corr_id, error)
+        elif self.registry.fail(call.corr_id, error):
+            self.cancel([call.corr_id])
+
+    def cancel(self, corr_ids: list[str]) -> None:
+        """Tell the servers that the calls ``corr_ids`` (sent, and settled here already)
+        are given up on: sent at the next turn, with whatever else is cancelled by then
+        (any thread)."""
+        with self._lock:
+            first = not self._cancels
+            self._cancels.extend(corr_ids)
+        if first:
+            self._kick()
+
+    def control(
+        self,
+        content_type: str,
+        body: bytes,
+        corr_id: str,
+        ttl_ms: int,
+        listener: Callable[[str | None, bytes], None] | None = None,
+    ) -> None:
+        """Send a control message at the next turn; ``listener(content_type, body)``
+        hears every reply carrying ``corr_id`` (on the thread that drives the link)
+        until ``unlisten`` (any thread)."""
+        if listener is not None:
+            self._listeners[corr_id] = listener
+        with self._lock:
+            self._controls.append((content_type, body, corr_id, ttl_ms))
+        self._kick()
+
+    def unlisten(self, corr_id: str) -> None:
+        """Stop hearing the replies of ``corr_id``; later ones are dropped as unknown."""
+        self._listeners.pop(corr_id, None)
 
     def deadline_error(self, call: Call) -> FibrpcError:
         """What ``call``, past its deadline, is told: the broker unreachable (or refusing)
@@ -433,7 +482,15 @@ class Driver:
         return self._needs_io() or time.monotonic() - self._last_step >= _IDLE
 
     def _needs_io(self) -> bool:
-        return bool(len(self.registry) or self._outbox or self._returned or self._broken)
+        return bool(
+            len(self.registry)
+            or self._outbox
+            or self._returned
+            or self._broken
+            or self._cancels
+            or self._controls
+            or self._listeners
+        )
 
     # -- the I/O thread ------------------------------------------------------------------
 
@@ -585,6 +642,8 @@ class Driver:
                 calls = list(self._outbox)
                 self._outbox.clear()
             self._send(calls)
+        if self._controls or (self._cancels and time.monotonic() >= self._next_cancel):
+            self._send_controls()
         registry = self.registry
         settled = registry.settled
         self.stepping = threading.get_ident()
@@ -640,6 +699,23 @@ class Driver:
                 raise  # the call stays pending and is re-sent after the reconnect
             except Exception as exc:  # this call cannot be sent; the others can
                 registry.fail(call.corr_id, ClientClosedError(f"The call could not be sent: {exc}"))
+
+    def _send_controls(self) -> None:
+        """Publish the cancels gathered since the last turn (``control.MAX_CANCEL_IDS``
+        to a message) and the control messages waiting. A cancel lost with the link is
+        not sent again: it would only have saved the servers some work."""
+        with self._lock:
+            cancels, self._cancels = self._cancels, []
+            controls, self._controls = self._controls, []
+        step = control.MAX_CANCEL_IDS
+        if cancels:
+            self._next_cancel = time.monotonic() + CANCEL_EVERY
+        for start in range(0, len(cancels), step):
+            body = control.encode_cancel(cancels[start : start + step])
+            self.link.publish_control(control.CANCEL, body, None, control.CANCEL_TTL_MS)
+            self.cancels_sent += 1
+        for content_type, body, corr_id, ttl_ms in controls:
+            self.link.publish_control(content_type, body, corr_id, ttl_ms)
 
     def _coalesce(self, calls: list[Call]) -> list[Call]:
         """Publish the light calls of ``calls`` in coalesced messages (when more than one
@@ -730,8 +806,11 @@ class Driver:
         if call is None:
             messages = self._messages
             members = messages.pop(corr_id, None) if messages and corr_id else None
+            listener = self._listeners.get(corr_id) if corr_id is not None else None
             if members is not None:
                 self._on_coalesced_reply(members, content_type, body)
+            elif listener is not None:
+                listener(content_type, body)
             else:
                 self._count_stray(corr_id)
             return
@@ -905,8 +984,12 @@ class Driver:
                 self._publish(call)
 
     def _expire(self, now: float) -> None:
-        for call in self.registry.due(now):
+        due = self.registry.due(now)
+        for call in due:
             self.registry.settle(call, self.deadline_error(call), ok=False)
+        if due:
+            with self._lock:
+                self._cancels.extend(call.corr_id for call in due)
 
     def _no_server(self, *, missing: bool) -> NoServerError:
         queue = self.link.queue
@@ -927,8 +1010,18 @@ class Driver:
             self._outbox.clear()
         for call in waiting:
             self.registry.settle(call, closed, ok=False)
-        for call in self.registry.calls():
+        in_flight = self.registry.calls()
+        for call in in_flight:
             self.registry.fail(call.corr_id, closed)
+        if in_flight and not self._broken:
+            # Tell the servers, as the last thing on this connection (best effort).
+            with self._lock:
+                self._cancels.extend(call.corr_id for call in in_flight)
+            try:
+                self._send_controls()
+                self.link.turn(wait=False)
+            except Exception:
+                log.debug("the cancel of the calls in flight was not sent", exc_info=True)
         self.link.close()
 
 

@@ -147,6 +147,26 @@ class AmqpLink:
         except amqp.ConnectionLost as exc:
             raise LinkLost(exc) from exc
 
+    def publish_control(
+        self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
+    ) -> None:
+        """Queue a control message (``fibrpc.control``) to the request queue with the
+        calls' reply address (direct reply-to on this channel, or the exclusive reply
+        queue: a worker names a call by it and its correlation id) and a TTL of
+        ``ttl_ms``. Raises ``LinkLost``."""
+        try:
+            amqp.publish_soon(
+                self._channel,
+                self.queue,
+                body,
+                reply_to=self.reply_to,
+                correlation_id=corr_id,
+                content_type=content_type,
+                expiration=str(max(1, ttl_ms)),
+            )
+        except amqp.ConnectionLost as exc:
+            raise LinkLost(exc) from exc
+
     def turn(self, *, wait: bool) -> None:
         """Write what is queued and take in what has arrived (waiting up to a tick if
         ``wait``); the events fire meanwhile. Raises ``LinkLost``."""

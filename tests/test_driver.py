@@ -53,6 +53,7 @@ class FakeLink:
         self._lock = threading.Lock()
         self.turning = 0  # threads inside turn() at once: must never exceed 1
         self.max_turning = 0
+        self.controls: list[tuple[str, bytes]] = []  # cancels and describes published
 
     def open(self, events: LinkEvents) -> None:
         if self.refuse is not None:
@@ -105,6 +106,11 @@ class FakeLink:
 
     def ask_consumers(self) -> None:
         self._asked = True
+
+    def publish_control(
+        self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
+    ) -> None:
+        self.controls.append((content_type, body))
 
     def wake(self) -> None:
         self._wake.set()
