@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, tracing
+from fibrpc import control, describe, tracing
 from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
 from fibrpc.client import (
     END,
@@ -46,6 +46,7 @@ from fibrpc.client import (
     check_window,
     encode,
     messages,
+    sorted_descriptions,
 )
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
@@ -56,9 +57,11 @@ from fibrpc.config import (
     DEFAULT_WINDOW,
 )
 from fibrpc.driver import TICK, Driver
-from fibrpc.errors import CallTimeoutError, ClientClosedError
+from fibrpc.errors import CallTimeoutError, ClientClosedError, ConfigError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: Seconds past its deadline after which the loop fails a call itself, if the I/O
 #: thread has not (a connection stuck in a round trip, say): as the threaded client.
@@ -172,7 +175,7 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
         reply_queue: str = DEFAULT_REPLY_QUEUE,
     ) -> None:
         self.timeout = check_timeout(timeout)
@@ -246,6 +249,28 @@ class AsyncClient:
             await asyncio.get_running_loop().run_in_executor(None, driver.close)
         self._drain()  # the calls failed by closing
 
+    async def describe(self, wait: float = 1.0) -> list[describe.Description]:
+        """What every server on the queue says it is: as ``Client.describe`` (those that
+        answered within ``wait`` seconds, one per server), without blocking the loop."""
+        seconds = check_timeout(wait)
+        if seconds == math.inf:
+            raise ConfigError(f"describe waits a finite number of seconds; got {wait!r}.")
+        driver = self._open_driver()
+        answers: list[tuple[str | None, bytes]] = []
+        corr_id = f"{self._prefix}describe.{next(self._ids)}"
+        driver.control(
+            control.DESCRIBE,
+            control.encode_describe(),
+            corr_id,
+            int(seconds * 1000),
+            lambda content_type, body: answers.append((content_type, body)),
+        )
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            driver.unlisten(corr_id)
+        return sorted_descriptions(list(answers))
+
     # -- calls ----------------------------------------------------------------------------
 
     async def call(
@@ -318,9 +343,17 @@ class AsyncClient:
         try:
             chunk: Any = next(chunks, END)
             while chunk is not END or in_flight:
-                # Fill the window; wait for a slot only when nothing is in flight.
-                while chunk is not END and (not in_flight or slots.free):
+                # Fill the window (wait for a slot only when nothing is in flight), giving
+                # back each answer as soon as it is in: with an input that pauses, results
+                # come while the input is still coming.
+                while (
+                    chunk is not END
+                    and (not in_flight or slots.free)
+                    and not (in_flight and in_flight[0][0].done)
+                ):
                     in_flight.append(await self._send(chunk, algo, seconds, as_))
+                    if chunks.slow:  # reading the input may take a while: hand the
+                        await asyncio.sleep(0)  # calls over to the I/O thread first
                     chunk = next(chunks, END)
                 call, future = in_flight.popleft()
                 try:
@@ -424,7 +457,7 @@ class AsyncClient:
             return
         raise CallTimeoutError(
             f"The client's window of {self.window} calls stayed full for {seconds} s.",
-            url=amqp.redact(self.url),
+            url=redact(self.url),
             queue=self.queue,
             timeout=seconds,
         )
@@ -462,7 +495,7 @@ class AsyncClient:
         now = time.monotonic()
         waiting = self._slots.expire(now)
         for call in [call for call in self._waiting if call.deadline < now - _LATE]:
-            driver.abandon(call, driver.timed_out(call))
+            driver.abandon(call, driver.deadline_error(call))
         if waiting or any(call.timeout != math.inf for call in self._waiting):
             self._arm_watchdog()
 

@@ -47,14 +47,11 @@ import functools
 import itertools
 import logging
 import math
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -62,11 +59,13 @@ from typing import Any, Final, TextIO
 import gmpy2
 import numpy as np
 
-from fibrpc import amqp, config
+from fibrpc import amqp, config, serving
 from fibrpc.client import Client
 from fibrpc.config import DEFAULT_QUEUE, DEFAULT_TIMEOUT, DEFAULT_URL
-from fibrpc.errors import CallTimeoutError, FibrpcError, RequestError
+from fibrpc.errors import CallTimeoutError, RequestError, SpawnError
 from fibrpc.numbers import DEFAULT_ALGORITHM, FAST_TABLE, ITER_MAX_N
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact, split_urls
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -117,10 +116,6 @@ _RESOLVE_MARGIN: Final = 30.0
 _WARM_CALLS: Final = 64
 
 
-class SpawnError(FibrpcError):
-    """A server started by ``--spawn`` exited or did not become ready in time."""
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class BenchSettings:
     """What one run measures, and where; every field is a ``fibrpc bench`` option."""
@@ -136,7 +131,7 @@ class BenchSettings:
     batch_window: int = DEFAULT_BATCH_WINDOW
     batch_size: int = DEFAULT_BATCH_SIZE
     timeout: float = DEFAULT_TIMEOUT
-    tls: amqp.TLSOptions | None = None
+    tls: TLSOptions | None = None
     reply_queue: str = config.DEFAULT_REPLY_QUEUE
 
     def calls_for(self, scenario: str) -> int:
@@ -187,7 +182,7 @@ class Report:
             "batch_size": s.batch_size,
             "timeout": s.timeout,
             "spawn": self.spawn,
-            "url": ", ".join(amqp.redact(url) for url in s.urls),
+            "url": ", ".join(redact(url) for url in s.urls),
             "queue": s.queue,
             "reply_queue": s.reply_queue,
         }
@@ -628,13 +623,15 @@ def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = F
     """Run every scenario of ``settings`` and return the report.
 
     With ``spawn``, first start a server of that many workers on a queue of its own
-    (``settings.queue`` is then ignored) and stop it afterwards, whatever happens.
+    (``settings.queue`` is then ignored) and stop it afterwards, whatever happens; the
+    broker is checked first (``BrokerError`` at once when it does not answer).
     ``progress`` draws a counter on stderr. Raises the client's ``FibrpcError`` when the
     broker or the server is lost, ``SpawnError`` when a spawned server does not start.
     """
     stream = sys.stderr if progress else None
     with contextlib.ExitStack() as stack:
         if spawn is not None:
+            _check_broker(settings)  # a server would wait for it in silence, forever
             options = _tls_options(settings.tls)
             server = stack.enter_context(spawned_server(settings.urls, spawn, options=options))
             settings = dataclasses.replace(settings, queue=server.queue)
@@ -645,22 +642,22 @@ def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = F
 # -- --spawn -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SpawnedServer:
-    """A ``fibrpc serve`` started by ``spawned_server``: its private queue and its pid."""
+def _check_broker(settings: BenchSettings) -> None:
+    """Connect once, as the client will: ``BrokerError`` now (within the calls' timeout,
+    at most 15 s) when the broker cannot be reached or refuses, rather than a spawned
+    server waiting out its start-up in silence for a broker that is not there."""
+    connection, _ = amqp.connect_any(
+        settings.urls,
+        name="fibrpc-bench",
+        tls=settings.tls,
+        connect_timeout=min(settings.timeout, amqp.CONNECT_TIMEOUT),
+    )
+    amqp.close_within(connection, 1.0)
 
-    queue: str
-    pid: int
 
-    def worker_pids(self) -> list[int]:
-        """The pids of its workers (its children)."""
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.pid)],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        return [int(p) for p in out.split()]
+#: A ``fibrpc serve`` started by ``spawned_server``: ``.queue``, ``.pid``,
+#: ``.worker_pids()`` (``fibrpc.serving.ServerProcess``).
+SpawnedServer = serving.ServerProcess
 
 
 @contextlib.contextmanager
@@ -673,7 +670,7 @@ def spawned_server(
     options: Sequence[str] = (),
 ) -> Iterator[SpawnedServer]:
     """Start ``fibrpc serve`` on a fresh queue (with ``options`` added to its command
-    line); yield it once it is ready.
+    line); yield it once it is ready (``fibrpc.serving``).
 
     The server runs in a session (and process group) of its own, so a Ctrl-C at the
     terminal reaches only this process, which then stops the server in order. SIGTERM and
@@ -681,37 +678,34 @@ def spawned_server(
     Linux's parent-death signal covers the one case no handler can: this process killed
     with SIGKILL. Raises ``SpawnError`` if the server exits or is not ready in time.
     """
-    queue = f"fibrpc-bench-{uuid.uuid4().hex[:10]}"
-    cmd = [sys.executable, "-m", "fibrpc", "serve", "--queue", queue, "--workers", str(workers)]
-    cmd += options
-    urls = amqp.split_urls(url)
-    # In the environment, not in argv, where ps would show the passwords.
-    env = {**os.environ, "FIBRPC_URL": ",".join(urls)}
+    queue = serving.private_queue("fibrpc-bench")
+    urls = split_urls(url)
     with (
         signals_as_exit(),
         tempfile.TemporaryDirectory(prefix="fibrpc-bench-") as tmp,
     ):
-        log_path = Path(tmp) / "serve.log"
-        with log_path.open("wb") as log_file:
-            # preexec_fn is safe here: no Client (and so no thread) exists yet.
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
-            )
+        # preexec_fn is safe here: no Client (and so no thread) exists yet.
+        server = serving.start(
+            urls,
+            queue,
+            *options,
+            log=Path(tmp) / "serve.log",
+            workers=workers,
+            preexec_fn=_die_with_parent,
+        )
         try:
-            _wait_ready(proc, log_path, ready_timeout)
-            log.info("spawned server pid %d on queue %r", proc.pid, queue)
-            yield SpawnedServer(queue, proc.pid)
+            server.wait_ready(ready_timeout)
+            log.info("spawned server pid %d on queue %r", server.pid, queue)
+            yield server
         finally:
             try:
-                _stop(proc, stop_timeout)
+                if server.proc.poll() is None:
+                    log.info("stopping the spawned server (pid %d)", server.pid)
+                code = server.stop(stop_timeout)
+                if code == -signal.SIGKILL:
+                    log.warning("the spawned server did not stop within %s s", stop_timeout)
             finally:
-                _delete_queue(urls, queue)
+                serving.delete_queue(urls, queue)
 
 
 @contextlib.contextmanager
@@ -733,67 +727,13 @@ def signals_as_exit() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
-    """Wait for the server's ``ready:`` log line; ``SpawnError`` if it exits or is late."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if b"ready:" in log_path.read_bytes():
-            return
-        if proc.poll() is not None:
-            raise SpawnError(
-                f"The spawned server exited with code {proc.returncode} before it was "
-                f"ready; its log ends:\n{_tail(log_path)}"
-            )
-        time.sleep(0.01)
-    raise SpawnError(
-        f"The spawned server was not ready within {timeout} s; its log ends:\n{_tail(log_path)}"
-    )
-
-
-def _tail(path: Path, chars: int = 2000) -> str:
-    return path.read_bytes()[-chars:].decode(errors="replace")
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM the supervisor and wait for its drain; then SIGKILL whatever is left of
-    its process group (workers included), in every case."""
-    try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("the spawned server did not stop within %s s; killing it", timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-
-
-def _delete_queue(urls: Sequence[str], queue: str) -> None:
-    """Delete the spawned server's queue (best effort: a leftover queue is harmless)."""
-    try:
-        conn, _ = amqp.connect_any(urls, name="fibrpc-bench")
-    except FibrpcError as exc:
-        log.debug("could not delete queue %r: %s", queue, exc)
-        return
-    try:
-        conn.channel().queue_delete(queue)
-    except Exception as exc:
-        log.debug("could not delete queue %r: %s", queue, exc)
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
 def _die_with_parent() -> None:
     from fibrpc.server import die_with_parent  # noqa: PLC0415 - only a spawn needs it
 
     die_with_parent()
 
 
-def _tls_options(tls: amqp.TLSOptions | None) -> list[str]:
+def _tls_options(tls: TLSOptions | None) -> list[str]:
     """The ``fibrpc serve`` options that give a spawned server the same TLS settings."""
     if tls is None:
         return []

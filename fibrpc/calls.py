@@ -1,9 +1,10 @@
 """The calls a client has in flight: pure bookkeeping, no I/O and no pika.
 
 ``Registry`` holds what a client must know of its calls: the window (at most ``window``
-calls in flight; ``reserve`` blocks while it is full), the pending calls by correlation
-id, and their deadlines. Settling a call frees its slot exactly once, however many
-threads race to settle it (the reply, its deadline, the waiting thread, ``close``).
+calls in flight; ``reserve`` blocks while it is full, and fails at once for every waiter
+when the client closes), the pending calls by correlation id, and their deadlines.
+Settling a call frees its slot exactly once, however many threads race to settle it (the
+reply, its deadline, the waiting thread, ``close``).
 Memory is bounded by the calls in flight, not by the call rate times the timeout: the
 deadlines of calls settled early are dropped as the heap outgrows the pending calls.
 
@@ -20,6 +21,7 @@ import time
 from typing import Any, Final, Protocol
 
 from fibrpc import coalesce, protocol, tracing
+from fibrpc.errors import ClientClosedError
 
 #: What a reply is turned into for the caller.
 AS_INT: Final = 0
@@ -102,6 +104,7 @@ class Call:
         "corr_id",
         "deadline",
         "done",
+        "expires",
         "future",
         "light",
         "msg_type",
@@ -131,6 +134,9 @@ class Call:
         self.as_ = as_
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
+        #: When its request leaves the queue unconsumed (the message's TTL, set at each
+        #: publish): the deadline, or sooner when no server consumed the queue then.
+        self.expires = self.deadline
         self.body, self.content_type, self.msg_type = encoded
         self.future = future
         #: A single call that may share a message with others (``fibrpc.coalesce``).
@@ -185,7 +191,9 @@ class Registry:
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self._slots = threading.BoundedSemaphore(window)
+        self._free = window
+        self._window = threading.Condition(threading.Lock())
+        self.closed = False
         self._pending: dict[str, Call] = {}
         self._deadlines: list[tuple[float, str]] = []
         #: Calls settled so far: tells a driver whom to wake.
@@ -195,16 +203,47 @@ class Registry:
 
     def reserve(self, timeout: float, *, block: bool = True) -> bool:
         """Take a slot of the window, waiting up to ``timeout`` seconds (``math.inf``:
-        as long as it takes) if ``block``. Returns False if none came free."""
-        if not block:
-            return self._slots.acquire(blocking=False)
-        if timeout == math.inf or timeout >= threading.TIMEOUT_MAX:
-            return self._slots.acquire()
-        return self._slots.acquire(timeout=timeout)
+        as long as it takes) if ``block``. Returns False if none came free. Raises
+        ``ClientClosedError`` once the registry is closed, waiting or not."""
+        with self._window:
+            if not block or self._free:
+                return self._take()
+            if timeout == math.inf or timeout >= threading.TIMEOUT_MAX:
+                self._window.wait_for(self._ready)
+            else:
+                self._window.wait_for(self._ready, timeout)
+            return self._take()
+
+    def _ready(self) -> bool:
+        return self._free > 0 or self.closed
+
+    def _take(self) -> bool:
+        if self.closed:
+            raise ClientClosedError("The client was closed while this call waited for a slot.")
+        if not self._free:
+            return False
+        self._free -= 1
+        return True
 
     def release(self) -> None:
         """Give back a slot taken for a call that was never sent."""
-        self._slots.release()
+        with self._window:
+            if self._free >= self.window:
+                raise ValueError("a slot of the window was given back twice")
+            self._free += 1
+            self._window.notify()
+
+    def close(self) -> None:
+        """No more calls: every ``reserve``, waiting or to come, raises
+        ``ClientClosedError`` (a thread blocked on a full window is woken at once)."""
+        with self._window:
+            self.closed = True
+            self._window.notify_all()
+
+    @property
+    def free(self) -> int:
+        """Slots of the window free now."""
+        return self._free
 
     # -- the calls in flight ------------------------------------------------------------
 
@@ -225,7 +264,7 @@ class Registry:
         """Settle ``call`` (taken out with ``pop``, or never tracked): free its slot,
         count it, resolve it. A call settled already frees nothing."""
         if call.settle(outcome, ok=ok):
-            self._slots.release()
+            self.release()
             self.settled += 1
 
     def fail(self, corr_id: str, error: BaseException) -> bool:

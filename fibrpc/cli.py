@@ -17,11 +17,13 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from fibrpc import amqp, config, logs
+from fibrpc import config, logs
 from fibrpc.client import Client, check_timeout
 from fibrpc.errors import ConfigError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 from fibrpc.numbers import ALGORITHMS, DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import split_urls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,7 +106,7 @@ def broker_options(func: F) -> F:
 def _urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """``--url``, given once or more, each perhaps several URLs separated by commas."""
     try:
-        return amqp.split_urls(value)
+        return split_urls(value)
     except ConfigError as exc:
         raise click.BadParameter(exc.message) from None
 
@@ -115,7 +117,7 @@ def tls_options(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs["tls"] = amqp.TLSOptions(
+        kwargs["tls"] = TLSOptions(
             ca_file=kwargs.pop("tls_ca_file"),
             cert_file=kwargs.pop("tls_cert_file"),
             key_file=kwargs.pop("tls_key_file"),
@@ -347,7 +349,7 @@ def serve(
     state_dir: str | None,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Serve Fibonacci requests from QUEUE with a supervised pool of workers.
 
@@ -444,7 +446,7 @@ def call(
     as_json: bool,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Compute F(N) on a running server and print it.
 
@@ -473,6 +475,7 @@ Examples:
   fibrpc status                                  # the queue, its rates, local workers
   fibrpc status --queue jobs --json | jq .servers
   fibrpc status --management-url http://admin:pw@broker:15672
+  fibrpc status --watch                          # refreshed in place until Ctrl-C
 """
 )
 @broker_options
@@ -492,6 +495,23 @@ Examples:
     is_flag=True,
     help="Print one JSON object instead of text.",
 )
+@option(
+    "--describe-wait",
+    env="FIBRPC_DESCRIBE_WAIT",
+    type=click.FloatRange(min=0.0),
+    default=config.DEFAULT_DESCRIBE_WAIT,
+    show_default=True,
+    help="Seconds to wait for the servers to describe themselves (0: ask none).",
+)
+@option(
+    "--watch",
+    env="FIBRPC_STATUS_WATCH",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    is_flag=False,
+    flag_value=2.0,
+    help="Refresh in place every SECONDS (2 when given alone) until Ctrl-C.",
+)
 @timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the broker to answer.")
 @log_options(config.DEFAULT_CLIENT_LOG_LEVEL)
 def status(
@@ -501,12 +521,17 @@ def status(
     management_url: str | None,
     state_dir: str | None,
     as_json: bool,
+    describe_wait: float,
+    watch: float | None,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
-    """Show QUEUE's depth, consumers and message rates, and the servers on this machine:
-    each worker's pid, uptime, requests served, errors and restarts.
+    """Show QUEUE's depth, consumers and message rates; every server on the queue, on
+    any machine, as it describes itself (version, workers, counts per algorithm, a STUCK
+    sign on a worker that held one request past its expected time or stopped answering);
+    and the servers on this machine that did not answer: each worker's pid, uptime,
+    requests served, errors and restarts.
 
     Message rates come from RabbitMQ's management API; without it the rest still works.
     Exit codes: 0 a server consumes the queue, 5 none does (or the queue does not exist),
@@ -515,14 +540,30 @@ def status(
     from fibrpc import status as _status  # noqa: PLC0415 - keeps `call` light
 
     setup_logging(log_level, log_format)
-    report, error = _status.gather(
-        urls,
-        queue,
-        tls=tls,
-        management_url=management_url,
-        state_dir=Path(state_dir) if state_dir else None,
-        timeout=timeout,
-    )
+
+    def look() -> tuple[dict[str, Any], FibrpcError | None]:
+        return _status.gather(
+            urls,
+            queue,
+            tls=tls,
+            management_url=management_url,
+            state_dir=Path(state_dir) if state_dir else None,
+            timeout=timeout,
+            describe_wait=describe_wait,
+        )
+
+    if watch is not None and not as_json:
+        try:
+            while True:
+                report, error = look()
+                shown = _status.render(report)
+                if error is not None:
+                    shown += f"\nfibrpc: {error}"
+                click.echo(f"\x1b[H\x1b[2J{shown}\n(every {watch:g} s; Ctrl-C ends)")
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            sys.exit(int(ExitCode.OK))
+    report, error = look()
     if as_json:
         click.echo(json.dumps(report))
     else:
@@ -654,7 +695,7 @@ def bench(
     spawn: int | None,
     as_json: bool,
     progress: bool | None,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Measure calls/s and latency of a fibrpc server, with every result checked.
 
@@ -666,7 +707,7 @@ def bench(
     from fibrpc import bench as _bench  # noqa: PLC0415 - keeps `call` light
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
-    amqp.quiet_pika()
+    logs.quiet_pika()
     settings = _bench.BenchSettings(
         urls=urls,
         queue=queue,

@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import math
 import operator
 import os
 import threading
+import time
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, protocol, tracing
+from fibrpc import amqp, control, describe, protocol, tracing
 from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
 from fibrpc.config import (
     BROKER_MAX_MESSAGE_BYTES,
@@ -47,6 +49,8 @@ from fibrpc.driver import TICK, Driver, too_large
 from fibrpc.errors import CallTimeoutError, ClientClosedError, ConfigError, ErrorCode, RequestError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM, estimate_digits
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +81,11 @@ def check_timeout(timeout: object) -> float:
     return seconds
 
 
-def check_urls(url: str | Sequence[str], tls: amqp.TLSOptions | None) -> tuple[str, ...]:
+def check_urls(url: str | Sequence[str], tls: TLSOptions | None) -> tuple[str, ...]:
     """The broker's nodes named by ``url`` (one URL, a list, or one string of them
     separated by commas), each one read as pika will read it, with ``tls``. Raises
     ``ConfigError`` for a URL pika cannot read or a bad TLS option."""
-    urls = amqp.split_urls(url)
+    urls = split_urls(url)
     for node in urls:
         amqp.parameters(node, tls=tls)
     return urls
@@ -126,19 +130,56 @@ def encode(
     n: object, algo: str, as_: int, max_message: int = 0, *, binary: bool = True
 ) -> tuple[int | list[int], tuple[bytes, str | None, str | None]]:
     """Check ``n`` and encode its request: returns n as an int (or, for a batch, the
-    list of ints ``batches`` checked) and the request's body, content type and AMQP
+    list of ints ``Chunks`` checked) and the request's body, content type and AMQP
     ``type`` (``protocol.encode_request``). ``as_`` is what the reply becomes
     (``AS_INTS``: n is a batch). Raises ``RequestError`` for an n that is not an
-    integer (a list included, unless a batch), an unknown ``algo``, and a body over
+    integer (a list included, unless a batch), an n of 2**64 or more (no server computes
+    it: ``out_of_range``), an ``algo`` that is not a str, and a body over
     ``max_message`` bytes (the broker's limit once it has named one; else RabbitMQ's
     default, 16 MiB). ``binary``: a batch goes in the binary form (``protocol.U64``)."""
+    check_algo(algo)
     if as_ != AS_INTS or not isinstance(n, list):
         n = check_n(n)
-    encoded = protocol.encode_request(n, algo, binary=binary)
+        if n > MAX_N:
+            raise _too_large_n(n)
+        encoded = protocol.encode_request(n, algo, binary=binary)
+    else:
+        packed: tuple[bytes, str | None, str | None] | None = None
+        with contextlib.suppress(ValueError):  # not packed, and an n past int's text limit
+            packed = protocol.encode_request(n, algo, binary=True) if binary else None
+        if packed is not None and packed[1] == protocol.U64:
+            encoded = packed
+        else:
+            # As JSON (rare): every n checked first; a negative n is the server's to refuse.
+            _check_batch_range(n)
+            encoded = protocol.encode_request(n, algo)
     largest = max_message or BROKER_MAX_MESSAGE_BYTES
     if len(encoded[0]) > largest:
         raise too_large(len(encoded[0]), largest)
     return n, encoded
+
+
+#: The largest n a request may carry: 2**64 - 1 (F(n) past it would have quintillions of
+#: digits; every server's bound is far lower).
+MAX_N: Final = 2**64 - 1
+
+
+def _check_batch_range(ns: list[int]) -> None:
+    """Raise ``RequestError`` naming the first member of ``ns`` over ``MAX_N``."""
+    if not ns or max(ns) <= MAX_N:
+        return
+    for i, n in enumerate(ns):
+        if n > MAX_N:
+            error = _too_large_n(n)
+            raise RequestError(error.code, f"Batch member {i}: {error.message}")
+
+
+def _too_large_n(n: int) -> RequestError:
+    return RequestError(
+        ErrorCode.OUT_OF_RANGE,
+        f"n of {n.bit_length():,} bits is too large to send: no server computes F(n) for "
+        f"n of 2**64 or more.",
+    )
 
 
 class _Callbacks:
@@ -199,11 +240,21 @@ class _Callbacks:
 
 class _Future(concurrent.futures.Future[Any]):
     """A future whose done-callbacks run on the client's callback thread, never on the
-    thread that drives the connection (where a slow one would stall every call)."""
+    thread that drives the connection (where a slow one would stall every call); its
+    ``cancel()`` gives the call up and tells the servers (``fibrpc.control``)."""
 
     def __init__(self, client: Client) -> None:
         super().__init__()
         self._client = client
+        self.call: Call | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        call = self.call
+        if call is not None:
+            self._client._driver.abandon(call, ClientClosedError("The call was cancelled."))
+        return True
 
     def add_done_callback(self, fn: Any) -> None:
         client = self._client
@@ -236,7 +287,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
         reply_queue: str = DEFAULT_REPLY_QUEUE,
     ) -> None:
         self.timeout = check_timeout(timeout)
@@ -359,11 +410,15 @@ class Client:
         try:
             chunk: Any = next(chunks, END)
             while chunk is not END or in_flight:
-                while chunk is not END:
+                # Fill the window, giving back each answer as soon as it is in: with an
+                # input that pauses, results come while the input is still coming.
+                while chunk is not END and not (in_flight and in_flight[0].done):
                     call, _ = self._submit(chunk, algo, timeout, as_, block=not in_flight)
                     if call is None:
                         break
                     in_flight.append(call)
+                    if chunks.slow:  # reading the input may take a while: let the I/O
+                        self._driver.notify_io()  # thread take the replies meanwhile
                     chunk = next(chunks, END)
                 result = self._driver.wait(in_flight.popleft())
                 yield [result] if as_ == AS_INT else result
@@ -374,13 +429,49 @@ class Client:
                     self._driver.abandon(call, gone)
 
     def close(self) -> None:
-        """Fail the calls still in flight with ``ClientClosedError`` and disconnect;
-        returns within about a second, whatever the broker does."""
+        """Fail the calls still in flight with ``ClientClosedError``, tell the servers
+        they are given up on, and disconnect; returns within about a second, whatever
+        the broker does."""
         if self._closing:
             return
         self._closing = True
+        if self._pid != os.getpid():
+            # Made in a parent process, never used here: its connection, I/O thread and
+            # locks are the parent's (a lock another thread held at the fork stays held
+            # here for good). Nothing of this process's own to close.
+            return
         self._driver.close()
         self._callbacks.close()
+
+    def describe(self, wait: float = 1.0) -> list[describe.Description]:
+        """What every server on the queue says it is (``fibrpc.describe.Description``):
+        version, algorithms and bounds, limits, forms, per-algorithm counts, workers.
+        Each server answers once; this returns those that answered within ``wait``
+        seconds (none: an empty list), sorted by host and pid. Raises ``ConfigError``
+        for a bad ``wait``, ``ClientClosedError`` if the client is closed, and
+        ``UnreadableReplyError`` for an answer that is not a description."""
+        seconds = check_timeout(wait)
+        if seconds == math.inf:
+            raise ConfigError(f"describe waits a finite number of seconds; got {wait!r}.")
+        if self._pid != os.getpid():
+            self._after_fork()
+        if self._closing:
+            raise ClientClosedError("The client is closed.")
+        answers: list[tuple[str | None, bytes]] = []
+        corr_id = f"{self._prefix}describe.{next(self._ids)}"
+        driver = self._driver
+        driver.control(
+            control.DESCRIBE,
+            control.encode_describe(),
+            corr_id,
+            int(seconds * 1000),
+            lambda content_type, body: answers.append((content_type, body)),
+        )
+        try:
+            time.sleep(seconds)
+        finally:
+            driver.unlisten(corr_id)
+        return sorted_descriptions(answers)
 
     @property
     def in_flight(self) -> int:
@@ -425,11 +516,13 @@ class Client:
                 return None, False
             raise CallTimeoutError(
                 f"The client's window of {self.window} calls stayed full for {seconds} s.",
-                url=amqp.redact(self.url),
+                url=redact(self.url),
                 queue=self.queue,
                 timeout=seconds,
             )
         call = Call(f"{self._prefix}{next(self._ids)}", n, algo, as_, seconds, encoded, future)
+        if isinstance(future, _Future):
+            future.call = call
         tracing.start_call(call, self.queue, waits=hold)
         return call, self._driver.submit(call, hold=hold)
 
@@ -477,6 +570,24 @@ class Stream(Iterator[int]):
         self._batches.close()
 
 
+def sorted_descriptions(answers: list[tuple[str | None, bytes]]) -> list[describe.Description]:
+    """The descriptions among a describe's answers, one per server (the first of each
+    id), sorted by host and pid. A server that refused the describe (an older fibrpc
+    answers ``unsupported_content_type``) is left out, with a log line. Raises
+    ``UnreadableReplyError`` for an answer that is neither."""
+    found: dict[str, describe.Description] = {}
+    for content_type, body in answers:
+        if protocol.media_type(content_type) == protocol.JSON:
+            try:
+                protocol.decode_reply(body, content_type)
+            except RequestError as exc:
+                log.info("a server refused the describe (an older fibrpc?): %s", exc)
+                continue
+        description = describe.parse(body)
+        found.setdefault(description.id, description)
+    return sorted(found.values(), key=lambda d: (d.host, d.pid))
+
+
 def _call_back(fn: Any, future: concurrent.futures.Future[Any]) -> None:
     try:
         fn(future)
@@ -484,44 +595,160 @@ def _call_back(fn: Any, future: concurrent.futures.Future[Any]) -> None:
         log.exception("a done-callback of a fibrpc future raised")
 
 
-def messages(ns: Iterable[object], algo: str, batch_size: int | None) -> tuple[Iterator[Any], int]:
+def messages(ns: Iterable[object], algo: str, batch_size: object) -> tuple[Chunks, int]:
     """How ``imap`` cuts ``ns`` into messages, and what each reply becomes: one n a
-    message (``AS_INT``) with ``batch_size=1``, else ``batches`` (``AS_INTS``). Raises
-    ``ConfigError`` for a ``batch_size`` under 1 (or a bool)."""
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise ConfigError(f"batch_size must be 1 or more; got {batch_size!r}.")
-    if batch_size == 1:
-        return iter(ns), AS_INT
-    return batches(ns, batch_size, algo), AS_INTS
+    message (``AS_INT``) with ``batch_size=1``, else batches (``AS_INTS``). Raises
+    ``ConfigError`` for a ``batch_size`` that is not a whole number of 1 or more, and for
+    an ``ns`` that is not iterable, before anything is read or sent."""
+    size = check_batch_size(batch_size)
+    try:
+        values = iter(ns)
+    except TypeError:
+        raise ConfigError(
+            f"The values of n must come as an iterable (a list, a range, a generator...); "
+            f"got {_show(ns)}, a {type(ns).__name__}."
+        ) from None
+    check_algo(algo)
+    chunks = Chunks(values, size, algo)
+    return chunks, AS_INT if size == 1 else AS_INTS
 
 
-def batches(ns: Iterable[object], size: int | None, algo: str) -> Iterator[list[int]]:
-    """Chunks of ``ns`` (each n checked by ``check_n``): ``size`` values each, or sized
-    automatically by reply bytes. The usual chunk, all ints, is checked in C
-    (``map(type, ...)``): a Python step per value costs batched calls a tenth."""
-    it = iter(ns)
-    if size is not None:
-        while sized := list(itertools.islice(it, size)):
-            if set(map(type, sized)) == _INT:
-                yield sized  # type: ignore[misc]  # every member is an int: checked above
+def check_batch_size(batch_size: object) -> int | None:
+    """``batch_size`` as an int of 1 or more (numpy's integers too), or None (sized by
+    reply bytes). Raises ``ConfigError`` naming anything else (a bool, 2.5, "3")."""
+    if batch_size is None:
+        return None
+    if not isinstance(batch_size, bool):
+        try:
+            size = operator.index(batch_size)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        else:
+            if size >= 1:
+                return size
+    raise ConfigError(
+        f"batch_size must be a whole number of 1 or more (or None: sized by the reply); "
+        f"got {_show(batch_size)}."
+    )
+
+
+def check_algo(algo: object) -> str:
+    """``algo`` if it is a str; else ``RequestError`` (``unknown_algorithm``, as a server
+    answers a name it does not know: which names exist is the server's to say)."""
+    if type(algo) is not str:
+        raise RequestError(
+            ErrorCode.UNKNOWN_ALGORITHM,
+            f"algo must be the name of an algorithm (a str such as 'fast'); got "
+            f"{_show(algo)}, a {type(algo).__name__}.",
+        )
+    return algo
+
+
+class Chunks(Iterator[Any]):
+    """The messages of an ``imap``: each n checked by ``check_n``; ``size`` values a
+    batch, or as many as fit ``AUTO_BATCH_BYTES`` of estimated reply and
+    ``AUTO_BATCH_VALUES`` (one for ``naive``); single values with ``size`` 1.
+
+    A batch is read from the input in runs of 1, 2, 4... values (each taken in C, with
+    ``itertools.islice``, and checked in C when all are ints): an input that pauses (a
+    generator yielding now and then) ends the batch at the run that took longer than
+    ``LINGER``, so its values are sent, and their results given back, while the input is
+    still coming; a quick input makes full batches as before, at a few clock reads a
+    batch. ``slow`` says whether the last message was cut short so.
+    """
+
+    def __init__(self, values: Iterator[Any], size: int | None, algo: str) -> None:
+        self._values = values
+        self._size = size
+        self._limit = size or (1 if algo == "naive" else AUTO_BATCH_VALUES)
+        self._carry: list[int] = []  # values read and checked, not yet in a message
+        self._done = False
+        self.slow = False
+
+    def __iter__(self) -> Chunks:
+        return self
+
+    def __next__(self) -> Any:
+        if self._size == 1:
+            started = time.monotonic()
+            value = next(self._values)
+            self.slow = time.monotonic() - started > LINGER
+            return check_n(value)
+        chunk = self._chunk()
+        if not chunk:
+            raise StopIteration
+        return chunk
+
+    def _chunk(self) -> list[int]:
+        chunk: list[int] = []
+        pending, self._carry = self._carry, []
+        sized = self._size is not None
+        budget = AUTO_BATCH_BYTES
+        run = 1
+        self.slow = False
+        while True:
+            took = 0.0
+            if pending:  # what the last batch read and left: first in this one
+                part, pending = pending, []
             else:
-                yield [check_n(n) for n in sized]
-        return
-    limit = 1 if algo == "naive" else AUTO_BATCH_VALUES
-    chunk: list[int] = []
-    budget = AUTO_BATCH_BYTES
-    for value in it:
-        n = value if type(value) is int else check_n(value)
-        cost = estimate_digits(n) if n > 93 else 24
-        if chunk and (len(chunk) >= limit or cost > budget):
-            yield chunk
-            chunk, budget = [], AUTO_BATCH_BYTES
-        chunk.append(n)
+                if self._done or len(chunk) >= self._limit:
+                    break
+                started = time.monotonic()
+                part = list(itertools.islice(self._values, min(run, self._limit - len(chunk))))
+                took = time.monotonic() - started
+                if not part:
+                    self._done = True
+                    break
+                if set(map(type, part)) != _INT:
+                    part = [check_n(n) for n in part]
+            if not sized:
+                fits, budget = _fitting(part, budget)
+                if fits < len(part):
+                    if not chunk and not fits:
+                        fits = 1  # a value over the budget alone: a message of its own
+                    chunk.extend(part[:fits])
+                    self._carry = part[fits:]
+                    break
+            chunk.extend(part)
+            if took > LINGER:
+                self.slow = True  # the input pauses: send what has come
+                break
+            run *= 2
+        return chunk
+
+
+def _fitting(part: list[int], budget: int) -> tuple[int, int]:
+    """How many values of ``part``, from its start, fit ``budget`` bytes of estimated
+    reply, and the budget left."""
+    if max(part) <= 93 and min(part) >= 0:  # the usual part: checked in C
+        fits = min(len(part), budget // _SMALL_COST)
+        return fits, budget - fits * _SMALL_COST
+    fits = 0
+    for n in part:
+        cost = _reply_cost(n)
+        if cost > budget:
+            break
         budget -= cost
-    if chunk:
-        yield chunk
+        fits += 1
+    return fits, budget
 
 
+def _reply_cost(n: int) -> int:
+    """Estimated bytes of F(n) in a reply, for sizing batches."""
+    return estimate_digits(n) if n > 93 else _SMALL_COST
+
+
+def _show(value: object) -> str:
+    """``repr(value)``, cut to 60 characters (an argument may be huge)."""
+    if isinstance(value, int) and value.bit_length() >= 200:
+        return f"an int of {value.bit_length():,} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: Seconds a run of input values may take before the batch being filled is sent as it is.
+LINGER: Final = 0.02
+_SMALL_COST: Final = 24
 _INT: Final = {int}
 #: The end of an iterable of n (None is a value there, refused as not an integer).
 END: Final = object()

@@ -102,6 +102,10 @@ MANAGEMENT_PORT: Final = 15672
 #: Seconds ``fibrpc status`` waits for the management API before it reports it missing.
 MANAGEMENT_TIMEOUT: Final = 2.0
 
+#: Seconds ``fibrpc status`` waits for the servers to describe themselves
+#: (``FIBRPC_DESCRIBE_WAIT``): each answers within milliseconds unless it is busy.
+DEFAULT_DESCRIBE_WAIT: Final = 1.0
+
 #: Seconds between two reports of a worker's counters to ``fibrpc status`` and to the
 #: metrics endpoint (at most): a status or a scrape lags the work by up to this.
 REPORT_INTERVAL: Final = 1.0

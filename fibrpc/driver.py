@@ -11,9 +11,20 @@ thread also reconnects when the link is lost and re-sends every call in flight
 consumes the queue, failing the calls with ``NoServerError`` after a short grace when
 nobody does.
 
-Every call keeps its deadline: the driver expires calls at every turn, and a waiting
-thread fails its own call if the driver has not by shortly after its deadline (a link
-stuck in a round trip, say). The registry (``fibrpc.calls``) settles each call once.
+Every call keeps its deadline, connected or not: the driver expires calls at every turn
+and while it reconnects (those handed over meanwhile too), and a waiting thread fails its
+own call if the driver has not by shortly after its deadline (a link stuck in a round
+trip, say). What a call past its deadline is told says why it got no reply
+(``deadline_error``): the broker unreachable since the connection was lost, no server on
+the queue, or no reply in time. A broker that refuses the client when it reconnects (its
+login, its vhost deleted) fails every call at once. The registry (``fibrpc.calls``)
+settles each call once.
+
+A request never outlives the chance of its answer: one published while the queue has no
+consumer carries a TTL of at most ``NO_SERVER_GRACE`` (the broker drops it if no server
+comes by then), and a call fails with ``NoServerError`` before its deadline only once its
+request is gone from the queue; a request still queued (sent while a server consumed) is
+given its whole time, a server that restarts answering it.
 
 Light single calls taken from the outbox at the same turn share messages
 (``fibrpc.coalesce``: at most ``coalesce.MAX_CALLS`` a message), with no waiting added: a
@@ -34,12 +45,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from fibrpc import backoff, coalesce, protocol, refusals, tracing
+from fibrpc import backoff, coalesce, control, protocol, refusals, tracing
 from fibrpc.calls import AS_TEXT, Call, Registry, read_reply
 from fibrpc.config import NO_SERVER_GRACE
 from fibrpc.errors import (
     AccessRefusedError,
+    BrokerError,
     BrokerRefusedError,
+    BrokerUnreachableError,
     CallTimeoutError,
     ClientClosedError,
     ErrorCode,
@@ -66,6 +79,14 @@ _IDLE: Final = 1.0
 _RECONNECT_CAP: Final = 2.0
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
+#: Seconds past the end of its request's TTL after which a call is sure its request is
+#: gone from the queue (the broker counts the TTL from a moment after the publish).
+_TTL_MARGIN: Final = 0.1
+#: The longest a new connection waits for its first answer on the queue's consumers.
+_FIRST_PROBE: Final = 1.0
+#: Seconds between two cancel messages at most: the cancels gathered meanwhile go in one
+#: (a storm of 10,000 futures cancelled one by one is a few messages, not one per turn).
+CANCEL_EVERY: Final = 0.1
 #: The coalesced messages remembered are pruned of those wholly settled when they
 #: outnumber the calls in flight by this many.
 _MESSAGES_SLACK: Final = 1024
@@ -133,6 +154,12 @@ class Link(Protocol):
     def ask_consumers(self) -> None:
         """Ask how many consumers the queue has (answered by ``on_consumers``)."""
 
+    def publish_control(
+        self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
+    ) -> None:
+        """Queue a control message (``fibrpc.control``) to the request queue, with the
+        calls' reply address; raise ``LinkLost``."""
+
     def wake(self) -> None:
         """Make a waiting ``turn`` return (thread-safe)."""
 
@@ -170,11 +197,27 @@ class Driver:
         self.closing = False
         self._next_probe = 0.0
         self._no_consumer_since: float | None = None
+        #: The last answer on the queue's consumers said none (outside a reconnect's
+        #: grace): requests published now get a TTL of at most ``NO_SERVER_GRACE``.
+        self._unserved = False
+        self._asked = False  # a question on the consumers is on its way
         self._grace_until = 0.0
+        #: Why the link is down, while it is: the last reconnect's error.
+        self._down: BrokerError | None = None
+        self._shut = False  # the link is closed for good: calls handed over fail at once
         self._returned: collections.deque[tuple[float, str]] = collections.deque()
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        #: Correlation ids of calls given up on, to cancel at the next turn (one message
+        #: per turn for however many: ``fibrpc.control``); guarded by ``_lock``.
+        self._cancels: list[str] = []
+        #: Control messages to send at the next turn: content type, body, id, TTL.
+        self._controls: list[tuple[str, bytes, str, int]] = []
+        #: Who hears the replies to a control message (a describe), by correlation id.
+        self._listeners: dict[str, Callable[[str | None, bytes], None]] = {}
+        self.cancels_sent = 0  #: cancel messages sent (for tests and the bench)
+        self._next_cancel = 0.0  # monotonic: no cancel message before this
         #: When to try the broker again after losing it (a few times a second at most).
         self.retry = backoff.Backoff(cap=_RECONNECT_CAP)
         #: The thread inside a turn (``_step``), if any; and what to call after each turn
@@ -223,6 +266,7 @@ class Driver:
         # driver's ``_end_turn`` still gets the outbox flushed.
         if (
             not self._broken
+            and not self.closing
             and not self._driving
             and not (hold and len(self.registry))
             and self._try_turn()
@@ -247,8 +291,15 @@ class Driver:
         thread if nobody drives); never touches the link from this thread, so it never
         blocks (``fibrpc.aio`` submits every call this way, from its event loop)."""
         with self._lock:
-            first = not self._outbox
-            self._outbox.extend(calls)
+            shut = self._shut
+            if not shut:
+                first = not self._outbox
+                self._outbox.extend(calls)
+        if shut:  # closed: nobody will ever take them
+            closed = ClientClosedError("The client is closed.")
+            for call in calls:
+                self.registry.settle(call, closed, ok=False)
+            return
         if first:  # later ones ride on the first one's kick: the driver takes them all
             self._kick()
 
@@ -267,7 +318,7 @@ class Driver:
             if time.monotonic() > call.deadline + _LATE:
                 # Whoever drives the link should have expired it by now: it is stuck
                 # (in a broker round trip, say). The deadline is kept all the same.
-                self.abandon(call, self.timed_out(call))
+                self.abandon(call, self.deadline_error(call))
                 break
             wakeup = call.future
             if type(wakeup) is Wakeup and not self._broken:
@@ -303,11 +354,65 @@ class Driver:
                 queued = True
         if queued:
             self.registry.settle(call, error, ok=False)
-        else:
-            self.registry.fail(call.corr_id, error)
+        elif self.registry.fail(call.corr_id, error):
+            self.cancel([call.corr_id])
+
+    def cancel(self, corr_ids: list[str]) -> None:
+        """Tell the servers that the calls ``corr_ids`` (sent, and settled here already)
+        are given up on: sent at the next turn, with whatever else is cancelled by then
+        (any thread)."""
+        with self._lock:
+            first = not self._cancels
+            self._cancels.extend(corr_ids)
+        if first:
+            self._kick()
+
+    def control(
+        self,
+        content_type: str,
+        body: bytes,
+        corr_id: str,
+        ttl_ms: int,
+        listener: Callable[[str | None, bytes], None] | None = None,
+    ) -> None:
+        """Send a control message at the next turn; ``listener(content_type, body)``
+        hears every reply carrying ``corr_id`` (on the thread that drives the link)
+        until ``unlisten`` (any thread)."""
+        if listener is not None:
+            self._listeners[corr_id] = listener
+        with self._lock:
+            self._controls.append((content_type, body, corr_id, ttl_ms))
+        self._kick()
+
+    def unlisten(self, corr_id: str) -> None:
+        """Stop hearing the replies of ``corr_id``; later ones are dropped as unknown."""
+        self._listeners.pop(corr_id, None)
+
+    def deadline_error(self, call: Call) -> FibrpcError:
+        """What ``call``, past its deadline, is told: the broker unreachable (or refusing)
+        if the connection is down, ``NoServerError`` if the queue had no consumer at the
+        last look, else ``CallTimeoutError``."""
+        down = self._down
+        if self._broken and down is not None:
+            return self._down_error(call, down)
+        if self._unserved and not self._broken:
+            return self._no_server(missing=False)
+        return self.timed_out(call)
+
+    def _down_error(self, call: Call, down: BrokerError) -> BrokerError:
+        """The error of ``call`` while the connection is down: ``down``'s kind, saying
+        what happened to the call."""
+        error = type(down)(
+            f"No reply to {call.describe()}: the connection to RabbitMQ was lost and "
+            f"reconnecting fails: {down.message}",
+            url=down.url or self.url,
+            queue=self.link.queue,
+        )
+        error.__cause__ = down
+        return error
 
     def timed_out(self, call: Call) -> CallTimeoutError:
-        """The error of ``call`` past its deadline."""
+        """The error of ``call`` past its deadline, with a connection and a server."""
         blocked = self._blocked
         why = f" RabbitMQ blocks this client's publishing ({blocked})." if blocked else ""
         return CallTimeoutError(
@@ -377,7 +482,15 @@ class Driver:
         return self._needs_io() or time.monotonic() - self._last_step >= _IDLE
 
     def _needs_io(self) -> bool:
-        return bool(len(self.registry) or self._outbox or self._returned or self._broken)
+        return bool(
+            len(self.registry)
+            or self._outbox
+            or self._returned
+            or self._broken
+            or self._cancels
+            or self._controls
+            or self._listeners
+        )
 
     # -- the I/O thread ------------------------------------------------------------------
 
@@ -386,8 +499,10 @@ class Driver:
         reconnect when it is lost, and keep heartbeats flowing while the client idles."""
         try:
             self._open()
+            self._first_probe()
         except BaseException as exc:
             self._start_error = exc
+            self.link.close()
             ready.set()
             return
         ready.set()
@@ -401,6 +516,8 @@ class Driver:
             try:
                 if self._broken:
                     self._reconnect()
+                    if self.closing:
+                        continue  # the link is closed: the shutdown below fails the calls
                 self._step(wait=False)
                 while not self.closing and self._needs_io() and not self._wanting:
                     self._step(wait=True)
@@ -426,43 +543,96 @@ class Driver:
         self.link.open(self)
         self.retry.up()
 
+    def _first_probe(self) -> None:
+        """Ask whether anyone consumes the queue and wait (up to ``_FIRST_PROBE``) for the
+        answer: the first requests then get the TTL that fits (see the module
+        docstring). No answer in time: they get their whole time."""
+        self._ask_consumers()
+        until = time.monotonic() + _FIRST_PROBE
+        try:
+            while self._asked and time.monotonic() < until:
+                self.link.turn(wait=True)
+        except LinkLost:
+            self._broken = True  # the I/O thread reconnects
+        self._next_probe = time.monotonic() + _PROBE_INTERVAL
+
+    def _ask_consumers(self) -> None:
+        self._asked = True
+        self.link.ask_consumers()
+
     def _reconnect(self) -> None:
         """Reconnect with backoff (``backoff.Backoff``: a pause before every try, doubling
         up to ``_RECONNECT_CAP`` with jitter, from the shortest again only after a
         connection that stayed up a while, so even a broker that drops every connection
-        at once is tried a few times a second at most), expiring calls meanwhile; then
-        re-send every call in flight (with the link's reply-to of the new connection)."""
+        at once is tried a few times a second at most), expiring calls meanwhile (those
+        handed over since the loss too); then re-send every call in flight (with the
+        link's reply-to of the new connection). A broker that refuses the client
+        (``AccessRefusedError``) fails every call at once: waiting cannot help them."""
         self.link.close()
+        self._unserved = False
         while not self.closing:
+            self._adopt_outbox()
             self._expire(time.monotonic())
             delay = self.retry.failed()
-            log.info("reconnecting to %s in %.2f s", self.url, delay)
+            log.debug("reconnecting to %s in %.2f s", self.url, delay)
             self._pause(delay)
             if self.closing:
                 return
             try:
                 self._open()
             except FibrpcError as exc:
-                log.info("reconnect failed (%s)", exc)
+                self._went_down(exc)
+                log.debug("reconnect failed (%s)", exc)
                 continue
+            self._adopt_outbox()
             log.info("reconnected; re-sending %d call(s)", len(self.registry))
             # Servers reconnect too (and redeclare the queue, which a broker restart may
             # have deleted): give them time before calling the queue unserved.
             self._grace_until = time.monotonic() + RECONNECT_GRACE
             self._next_probe = self._grace_until
             self._no_consumer_since = None
+            self._asked = False
             self._broken = False
+            self._down = None
             self._messages.clear()  # their replies went with the old connection
             for call in self.registry.calls():
-                self.link.publish(call)  # each alone
+                self._publish(call)  # each alone
             return
+
+    def _went_down(self, exc: FibrpcError) -> None:
+        """A reconnect failed with ``exc``: the reason calls are given from now on; a
+        refusal fails every call in flight at once."""
+        down = exc if isinstance(exc, BrokerError) else BrokerUnreachableError(str(exc))
+        self._down = down
+        if isinstance(down, AccessRefusedError | BrokerRefusedError):
+            self._adopt_outbox()
+            for call in self.registry.calls():
+                self.registry.fail(call.corr_id, self._down_error(call, down))
+
+    def _adopt_outbox(self) -> None:
+        """Take the calls handed over while the link is down into the calls in flight:
+        their deadlines are kept from now on, and they are sent after the reconnect (or
+        failed at once, if the broker refuses the client)."""
+        if not self._outbox:
+            return
+        with self._lock:
+            calls = list(self._outbox)
+            self._outbox.clear()
+        down = self._down
+        for call in calls:
+            if isinstance(down, AccessRefusedError | BrokerRefusedError):
+                self.registry.settle(call, self._down_error(call, down), ok=False)
+            else:
+                self.registry.track(call)
 
     def _pause(self, seconds: float) -> None:
         """Sleep while reconnecting, still expiring calls on time."""
         until = time.monotonic() + seconds
         while not self.closing and (now := time.monotonic()) < until:
+            self._adopt_outbox()
             self._expire(now)
-            time.sleep(min(TICK, until - now))
+            with self._turn:  # close() notifies: it need not wait out the pause
+                self._turn.wait(min(TICK, until - now))
 
     def _step(self, *, wait: bool) -> None:
         """One turn of the link (the caller has the turn): publish what waits in the
@@ -472,6 +642,8 @@ class Driver:
                 calls = list(self._outbox)
                 self._outbox.clear()
             self._send(calls)
+        if self._controls or (self._cancels and time.monotonic() >= self._next_cancel):
+            self._send_controls()
         registry = self.registry
         settled = registry.settled
         self.stepping = threading.get_ident()
@@ -491,9 +663,24 @@ class Driver:
             self._expire(now)
         if len(registry) and now >= self._next_probe:
             self._next_probe = now + _PROBE_INTERVAL
-            self.link.ask_consumers()
+            self._ask_consumers()
         if registry.settled != settled and self._wanting:
             self._notify()  # some waiter's reply may be in
+
+    def _publish(self, call: Call) -> None:
+        """Publish ``call``'s request with the TTL that fits (``_expiry``)."""
+        self._expiry(call, time.monotonic())
+        self.link.publish(call)
+
+    def _expiry(self, call: Call, now: float) -> float:
+        """Set when ``call``'s request, published ``now``, is to leave the queue (see the
+        module docstring): at its deadline, or within ``NO_SERVER_GRACE`` while the queue
+        has no consumer. Returns it."""
+        if self._unserved:
+            call.expires = min(call.deadline, now + NO_SERVER_GRACE)
+        else:
+            call.expires = call.deadline
+        return call.expires
 
     def _send(self, calls: list[Call]) -> None:
         """Publish ``calls`` (the caller has the turn).
@@ -507,11 +694,28 @@ class Driver:
             calls = self._coalesce(calls)
         for call in calls:
             try:
-                self.link.publish(call)
+                self._publish(call)
             except LinkLost:
                 raise  # the call stays pending and is re-sent after the reconnect
             except Exception as exc:  # this call cannot be sent; the others can
                 registry.fail(call.corr_id, ClientClosedError(f"The call could not be sent: {exc}"))
+
+    def _send_controls(self) -> None:
+        """Publish the cancels gathered since the last turn (``control.MAX_CANCEL_IDS``
+        to a message) and the control messages waiting. A cancel lost with the link is
+        not sent again: it would only have saved the servers some work."""
+        with self._lock:
+            cancels, self._cancels = self._cancels, []
+            controls, self._controls = self._controls, []
+        step = control.MAX_CANCEL_IDS
+        if cancels:
+            self._next_cancel = time.monotonic() + CANCEL_EVERY
+        for start in range(0, len(cancels), step):
+            body = control.encode_cancel(cancels[start : start + step])
+            self.link.publish_control(control.CANCEL, body, None, control.CANCEL_TTL_MS)
+            self.cancels_sent += 1
+        for content_type, body, corr_id, ttl_ms in controls:
+            self.link.publish_control(content_type, body, corr_id, ttl_ms)
 
     def _coalesce(self, calls: list[Call]) -> list[Call]:
         """Publish the light calls of ``calls`` in coalesced messages (when more than one
@@ -538,19 +742,20 @@ class Driver:
         latest = 0.0
         for call in calls:
             n: int = call.n  # type: ignore[assignment]  # a light call has one n
-            if call.deadline == math.inf:
+            expires = self._expiry(call, now)
+            if expires == math.inf:
                 latest = math.inf
                 outgoing.append(coalesce.Outgoing(call.corr_id, n, call.algo))
                 continue
-            latest = max(latest, call.deadline)
-            left_ms = max(1, int((call.deadline - now) * 1000))
+            latest = max(latest, expires)
+            left_ms = max(1, int((expires - now) * 1000))
             outgoing.append(
                 coalesce.Outgoing(call.corr_id, n, call.algo, wall_ms + left_ms, left_ms)
             )
         message_id = calls[0].corr_id + "+"
         body = coalesce.encode_calls(outgoing)
         message = Call(message_id, [], "", AS_TEXT, math.inf, (body, coalesce.CALLS, None))
-        message.deadline = latest
+        message.deadline = message.expires = latest
         messages = self._messages
         if len(messages) > len(self.registry) + _MESSAGES_SLACK:
             self._messages = messages = {
@@ -584,7 +789,7 @@ class Driver:
                 if len(call.body) > largest:
                     registry.fail(call.corr_id, too_large(len(call.body), largest))
                 else:
-                    self.link.publish(call)
+                    self._publish(call)
             return
         error: FibrpcError = reason
         if not isinstance(reason, AccessRefusedError | BrokerRefusedError):
@@ -601,8 +806,11 @@ class Driver:
         if call is None:
             messages = self._messages
             members = messages.pop(corr_id, None) if messages and corr_id else None
+            listener = self._listeners.get(corr_id) if corr_id is not None else None
             if members is not None:
                 self._on_coalesced_reply(members, content_type, body)
+            elif listener is not None:
+                listener(content_type, body)
             else:
                 self._count_stray(corr_id)
             return
@@ -693,7 +901,7 @@ class Driver:
         self.coalescing = False
         for call in members:
             if call.corr_id in self.registry:
-                self.link.publish(call)
+                self._publish(call)
 
     def _resend_as_json(self, call: Call) -> None:
         """A server does not read batches in the binary form: send ``call`` again as
@@ -703,7 +911,7 @@ class Driver:
         self.binary_requests = False
         call.body, call.content_type, call.msg_type = protocol.encode_request(call.n, call.algo)
         self.registry.track(call)
-        self.link.publish(call)
+        self._publish(call)
 
     def on_return(self, corr_id: str | None) -> None:
         """The broker returned a request: no queue of that name exists. Just after a
@@ -723,18 +931,23 @@ class Driver:
         self.registry.fail(corr_id, self._no_server(missing=True))
 
     def on_consumers(self, consumers: int | None) -> None:
-        """Fail every waiting call with ``NoServerError`` once the queue has had no
-        consumer, or has not existed (``consumers`` None), for ``NO_SERVER_GRACE``
-        seconds. A queue deleted under calls already routed is no sign of no server:
-        the workers answer what they hold and declare it again (a quorum queue takes a
-        moment), so it gets the same grace. (A call published while it does not exist is
-        returned and fails at once: ``on_return``.)"""
+        """Fail the calls whose request is gone from the queue (past its TTL) with
+        ``NoServerError`` once the queue has had no consumer for ``NO_SERVER_GRACE``
+        seconds; every call if the queue has not existed for that long (nothing was
+        queued: the broker returned the requests). A call whose request is still queued
+        waits for a server up to its deadline (then ``deadline_error`` says there was
+        none). A queue deleted under calls already routed gets the same grace: its
+        workers answer what they hold and declare it again (a quorum queue takes a
+        moment)."""
+        self._asked = False
         now = time.monotonic()
         if now < self._grace_until:
             return
         if consumers:
             self._no_consumer_since = None
+            self._unserved = False
             return
+        self._unserved = True
         if self._no_consumer_since is None:
             self._no_consumer_since = now
             return
@@ -742,7 +955,8 @@ class Driver:
             return
         error = self._no_server(missing=consumers is None)
         for call in self.registry.calls():
-            self.registry.fail(call.corr_id, error)
+            if consumers is None or call.expires + _TTL_MARGIN <= now:
+                self.registry.fail(call.corr_id, error)
 
     def on_blocked(self, reason: str | None) -> None:
         if reason is not None:
@@ -769,11 +983,15 @@ class Driver:
             _, corr_id = self._returned.popleft()
             call = self.registry.get(corr_id)
             if call is not None:
-                self.link.publish(call)
+                self._publish(call)
 
     def _expire(self, now: float) -> None:
-        for call in self.registry.due(now):
-            self.registry.settle(call, self.timed_out(call), ok=False)
+        due = self.registry.due(now)
+        for call in due:
+            self.registry.settle(call, self.deadline_error(call), ok=False)
+        if due:
+            with self._lock:
+                self._cancels.extend(call.corr_id for call in due)
 
     def _no_server(self, *, missing: bool) -> NoServerError:
         queue = self.link.queue
@@ -787,13 +1005,25 @@ class Driver:
 
     def _shutdown(self) -> None:
         closed = ClientClosedError("The client was closed with this call in flight.")
+        self.registry.close()  # a thread waiting for a slot of the window: closed too
         with self._lock:
+            self._shut = True
             waiting = list(self._outbox)
             self._outbox.clear()
         for call in waiting:
             self.registry.settle(call, closed, ok=False)
-        for call in self.registry.calls():
+        in_flight = self.registry.calls()
+        for call in in_flight:
             self.registry.fail(call.corr_id, closed)
+        if in_flight and not self._broken:
+            # Tell the servers, as the last thing on this connection (best effort).
+            with self._lock:
+                self._cancels.extend(call.corr_id for call in in_flight)
+            try:
+                self._send_controls()
+                self.link.turn(wait=False)
+            except Exception:
+                log.debug("the cancel of the calls in flight was not sent", exc_info=True)
         self.link.close()
 
 

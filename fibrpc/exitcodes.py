@@ -33,6 +33,7 @@ class ExitCode(enum.IntEnum):
     CRASH_LOOP = 9  # serve: workers kept dying while booting
     FORCED_STOP = 10  # serve: a second signal cut the drain short
     BROKER_REFUSED = 11  # RabbitMQ answered and refused (a queue in another form, a limit)
+    ABANDONED = 12  # a worker (never the command) ended to stop work its caller gave up on
     INTERRUPTED = 130  # call/bench: Ctrl-C
 
 

@@ -69,6 +69,13 @@ class Board:
             self._memory[at : at + _LENGTH.size] = _LENGTH.pack(0)
         return found
 
+    def release(self, worker: int) -> None:
+        """Worker ``worker`` ended abandoning its computation: clear its slots, and make
+        nothing a suspect (``convict`` then finds them empty)."""
+        for sub in range(_SLOTS):
+            at = self._slots_at + (worker * _SLOTS + sub) * _ENTRY
+            self._memory[at : at + _LENGTH.size] = _EMPTY
+
     def is_suspect(self, request: bytes, *, worker: int | None = None) -> bool:
         """Whether ``request`` was being computed when a worker died (or is in the slot
         of a worker other than ``worker``, which may have just died)."""

@@ -22,6 +22,8 @@ from fibrpc.calls import Call, wants_binary
 from fibrpc.config import DEFAULT_REPLY_QUEUE
 from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: RabbitMQ's largest per-message TTL in milliseconds (ten years): a longer one closes
 #: the channel the message was published on, failing every call on it.
@@ -38,7 +40,7 @@ class AmqpLink:
         queue: str,
         *,
         heartbeat: int,
-        tls: amqp.TLSOptions | None,
+        tls: TLSOptions | None,
         connect_timeout: float,
         tick: float,
         reply_queue: str = DEFAULT_REPLY_QUEUE,
@@ -48,7 +50,7 @@ class AmqpLink:
         client."""
         self.urls = tuple(urls)
         self.url = self.urls[0]  # the node connected to (or tried last)
-        self.described = amqp.redact(self.url)
+        self.described = redact(self.url)
         self._next = 0  # the node to try first on the next open: the one after the last
         self.queue = queue
         self._heartbeat = heartbeat
@@ -77,7 +79,7 @@ class AmqpLink:
             connect_timeout=self._connect_timeout,
         )
         self.url = self.urls[node]
-        self.described = amqp.redact(self.url)
+        self.described = redact(self.url)
         self._next = node + 1  # if this connection is lost, fail over to the next node
         self._reply_queue = None  # an exclusive queue died with the last connection
         try:
@@ -111,11 +113,12 @@ class AmqpLink:
         amqp.on_return(self._channel, on_return)
 
     def publish(self, call: Call) -> None:
-        """Queue ``call``'s request with what is left of its time as the message's TTL
-        (at most RabbitMQ's largest) and a deadline header (with no deadline, neither);
+        """Queue ``call``'s request with what is left of its time (until ``call.expires``,
+        which the driver sets) as the message's TTL (at most RabbitMQ's largest) and a
+        deadline header (with no deadline, neither);
         unless it asks for text, a header naming the binary forms of results the client
         reads; and the trace context of a traced call. Raises ``LinkLost``."""
-        left = call.deadline - time.monotonic()
+        left = call.expires - time.monotonic()
         expiration: str | None = None
         headers: dict[str, int | str] | None = None
         if left != math.inf:
@@ -140,6 +143,26 @@ class AmqpLink:
                 message_type=call.msg_type,
                 expiration=expiration,
                 headers=headers,
+            )
+        except amqp.ConnectionLost as exc:
+            raise LinkLost(exc) from exc
+
+    def publish_control(
+        self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
+    ) -> None:
+        """Queue a control message (``fibrpc.control``) to the request queue with the
+        calls' reply address (direct reply-to on this channel, or the exclusive reply
+        queue: a worker names a call by it and its correlation id) and a TTL of
+        ``ttl_ms``. Raises ``LinkLost``."""
+        try:
+            amqp.publish_soon(
+                self._channel,
+                self.queue,
+                body,
+                reply_to=self.reply_to,
+                correlation_id=corr_id,
+                content_type=content_type,
+                expiration=str(max(1, ttl_ms)),
             )
         except amqp.ConnectionLost as exc:
             raise LinkLost(exc) from exc

@@ -25,7 +25,9 @@ read its algorithm: dropped, expired in the queue, poison, malformed, out of ran
 
     fibrpc_requests_total{algo,outcome}   messages handled; outcome: ok, an error code
                                           (out_of_range, malformed, poison...), expired
-                                          (deadline passed: skipped) or dropped (no reply_to)
+                                          (deadline passed: skipped), abandoned (its caller
+                                          cancelled it, or its deadline passed while it was
+                                          computed) or dropped (no reply_to)
     fibrpc_request_seconds{algo}          histogram: decode, compute and reply, per message
     fibrpc_batch_size                     histogram: values of n per decoded request
     fibrpc_memo_hits_total                large fast results answered from the server's memo
@@ -156,7 +158,7 @@ class PrometheusMetrics(Metrics):
         self._requests = Counter(
             "fibrpc_requests",
             "Request messages handled, by algorithm and outcome (ok, an error code, "
-            "expired or dropped).",
+            "expired, abandoned or dropped).",
             ["algo", "outcome"],
             registry=None,
         )

@@ -88,3 +88,13 @@ def estimate_digits(n: int) -> int:
             ErrorCode.NEGATIVE, f"n={n} is negative; Fibonacci numbers start at n=0."
         )
     return n * _LOG10_PHI_NUM // _LOG10_PHI_DEN + 2
+
+
+def estimate_bytes(n: int) -> int:
+    """Return an upper bound on the bytes of F(n)'s magnitude (little-endian, as the
+    binary reply forms carry it), for n >= 0.
+
+    F(n) <= phi**(n - 1) for n >= 1, so it has at most n * log2(phi) + 1 bits; the bound
+    uses log2(phi) rounded up (0.694242) in integer arithmetic and rounds up twice.
+    """
+    return n * 694_242 // 8_000_000 + 2

@@ -40,6 +40,7 @@ from fibrpc.numbers import (
     FAST_TABLE,
     ITER_MAX_N,
     decimal,
+    estimate_bytes,
     estimate_digits,
     magnitude,
 )
@@ -112,11 +113,10 @@ def decode_request(
     ends in a ``Request`` or a ``RequestError``. A refusal for going over a limit names
     the ``fibrpc serve`` option that sets it.
     """
-    request = _decode_request(body, content_type, algo_hint, limits)
-    if accept is not None:
-        reads = binary_forms(accept)
-        if reads:
-            return dataclasses.replace(request, reads=reads)
+    reads = binary_forms(accept) if accept is not None else ()
+    request = _decode_request(body, content_type, algo_hint, limits, reads)
+    if reads:
+        return dataclasses.replace(request, reads=reads)
     return request
 
 
@@ -133,7 +133,11 @@ def binary_forms(accept: object) -> tuple[str, ...]:
 
 
 def _decode_request(
-    body: bytes, content_type: str | bytes | None, algo_hint: str | None, limits: Limits
+    body: bytes,
+    content_type: str | bytes | None,
+    algo_hint: str | None,
+    limits: Limits,
+    reads: tuple[str, ...] = (),
 ) -> Request:
     if len(body) > limits.max_body_bytes:
         raise RequestError(
@@ -144,12 +148,12 @@ def _decode_request(
     media = media_type(content_type)
     if media in ("", TEXT):
         algo = _check_algo(DEFAULT_ALGORITHM if algo_hint in (None, "") else algo_hint)
-        n = _parse_text(body, algo, limits)
+        n = _parse_text(body, algo, limits, reads)
         return Request(algo, [n], batch=False, form=TEXT)
     if media == JSON:
-        return _decode_json(body, limits)
+        return _decode_json(body, limits, reads)
     if media == U64:
-        return _decode_u64(body, algo_hint, limits)
+        return _decode_u64(body, algo_hint, limits, reads)
     raise RequestError(
         ErrorCode.UNSUPPORTED_CONTENT_TYPE,
         f"Content type {_show(content_type)} is not understood; send n as decimal text "
@@ -158,7 +162,9 @@ def _decode_request(
     )
 
 
-def _decode_u64(body: bytes, algo_hint: str | None, limits: Limits) -> Request:
+def _decode_u64(
+    body: bytes, algo_hint: str | None, limits: Limits, reads: tuple[str, ...] = ()
+) -> Request:
     """A batch in the binary form: each n as 8 bytes, little-endian; ``type`` names the
     algorithm. Answered as a batch (``results``, or a binary form)."""
     algo = _check_algo(DEFAULT_ALGORITHM if algo_hint in (None, "") else algo_hint)
@@ -171,7 +177,7 @@ def _decode_u64(body: bytes, algo_hint: str | None, limits: Limits) -> Request:
     if _SWAP:
         values.byteswap()
     ns: list[int] = values.tolist()
-    _check_batch(ns, algo, limits, ints=True)
+    _check_batch(ns, algo, limits, ints=True, reads=reads)
     return Request(algo, ns, batch=True, form=JSON, packed=values)
 
 
@@ -189,12 +195,12 @@ def media_type(content_type: str | bytes | None) -> str:
     return content_type.partition(";")[0].strip().lower()
 
 
-def _parse_text(body: bytes, algo: str, limits: Limits) -> int:
+def _parse_text(body: bytes, algo: str, limits: Limits, reads: tuple[str, ...] = ()) -> int:
     if body.isdigit():  # bytes.isdigit is ASCII-only: no Arabic-Indic or full-width digits
         digits = body.lstrip(b"0") or b"0"  # leading zeros do not make n larger
         if len(digits) > _MAX_DIGITS:
             raise _out_of_range_digits(len(digits), algo, limits)
-        return _check_n(int(digits), algo, limits)
+        return _check_n(int(digits), algo, limits, reads)
     if body[:1] == b"-" and body[1:].isdigit():
         raise RequestError(
             ErrorCode.NEGATIVE,
@@ -212,7 +218,7 @@ def _parse_text(body: bytes, algo: str, limits: Limits) -> int:
     )
 
 
-def _decode_json(body: bytes, limits: Limits) -> Request:
+def _decode_json(body: bytes, limits: Limits, reads: tuple[str, ...] = ()) -> Request:
     try:
         doc = json.loads(body)
     except RecursionError:
@@ -235,9 +241,9 @@ def _decode_json(body: bytes, limits: Limits) -> Request:
     algo = _check_algo(algo_value)
     n = doc["n"]
     if type(n) is list:
-        _check_batch(n, algo, limits)
+        _check_batch(n, algo, limits, reads=reads)
         return Request(algo, n, batch=True, form=JSON)
-    return Request(algo, [_check_json_n(n, algo, limits)], batch=False, form=JSON)
+    return Request(algo, [_check_json_n(n, algo, limits, reads)], batch=False, form=JSON)
 
 
 def decode_single(n: Any, algo: Any, limits: Limits) -> Request:
@@ -256,16 +262,16 @@ def _check_algo(algo: Any) -> str:
     return algo
 
 
-def _check_json_n(n: Any, algo: str, limits: Limits) -> int:
+def _check_json_n(n: Any, algo: str, limits: Limits, reads: tuple[str, ...] = ()) -> int:
     if type(n) is not int:
         raise RequestError(
             ErrorCode.NOT_AN_INTEGER,
             f"n must be a JSON integer; got {_show(n)} ({_json_type(n)}).",
         )
-    return _check_n(n, algo, limits)
+    return _check_n(n, algo, limits, reads)
 
 
-def _check_n(n: int, algo: str, limits: Limits) -> int:
+def _check_n(n: int, algo: str, limits: Limits, reads: tuple[str, ...] = ()) -> int:
     if n < 0:
         raise RequestError(ErrorCode.NEGATIVE, f"n must be 0 or more; got {n}.")
     bound = limits.max_n(algo)
@@ -277,13 +283,17 @@ def _check_n(n: int, algo: str, limits: Limits) -> int:
             f"{shown} is above the largest n for {algo!r}, which is {bound:,}"
             f"{_max_n_option(algo)}{hint}.",
         )
-    _check_reply_size(estimate_digits(n) + 16, limits)
+    _check_reply_size(_result_bytes(n, reads, n) + 16, limits)
     return n
 
 
-def _check_batch(ns: list[Any], algo: str, limits: Limits, *, ints: bool = False) -> None:
+def _check_batch(
+    ns: list[Any], algo: str, limits: Limits, *, ints: bool = False, reads: tuple[str, ...] = ()
+) -> None:
     """Refuse a batch over a limit, or with a bad member (naming the first). ``ints``:
-    every member is known to be a non-negative int (a ``U64`` body)."""
+    every member is known to be a non-negative int (a ``U64`` body). The reply's size is
+    estimated in the form it will be sent in: a binary form the client ``reads``, else
+    JSON's decimal text."""
     if len(ns) > limits.max_batch:
         raise RequestError(
             ErrorCode.BATCH_TOO_LARGE,
@@ -298,14 +308,14 @@ def _check_batch(ns: list[Any], algo: str, limits: Limits, *, ints: bool = False
     if (ints or (all(type(n) is int for n in ns) and min(ns) >= 0)) and (top := max(ns)) <= bound:
         # len * (digits of the largest) bounds the reply; only if that is too much is the
         # exact estimate summed, so a batch of small n under a small limit is checked too.
-        if len(ns) * (estimate_digits(top) + 3) + 16 > limits.max_reply_bytes:
-            _check_reply_size(sum(estimate_digits(n) + 3 for n in ns) + 16, limits)
+        if len(ns) * (_result_bytes(top, reads, top) + 3) + 16 > limits.max_reply_bytes:
+            _check_reply_size(sum(_result_bytes(n, reads, top) + 3 for n in ns) + 16, limits)
         if algo == "naive":
             _check_naive_cost(ns, limits)
         return
     for i, n in enumerate(ns):
         try:
-            _check_json_n(n, algo, limits)
+            _check_json_n(n, algo, limits, reads)
         except RequestError as exc:
             raise RequestError(exc.code, f"Batch member {i}: {exc.message}") from None
 
@@ -327,6 +337,18 @@ def _naive_calls(n: int) -> int:
     """About how many calls naive(n) makes, F(n + 1); saturating at F(93) (about 1.2e19),
     so a configured ``naive_max_n`` of 93 or more is not an IndexError."""
     return FAST_TABLE[min(n + 1, ITER_MAX_N)]
+
+
+def _result_bytes(n: int, reads: tuple[str, ...], top: int) -> int:
+    """An upper bound on the bytes F(n) takes in the reply to a client that ``reads``
+    these binary forms, in a request whose largest n is ``top``: 8 in ``U64`` (every
+    result under 2**64), a length and the magnitude in ``INTS``, else its decimal digits
+    (a handler answers in the first of these the client reads: ``Handler._binary``)."""
+    if U64 in reads and top <= ITER_MAX_N:
+        return 8
+    if INTS in reads:
+        return 4 + estimate_bytes(n)
+    return estimate_digits(n)
 
 
 def _check_reply_size(estimate: int, limits: Limits) -> None:

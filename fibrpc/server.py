@@ -52,16 +52,20 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, NoReturn, Protocol, cast
 
 from fibrpc import (
     amqp,
     backoff,
     coalesce,
+    control,
     deliveries,
+    describe,
+    desk,
     inflight,
     metrics,
     protocol,
@@ -88,6 +92,7 @@ from fibrpc.errors import (
     ErrorCode,
     RequestError,
 )
+from fibrpc.exitcodes import ExitCode
 from fibrpc.handler import Handler, Reply, error_reply
 from fibrpc.protocol import ACCEPT_HEADER, DEADLINE_HEADER, DELIVERIES_HEADER
 from fibrpc.serverlink import AmqpWorkerLink, ChannelClosedError, LinkLostError
@@ -120,6 +125,9 @@ class WorkerSettings:
     tls: amqp.TLSOptions | None = None
     #: Where to report to ``fibrpc status`` (``fibrpc.state``); None: nowhere.
     state_dir: str | None = None
+    #: The server's id (its describe queue's name: ``fibrpc.control``), set by the
+    #: supervisor; None: describes are answered by whichever worker takes them.
+    server_id: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -133,6 +141,7 @@ class WorkerStats:
     poison: int = 0  # delivered too often: refused
     redelivered: int = 0  # came back after a worker died or a connection dropped
     reconnects: int = 0
+    abandoned: int = 0  # cancelled by its caller, or past its deadline: not computed
 
 
 class WorkerLink(Protocol):
@@ -182,6 +191,30 @@ class WorkerLink(Protocol):
     def close(self) -> None:
         """Close within a couple of seconds, whatever the broker does."""
 
+    def open_control(
+        self, server: str | None, on_control: Callable[[str, bytes], None]
+    ) -> str | None:
+        """Open the control path (``fibrpc.control``): each message of the servers'
+        exchange reaches ``on_control(routing_key, body)`` during ``turn``. Returns None,
+        or why it could not be opened (the path is then off)."""
+
+    def forward(self, route: str, body: bytes) -> bool:
+        """Publish to the control exchange; False when the path is off."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Running:
+    """The request on the compute thread: what the I/O loop needs to abandon it."""
+
+    key: bytes
+    tag: int
+    props: Any
+    algo: str
+    headers: dict[str, Any]
+    budget: int | None
+    received: float  #: monotonic, when the worker took it
+    generation: int
+
 
 class Worker:
     """Consumes requests until asked to stop, reconnecting as needed, then drains."""
@@ -195,12 +228,14 @@ class Worker:
         index: int = 0,
         link: WorkerLink | None = None,
         retry: backoff.Backoff | None = None,
+        exit: Callable[[int], NoReturn] = os._exit,
     ) -> None:
         """``board`` and ``index``: the supervisor's board of requests in flight and this
         worker's place on it (``fibrpc.inflight``); without one, every redelivery is
         charged as a delivery, since no crash's suspect can be told from the others.
         ``link``: the broker (by default an ``AmqpWorkerLink`` to ``settings.urls``,
-        starting at node ``index``); ``retry``: the pauses between reconnects."""
+        starting at node ``index``); ``retry``: the pauses between reconnects;
+        ``exit``: how the process ends when it abandons a computation (``_abandon``)."""
         self.settings = settings
         self._board = board
         self._index = index
@@ -246,6 +281,13 @@ class Worker:
         self._next_tick = 0.0
         self._memo_reported = (0, 0)  # the memo's hits and misses already in the metrics
         self._debug = log.isEnabledFor(logging.DEBUG)  # decided once: per request it costs
+        self.desk = desk.Desk()
+        self.tally = describe.Tally()
+        self._exit = exit
+        #: The request the compute thread is computing (set and cleared by that thread).
+        self._running: Running | None = None
+        self._busy_until: float | None = None  # Unix time its computation should end by
+        self._started = time.time()
 
     @property
     def url(self) -> str:
@@ -395,8 +437,13 @@ class Worker:
         )
 
     def _consume(self, parent: int) -> None:
+        # The control path opens here, not in ``_open``: requests already arrive during
+        # its round trips, and a connection lost meanwhile is handled as in a turn.
+        self.desk.opened(self.link.open_control(self.settings.server_id, self.desk.heard))
         while not self._stopping:
             self.link.turn()  # returns within a quarter of a second
+            if self._running is not None or self.desk.busy():
+                self._manners()
             if self._consumer_cancelled and time.monotonic() >= (self._resubscribe_at or 0.0):
                 self._consume_again()
             self._log_expired()
@@ -497,9 +544,132 @@ class Worker:
             self._metrics.flush()
         self._memo_reported = (hits, misses)
         if self._report is not None:
-            counters = dataclasses.asdict(self.stats)
-            counters.update(memo_hits=hits, memo_misses=misses)
-            self._report.write(counters)
+            self._report.write(self._report_data())
+
+    def _report_data(self) -> dict[str, Any]:
+        """What this worker reports to ``fibrpc status`` and describes (``fibrpc.state``):
+        its counters, per algorithm too, what it computes, and a sign of life that
+        changes every ``describe.ALIVE_EVERY`` seconds."""
+        now = time.time()
+        data: dict[str, Any] = dataclasses.asdict(self.stats)
+        fast = self.handler.fast
+        running, busy_until = self._running, self._busy_until
+        data.update(
+            memo_hits=fast.hits,
+            memo_misses=fast.misses,
+            algos=self.tally.as_dict(),
+            alive=now - now % describe.ALIVE_EVERY,
+            busy_since=None,
+            busy_until=busy_until,
+        )
+        if running is not None:
+            data["busy_since"] = now - (time.monotonic() - running.received)
+        return data
+
+    # -- control messages and abandoned work (``fibrpc.control``) ------------------------
+
+    def _take_control(self, tag: int, props: Any, body: bytes, started: float) -> None:
+        """A cancel or a describe taken from the request queue: the desk forwards it to
+        every server (after this turn); acked here, answered only if malformed."""
+        error = self.desk.take(props, body)
+        if error is not None:
+            self._reply(tag, props, error_reply(error), metrics.UNKNOWN_ALGO, 0, started)
+        else:
+            self.link.ack(tag)
+
+    def _count_abandoned(self, algo: str, props: Any) -> None:
+        self.stats.abandoned += 1
+        self.tally.count(algo, "abandoned")
+        self._metrics.discarded(algo, "abandoned")
+        if self._debug:
+            log.debug("dropped %r: its caller cancelled it", props.correlation_id)
+
+    def _manners(self) -> None:
+        """After a turn: forward control messages, answer describes, and abandon the
+        computation whose caller has gone (``control.abandon``)."""
+        if self.desk.busy():
+            for message in self.desk.flush(self.link):
+                self._describe(message)
+        running = self._running
+        if running is None or running.generation != self._generation:
+            return
+        why = control.abandon(
+            cancelled=self.desk.cancelled(running.props.reply_to, running.props.correlation_id),
+            expired=_expired(running.headers, running.budget, running.received),
+            stopping=self._stopping,
+        )
+        if why is not None:
+            self._abandon(running, why)
+
+    def _abandon(self, running: Running, why: control.Abandon) -> NoReturn:
+        """Stop a computation whose caller has gone: numba and GMP cannot be interrupted,
+        so the request is acked (not answered), what the worker did is reported, and the
+        process ends with ``ExitCode.ABANDONED``, which its supervisor reads as abandoned
+        work, not a crash: it replaces the worker at once and charges nothing (the board's
+        slot is cleared first, so nothing is a suspect). The other requests this worker
+        held are redelivered, uncharged."""
+        log.warning(
+            "abandoning request %r (%s): %s; this worker exits (code %d) to stop the "
+            "computation and is replaced",
+            running.props.correlation_id,
+            running.algo,
+            "its caller cancelled it"
+            if why is control.Abandon.CANCELLED
+            else "its deadline passed while it was computed",
+            ExitCode.ABANDONED,
+        )
+        self._count_abandoned(running.algo, running.props)
+        self.link.ack(running.tag)
+        if self._slot is not None:
+            self._slot.end(inflight.HEAVY)
+        self._running = self._busy_until = None
+        self._tick(force=True)
+        self.link.close()  # the ack and the replies queued before it go out first
+        self._exit(int(ExitCode.ABANDONED))
+
+    def _describe(self, message: control.Forwarded) -> None:
+        """Answer a describe for this worker's whole server (``describe.build``)."""
+        self._tick(force=True)  # this worker's own report, fresh
+        server, reports = self._server_state()
+        limits = self.handler.limits
+        broker = limits.max_reply_bytes if limits.max_reply_source.startswith("RabbitMQ") else None
+        description = describe.build(
+            server=server,
+            reports=reports,
+            limits=limits,
+            broker_max_message=broker,
+            version=_version(),
+            host=socket.gethostname(),
+            answered_by=os.getpid(),
+            now=time.time(),
+        )
+        props = _Answer(message.reply_to, message.correlation_id)
+        self.link.reply(props, describe.encode(description), describe.DESCRIPTION)
+
+    def _server_state(self) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+        """The supervisor's state and its workers' reports (``fibrpc.state``); without
+        a state directory, this worker alone."""
+        supervisor = os.getppid()
+        if self.settings.state_dir is not None:
+            directory = Path(self.settings.state_dir)
+            server = state.read_report(state.server_path(directory, supervisor))
+            if server is not None:
+                reports = {}
+                for worker in server.get("workers") or []:
+                    pid = int(worker.get("pid") or 0)
+                    report = state.read_report(state.worker_path(directory, supervisor, pid))
+                    if report is not None:
+                        reports[pid] = report
+                return server, reports
+        me = os.getpid()
+        own = {
+            "id": self.settings.server_id or f"worker-{me}",
+            "pid": supervisor,
+            "queue": self.settings.queue,
+            "started": self._started,
+            "workers": [{"index": self._index, "pid": me, "ready": True, "started": self._started}],
+        }
+        return own, {me: self._report_data()}
 
     def _log_expired(self) -> None:
         if self.stats.expired > self._logged_expired:
@@ -538,6 +708,13 @@ class Worker:
         if early is not None:
             self._discard(early, method.delivery_tag, props, started)
             return
+        if desk.is_control(props.content_type):
+            self._take_control(method.delivery_tag, props, body, started)
+            return
+        if self.desk.cancelled(props.reply_to, props.correlation_id):
+            self._count_abandoned(metrics.UNKNOWN_ALGO, props)
+            self.link.ack(method.delivery_tag)
+            return
         if self._debug:
             log.debug("received %r (%d bytes)", props.correlation_id, len(body))
         if props.content_type is not None and (
@@ -557,7 +734,8 @@ class Worker:
             reply = cast(Reply, request)
             self._reply(method.delivery_tag, props, reply, metrics.UNKNOWN_ALGO, 0, started)
         else:
-            self._charge(decision, method, props, body, headers, started)
+            algo = getattr(request, "algo", metrics.UNKNOWN_ALGO)
+            self._charge(decision, method, props, body, headers, started, algo)
 
     def _decide(
         self,
@@ -761,6 +939,7 @@ class Worker:
             self.link.ack(tag)
             return
         self.stats.expired += 1
+        self.tally.count(metrics.UNKNOWN_ALGO, "expired")
         self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
         self.link.ack(tag)
         self._skipped(props, tag, started)
@@ -773,6 +952,7 @@ class Worker:
         body: bytes,
         headers: dict[str, Any] | None,
         started: float,
+        algo: str = metrics.UNKNOWN_ALGO,
     ) -> None:
         """A redelivered request charged as a delivery: republished with its count, or
         past the limit refused as poison or dropped."""
@@ -821,6 +1001,7 @@ class Worker:
             self.link.ack(method.delivery_tag)
             return
         self.stats.poison += 1
+        self.tally.count(algo, "poison")
         log.error(
             "refusing %r: delivered %d times without an answer, computing when a worker "
             "died each time (limit %d)",
@@ -863,9 +1044,10 @@ class Worker:
         self._in_flight += 1
         generation = self._generation
         key = inflight.key(props.reply_to, props.correlation_id)
-        future = self._compute.submit(
-            self._compute_unless_expired, request, headers or {}, budget, received, key
+        running = Running(
+            key, tag, props, request.algo, headers or {}, budget, received, generation
         )
+        future = self._compute.submit(self._compute_unless_expired, request, running)
 
         def done(f: concurrent.futures.Future[Reply | None]) -> None:
             if f.cancelled():
@@ -877,26 +1059,29 @@ class Worker:
 
         future.add_done_callback(done)
 
-    def _compute_unless_expired(
-        self,
-        request: Any,
-        headers: dict[str, Any],
-        budget: int | None,
-        received: float,
-        key: bytes,
-    ) -> Reply | None:
-        """On the compute thread: skip a request whose deadline passed while it waited;
-        mark it on the board while it is computed."""
-        if (headers or budget is not None) and _expired(headers, budget, received):
+    def _compute_unless_expired(self, request: Any, running: Running) -> Reply | None:
+        """On the compute thread: skip a request whose deadline passed while it waited
+        (or that was cancelled: ``_finish_heavy`` tells them apart); mark it on the board
+        and as ``_running`` while it is computed."""
+        headers, budget = running.headers, running.budget
+        if (headers or budget is not None) and _expired(headers, budget, running.received):
             return None
+        if self.desk.cancelled(running.props.reply_to, running.props.correlation_id):
+            return _CANCELLED
         slot = self._slot
-        if slot is None:
-            return self.handler.compute(request)
-        slot.begin(inflight.HEAVY, key)
+        self._busy_until = time.time() + (
+            budget / 1000.0 if budget is not None else describe.EXPECTED_WITHOUT_DEADLINE
+        )
+        self._running = running
+        if slot is not None:
+            slot.begin(inflight.HEAVY, running.key)
         try:
             return self.handler.compute(request)
         finally:
-            slot.end(inflight.HEAVY)
+            self._running = None
+            self._busy_until = None
+            if slot is not None:
+                slot.end(inflight.HEAVY)
 
     def _finish_heavy(
         self,
@@ -914,8 +1099,13 @@ class Worker:
         if fate is None:
             return  # computed for a connection that is gone: the broker requeued it
         self._in_flight -= 1
-        if reply is None:
+        if reply is _CANCELLED:  # cancelled while it waited for the compute thread
+            self._count_abandoned(request.algo, props)
+            if fate:
+                self.link.ack(tag)
+        elif reply is None:
             self.stats.expired += 1
+            self.tally.count(request.algo, "expired")
             self._metrics.discarded(request.algo, "expired")
             if fate:
                 self.link.ack(tag)
@@ -946,6 +1136,7 @@ class Worker:
         number of n asked for, 0 if not decoded), ``started`` (``perf_counter`` when the
         request was taken) and ``batch`` (a list of n) are for the metrics and the trace.
         ``tag`` None: already acked (or its channel is gone with its queue)."""
+        self.tally.answered(algo, reply.error, time.perf_counter() - started)
         if reply.error is None:
             self.stats.served += 1
             if self._debug:
@@ -1005,6 +1196,24 @@ def _expired(headers: dict[str, Any], budget: int | None, received: float) -> bo
         deadline_ms=deadline if deliveries.is_int(deadline) else None,
         budget_ms=budget,
     )
+
+
+#: What the compute thread returns for a request cancelled before it started.
+_CANCELLED: Final = cast(Reply, object())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Answer:
+    """The properties ``WorkerLink.reply`` reads, for a reply to a forwarded message."""
+
+    reply_to: str
+    correlation_id: str | None
+
+
+def _version() -> str:
+    from fibrpc import __version__  # noqa: PLC0415  # fibrpc/__init__ imports this module
+
+    return __version__
 
 
 def die_with_parent() -> None:

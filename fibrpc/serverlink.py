@@ -17,11 +17,12 @@ the connection and written together at the end of the turn (``amqp.publish_soon`
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NoReturn
 
-from fibrpc import amqp, refusals
-from fibrpc.errors import FibrpcError
+from fibrpc import amqp, control, refusals
+from fibrpc.errors import BrokerError, BrokerUnreachableError, FibrpcError
 
 #: The longest a turn waits for I/O before the worker looks at its flags again.
 TURN: Final = 0.25
@@ -75,6 +76,7 @@ class AmqpWorkerLink:
         self._on_request: Callable[[Any, Any, Any, bytes], None] | None = None
         self._on_cancel: Callable[[], None] | None = None
         self._tag: str | None = None
+        self._control: Any = None  # the control path's channel (``open_control``)
 
     # -- connecting -----------------------------------------------------------------------
 
@@ -158,9 +160,69 @@ class AmqpWorkerLink:
         """Close within ``CLOSE_WITHIN`` seconds, whatever the broker does."""
         conn, self._conn = self._conn, None
         self._channel = None
+        self._control = None
         self._tag = None
         if conn is not None:
             amqp.close_within(conn, CLOSE_WITHIN)
+
+    # -- the control path (``fibrpc.control``) -------------------------------------------
+
+    def open_control(
+        self, server: str | None, on_control: Callable[[str, bytes], None]
+    ) -> str | None:
+        """Declare the servers' control exchange, and on a channel of its own (a refusal
+        there closes only that channel) consume a queue of this worker's own, bound for
+        cancels, and, given its server's id, the server's describe queue (shared by its
+        workers; RabbitMQ deletes it a minute after the last of them went). Each message
+        reaches ``on_control(routing_key, body)`` during ``turn``.
+
+        Returns None, or why the control path could not be opened (the server's user may
+        not configure those names, say): then it is off, and the worker answers control
+        messages on its own. Raises ``LinkLostError`` if the connection is lost."""
+        exchange = control.exchange_name(self.queue)
+        names = [(control.worker_queue_name(self.queue, uuid.uuid4().hex), control.ROUTE_CANCEL)]
+        if server:
+            names.append((control.server_queue_name(self.queue, server), control.ROUTE_DESCRIBE))
+
+        def on_message(channel: Any, method: Any, props: Any, body: bytes) -> None:
+            on_control(method.routing_key, body)
+
+        try:
+            with amqp.translating(self.url):
+                channel = self._conn.channel()
+                channel.exchange_declare(exchange, "direct", auto_delete=True)
+                for name, route in names:
+                    if route == control.ROUTE_CANCEL:
+                        channel.queue_declare(name, exclusive=True, auto_delete=True)
+                    else:
+                        expires = {"x-expires": control.SERVER_QUEUE_EXPIRES_MS}
+                        channel.queue_declare(name, durable=True, arguments=expires)
+                    channel.queue_bind(name, exchange, routing_key=route)
+                for name, _ in names:
+                    amqp.consume_direct(self._conn, channel, name, on_message, auto_ack=True)
+        except BrokerUnreachableError as exc:
+            raise LinkLostError(str(exc)) from exc
+        except BrokerError as exc:
+            return str(exc)
+        self._control = channel
+        return None
+
+    def forward(self, route: str, body: bytes) -> bool:
+        """Publish ``body`` to the control exchange with routing key ``route`` (from the
+        worker's loop, never inside a delivery's callback: this writes at once). Returns
+        False when the control path is off or its channel closed. Raises
+        ``LinkLostError``."""
+        channel = self._control
+        if channel is None or not channel.is_open:
+            return False
+        try:
+            with amqp.translating(self.url):
+                channel.basic_publish(control.exchange_name(self.queue), route, body)
+        except BrokerUnreachableError as exc:
+            raise LinkLostError(str(exc)) from exc
+        except BrokerError:
+            return False
+        return True
 
     # -- moving messages ------------------------------------------------------------------
 

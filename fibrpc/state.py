@@ -3,13 +3,17 @@
 A supervisor and its workers share a state directory (``--state-dir``, by default
 ``$XDG_RUNTIME_DIR/fibrpc``, else ``/tmp/fibrpc-<uid>``; private to the user)::
 
-    <supervisor pid>.json               the server: queue, URL (password redacted), start
-                                        time, metrics URL, and per worker its slot index,
-                                        pid, start time and restarts; rewritten by the
-                                        supervisor whenever a worker starts
-    <supervisor pid>-<worker pid>.json  one worker's counters (served, errors...),
-                                        rewritten by the worker at most once a second, from
-                                        its consume loop, and only when they changed
+    <supervisor pid>.json               the server: its id, queue, URL (password
+                                        redacted), start time, metrics URL, per worker its
+                                        slot index, pid, start time and restarts, and the
+                                        per-algorithm counts of its dead workers
+                                        (``retired``); rewritten by the supervisor
+                                        whenever a worker starts
+    <supervisor pid>-<worker pid>.json  one worker's counters (served, errors..., and
+                                        per algorithm: ``fibrpc.describe.Tally``) and what
+                                        it computes, rewritten by the worker at most once a
+                                        second, from its consume loop, when they changed
+                                        (at least every few seconds: a sign of life)
 
 Every write goes to a temporary file first and is renamed into place, so a reader never
 sees half a file. A server removes its files when it stops; one that was killed leaves
@@ -92,9 +96,9 @@ class WorkerReport:
         self.path = worker_path(directory, supervisor, pid)
         self.pid = pid
         self.started = time.time()
-        self._last: dict[str, int] | None = None
+        self._last: dict[str, Any] | None = None
 
-    def write(self, counters: Mapping[str, int]) -> None:
+    def write(self, counters: Mapping[str, Any]) -> None:
         """Write ``counters`` if they changed since the last write (errors only logged:
         a full disk must not stop a worker)."""
         if counters == self._last:
@@ -155,6 +159,12 @@ def read_servers(directory: Path, queue: str | None = None) -> list[dict[str, An
         servers.append(server)
     servers.sort(key=lambda s: float(s.get("started", 0.0)))
     return servers
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path`` (a server's or a worker's file), or None when it is
+    gone or unreadable."""
+    return _read(path)
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -8,6 +8,9 @@ Three sources, each optional but the first:
 * RabbitMQ's management API (HTTP, with the AMQP URL's user unless the management URL
   names one): message rates. It is a plugin that is often off; then the report says
   where it looked and how to turn it on, and everything else still works;
+* every server on the queue, on any machine, as it describes itself
+  (``Client.describe``: a describe on the request queue's path, with the client's
+  permissions): version, workers, per-algorithm counts, and a sign on a stuck worker;
 * the state files of the servers on this machine (``fibrpc.state``): each worker's pid,
   uptime, requests served, errors and restarts.
 
@@ -17,6 +20,7 @@ Three sources, each optional but the first:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 import urllib.error
@@ -28,8 +32,10 @@ from typing import Any, Final
 
 from fibrpc import amqp, state
 from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
-from fibrpc.errors import BrokerRefusedError, FibrpcError
+from fibrpc.errors import FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: The management API's rate fields, as reported here.
 _RATES: Final = {
@@ -54,7 +60,7 @@ def default_management_url(url: str) -> str:
 def queue_counts(
     urls: Sequence[str],
     queue: str,
-    tls: amqp.TLSOptions | None = None,
+    tls: TLSOptions | None = None,
     timeout: float = amqp.CONNECT_TIMEOUT,
 ) -> tuple[str, tuple[int, int] | None]:
     """The node that answered (the first of ``urls`` that did), and the messages ready in
@@ -66,14 +72,8 @@ def queue_counts(
     conn, node = amqp.connect_any(urls, name="fibrpc-status", tls=tls, connect_timeout=timeout)
     url = urls[node]
     try:
-        try:
-            with amqp.translating(url):
-                frame = conn.channel().queue_declare(queue, passive=True)
-        except BrokerRefusedError as exc:
-            if exc.reply_code == 404:  # NOT_FOUND: no such queue
-                return url, None
-            raise
-        return url, (int(frame.method.message_count), int(frame.method.consumer_count))
+        with amqp.translating(url):
+            return url, amqp.queue_counts(conn, queue)
     finally:
         amqp.close_within(conn)
 
@@ -85,7 +85,7 @@ def management_stats(
     "rates", "messages_unacknowledged"}``. Never raises: a failure is in ``error``."""
     base, user, password = _management_target(management_url, url)
     result: dict[str, Any] = {
-        "url": amqp.redact(base),
+        "url": redact(base),
         "reachable": False,
         "error": None,
         "rates": None,
@@ -156,21 +156,23 @@ def gather(
     urls: str | Sequence[str],
     queue: str,
     *,
-    tls: amqp.TLSOptions | None = None,
+    tls: TLSOptions | None = None,
     management_url: str | None = None,
     state_dir: Path | None = None,
     now: float | None = None,
     timeout: float = amqp.CONNECT_TIMEOUT,
+    describe_wait: float = 0.0,
 ) -> tuple[dict[str, Any], FibrpcError | None]:
     """Everything ``fibrpc status`` reports, as a JSON-ready dict, and the broker error
     that stopped it from counting the queue (None when it could). ``urls``: the broker's
-    nodes; the first that answers is asked, and ``report["url"]`` names it."""
+    nodes; the first that answers is asked, and ``report["url"]`` names it.
+    ``describe_wait``: seconds to wait for the servers' descriptions (0: none asked)."""
     now = time.time() if now is None else now
     nodes = (urls,) if isinstance(urls, str) else tuple(urls)
     url = nodes[0]
     report: dict[str, Any] = {
         "queue": queue,
-        "url": amqp.redact(url),
+        "url": redact(url),
         "exists": None,
         "messages": None,
         "consumers": None,
@@ -183,7 +185,7 @@ def gather(
         error = exc
         report["broker_error"] = str(exc)
     else:
-        report["url"] = amqp.redact(url)
+        report["url"] = redact(url)
         report["exists"] = counts is not None
         if counts is not None:
             report["messages"], report["consumers"] = counts
@@ -193,6 +195,9 @@ def gather(
         )
     else:
         report["management"] = None
+    report["described"] = []
+    if error is None and report["consumers"] and describe_wait > 0:
+        report["described"] = described(nodes, queue, tls, timeout, describe_wait)
     servers = state.read_servers(state_dir or state.default_dir(), queue)
     for server in servers:
         server["uptime"] = round(now - float(server.get("started", now)), 3)
@@ -200,6 +205,27 @@ def gather(
             worker["uptime"] = round(now - float(worker.get("started", now)), 3)
     report["servers"] = servers
     return report, error
+
+
+def described(
+    urls: Sequence[str], queue: str, tls: amqp.TLSOptions | None, timeout: float, wait: float
+) -> list[dict[str, Any]]:
+    """The descriptions of the servers on ``queue`` that answered within ``wait`` seconds,
+    as dicts (``describe.Description``, its ``stuck`` workers named); none when the
+    client cannot connect (the error is the queue count's to report)."""
+    from fibrpc.client import Client  # noqa: PLC0415 - `status` alone needs a client
+
+    try:
+        with Client(list(urls), queue=queue, timeout=timeout, tls=tls) as client:
+            found = client.describe(wait)
+    except FibrpcError:
+        return []
+    out = []
+    for description in found:
+        data = dataclasses.asdict(description)
+        data["stuck"] = [w.index for w in description.stuck]
+        out.append(data)
+    return out
 
 
 def exit_code(report: dict[str, Any], error: FibrpcError | None) -> ExitCode:
@@ -244,6 +270,9 @@ def render(report: dict[str, Any]) -> str:
             )
             if management["messages_unacknowledged"] is not None:
                 lines.append(f"  unacked:         {management['messages_unacknowledged']:,}")
+    described = report.get("described") or []
+    for server in described:
+        lines.extend(_render_described(server))
     servers = report["servers"]
     if not servers:
         lines.append(f"no server for {report['queue']!r} runs on this machine")
@@ -271,6 +300,40 @@ def render(report: dict[str, Any]) -> str:
             cells[0] = row[0].ljust(widths[0])
             lines.append("  " + "  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _render_described(server: dict[str, Any]) -> list[str]:
+    """A described server: one line for it, one per algorithm it has counts for, and one
+    per worker (a stuck one marked ``STUCK``, saying why)."""
+    stuck = server.get("stuck") or []
+    sign = f", {len(stuck)} STUCK" if stuck else ""
+    lines = [
+        f"server {server['id']} on {server['host']} (pid {server['pid']}, fibrpc "
+        f"{server['version']}), up {_duration(server['uptime'])}, "
+        f"{len(server['workers'])} worker(s){sign}"
+    ]
+    for algo, counts in sorted(server["counts"].items()):
+        refused = sum(counts["refused"].values())
+        mean = counts["compute_seconds"] / counts["computed"] if counts["computed"] else 0.0
+        lines.append(
+            f"  {algo:<8} served {counts['served']:,}, refused {refused:,}, abandoned "
+            f"{counts['abandoned']:,}, expired {counts['expired']:,}, poison "
+            f"{counts['poison']:,}; compute mean {mean * 1000:,.1f} ms, max "
+            f"{counts['compute_max_seconds'] * 1000:,.1f} ms"
+        )
+    for worker in server["workers"]:
+        why = []
+        if worker["late"]:
+            why.append("held one request past its expected time")
+        if worker["silent"]:
+            why.append("stopped answering")
+        busy = worker["busy_seconds"]
+        doing = f", computing for {busy:,.1f} s" if busy is not None else ""
+        mark = f"  STUCK: {', '.join(why)}" if why else ""
+        lines.append(
+            f"  #{worker['index']} pid {worker['pid']}, restarts {worker['restarts']}{doing}{mark}"
+        )
+    return lines
 
 
 def _management_target(management_url: str, url: str) -> tuple[str, str, str]:

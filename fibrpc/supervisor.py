@@ -28,10 +28,22 @@ import random
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Final
 
-from fibrpc import amqp, backoff, inflight, kernels, memo, metrics, state, tracing
+from fibrpc import (
+    amqp,
+    backoff,
+    control,
+    describe,
+    inflight,
+    kernels,
+    memo,
+    metrics,
+    state,
+    tracing,
+)
 from fibrpc.config import DEFAULT_METRICS_HOST, QUORUM_DELIVERY_LIMIT
 from fibrpc.errors import (
     AccessRefusedError,
@@ -118,8 +130,12 @@ class Supervisor:
         metrics_port: int = 0,
         metrics_host: str = DEFAULT_METRICS_HOST,
     ) -> None:
+        if settings.server_id is None:  # its describe queue (``fibrpc.control``)
+            settings = dataclasses.replace(settings, server_id=uuid.uuid4().hex[:16])
         self.settings = settings
         self.slots = [Slot(i) for i in range(workers)]
+        #: The per-algorithm counts of the workers that died (``describe.merge``).
+        self.retired: dict[str, Any] = {}
         self.boot_failures = 0
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
@@ -185,6 +201,7 @@ class Supervisor:
         finally:
             self._close_state()
             self._close_memo()
+            self._delete_describe_queue()
             if self._exporter is not None:
                 self._exporter.close()
 
@@ -225,6 +242,7 @@ class Supervisor:
         if self._state_dir is None:
             return
         data = {
+            "id": self.settings.server_id,
             "pid": os.getpid(),
             "queue": self.settings.queue,
             "queue_type": self.settings.queue_type,
@@ -242,6 +260,7 @@ class Supervisor:
                 for slot in self.slots
                 if slot.process is not None
             ],
+            "retired": self.retired,
         }
         try:
             state.write_json(state.server_path(self._state_dir, os.getpid()), data)
@@ -279,6 +298,26 @@ class Supervisor:
                 )
         except BrokerUnreachableError as exc:  # the connection dropped meanwhile
             log.warning("%s The workers will keep trying.", exc)
+        finally:
+            amqp.close_within(connection)
+
+    def _delete_describe_queue(self) -> None:
+        """Delete this server's describe queue (``fibrpc.control``) once its workers have
+        stopped; best effort (RabbitMQ deletes it a minute later anyway)."""
+        s = self.settings
+        if s.server_id is None:
+            return
+        try:
+            connection, _ = amqp.connect_any(
+                s.urls, name="fibrpc-supervisor", tls=s.tls, connect_timeout=2.0
+            )
+        except BrokerError:
+            return
+        try:
+            with amqp.translating(s.urls[0]):
+                connection.channel().queue_delete(control.server_queue_name(s.queue, s.server_id))
+        except BrokerError as exc:
+            log.debug("could not delete the describe queue: %s", exc)
         finally:
             amqp.close_within(connection)
 
@@ -413,6 +452,14 @@ class Supervisor:
         slot.ready_pipe.close()
         slot.process = None
         self._forget(process.pid)
+        if code == ExitCode.ABANDONED:
+            # It stopped work its caller gave up on: not a crash, nothing is a suspect.
+            self.board.release(slot.index)
+            log.info(
+                "worker %d (pid %d) abandoned a computation whose caller has gone; replacing it",
+                slot.index,
+                process.pid,
+            )
         for key in self.board.convict(slot.index):
             reply_to, _, correlation_id = key.decode(errors="replace").partition("\0")
             log.warning(
@@ -436,7 +483,9 @@ class Supervisor:
             )
             return ExitCode(code)
         self.boot_failures = death.boot_failures
-        if slot.ready:
+        if code == ExitCode.ABANDONED:
+            pass
+        elif slot.ready:
             log.warning("worker %d (pid %d) died (%s); restarting", slot.index, process.pid, how)
         else:
             log.error(
@@ -465,7 +514,11 @@ class Supervisor:
         if self._exporter is not None:
             self._exporter.mark_dead(pid)
         if self._state_dir is not None:
-            state.remove(state.worker_path(self._state_dir, os.getpid(), pid))
+            path = state.worker_path(self._state_dir, os.getpid(), pid)
+            report = state.read_report(path)
+            if report is not None and isinstance(report.get("algos"), dict):
+                self.retired = describe.merge(self.retired, report["algos"])
+            state.remove(path)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -488,12 +541,13 @@ def after_death(
 ) -> Death:
     """The policy for a worker that died with exit ``code`` (negative: a signal; None:
     unknown), ``ready`` if it had reported ready, after ``boot_failures`` boot failures in
-    a row (pure). A worker that served is replaced at once; one that died booting after a
+    a row (pure). A worker that served, or that abandoned work its caller gave up on
+    (``ExitCode.ABANDONED``), is replaced at once; one that died booting after a
     pause that grows with each boot failure in a row (``backoff.jittered``, ``draw`` its
     jitter, 0..1), until ``max_boot_failures`` of them end the server."""
     if code in (ExitCode.ACCESS_REFUSED, ExitCode.BROKER_REFUSED):
         return Death(refused=True, give_up=False, boot_failures=boot_failures, delay=0.0)
-    if ready:
+    if ready or code == ExitCode.ABANDONED:  # abandoned work: never a boot failure
         return Death(refused=False, give_up=False, boot_failures=boot_failures, delay=0.0)
     failures = boot_failures + 1
     delay = backoff.jittered(failures - 1, first=_BACKOFF_FIRST, cap=_BACKOFF_MAX, draw=draw)

@@ -34,12 +34,14 @@ import asyncio
 import collections
 import concurrent.futures
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fibrpc import amqp, protocol
+from fibrpc import __version__, describe, protocol
 
 # The client's own checks, encoding and batching: imported, not copied, so that a stub
 # refuses and batches exactly as the clients do.
@@ -66,10 +68,13 @@ from fibrpc.config import (
 from fibrpc.errors import (
     CallTimeoutError,
     ClientClosedError,
+    ConfigError,
     RequestError,
     UnreadableReplyError,
 )
 from fibrpc.numbers import DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 if TYPE_CHECKING:
     from fibrpc.handler import Handler, Reply
@@ -115,7 +120,7 @@ class _Stub:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
         reply_queue: str = DEFAULT_REPLY_QUEUE,
         limits: Limits | None = None,
         memo_bytes: int = DEFAULT_MEMO_BYTES,
@@ -169,6 +174,24 @@ class _Stub:
         if self._closing:
             raise ClientClosedError("The client is closed.")
 
+    def _description(self, wait: float) -> list[describe.Description]:
+        """``describe``'s answer: one server, this stub, with its limits and no counts
+        (``ConfigError`` for a bad ``wait``, as the client's)."""
+        if check_timeout(wait) == math.inf:
+            raise ConfigError(f"describe waits a finite number of seconds; got {wait!r}.")
+        now = time.time()
+        data = describe.build(
+            server={"id": "stub", "pid": os.getpid(), "queue": self.queue, "started": now},
+            reports={},
+            limits=self.limits,
+            broker_max_message=None,
+            version=__version__,
+            host=socket.gethostname(),
+            answered_by=os.getpid(),
+            now=now,
+        )
+        return [describe.parse(describe.encode(data))]
+
     def _request(self, n: Any, algo: str, seconds: float, as_: int) -> _Request:
         """Check and encode one call (``fibrpc.client.encode``: ``RequestError`` for an
         n that is not an integer, or a body over the broker's 16 MiB), as the clients do:
@@ -203,12 +226,12 @@ class _Stub:
         except Exception as exc:
             raise UnreadableReplyError(
                 f"The reply to {request.describe()} could not be read: {exc}",
-                url=amqp.redact(self.url),
+                url=redact(self.url),
                 queue=self.queue,
             ) from exc
 
     def _timed_out(self, request: _Request) -> CallTimeoutError:
-        url = amqp.redact(self.url)
+        url = redact(self.url)
         return CallTimeoutError(
             f"No reply to {request.describe()} within {request.timeout} s from queue "
             f"{self.queue!r} at {url}.",
@@ -258,6 +281,11 @@ class StubClient(_Stub):
 
     def __enter__(self) -> StubClient:
         return self
+
+    def describe(self, wait: float = 1.0) -> list[describe.Description]:
+        """One description, of this stub: as ``Client.describe`` returns them."""
+        self._check_open()
+        return self._description(wait)
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
@@ -377,6 +405,11 @@ class AsyncStubClient(_Stub):
     async def __aenter__(self) -> AsyncStubClient:
         await self.connect()
         return self
+
+    async def describe(self, wait: float = 1.0) -> list[describe.Description]:
+        """One description, of this stub: as ``AsyncClient.describe`` returns them."""
+        self._check_open()
+        return self._description(wait)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()

@@ -7,7 +7,10 @@
 #                                                 and worker tests again without the fast
 #                                                 path, then the suite but its network
 #                                                 faults on the local RabbitMQ (3.10)
-# Both create ./.venv (Python 3.11+) on first use and install fibrpc into it.
+#   scripts/dev.sh unit  [pytest options]         install, lint, type-check and run the tests
+#                                                 that need no broker (pytest -m "not
+#                                                 broker"): under a minute
+# Each creates ./.venv (Python 3.11+) on first use and installs fibrpc into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -60,8 +63,15 @@ case "$cmd" in
       --ignore=tests/test_tracing.py --ignore=tests/test_shared_memo.py \
       --ignore=tests/test_memo.py
     ;;
+  unit)
+    install "[test]"
+    "$venv/bin/ruff" check .
+    "$venv/bin/ruff" format --check .
+    "$venv/bin/mypy"
+    exec "$venv/bin/pytest" -m "not broker" "$@"
+    ;;
   *)
-    echo "usage: scripts/dev.sh serve|test [options]" >&2
+    echo "usage: scripts/dev.sh serve|test|unit [options]" >&2
     exit 2
     ;;
 esac

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ def queue_exists(name: str) -> bool:
         conn.close()
 
 
+@pytest.mark.broker
 def test_bench_spawn_measures_every_scenario_and_leaves_nothing_behind() -> None:
     result = run_cli(
         "bench", "--spawn", "1", "--calls", "200", "--batch-size", "50", "--json", "--url", URL
@@ -70,6 +72,7 @@ def test_bench_spawn_measures_every_scenario_and_leaves_nothing_behind() -> None
     assert not queue_exists(queue)
 
 
+@pytest.mark.broker
 def test_bench_counts_refused_calls_as_errors_and_exits_1_without_stopping() -> None:
     # n is drawn from 0..100 and 'iter' refuses n > 93: some calls fail, the run goes on.
     result = run_cli(
@@ -102,6 +105,7 @@ def test_bench_counts_refused_calls_as_errors_and_exits_1_without_stopping() -> 
     assert "failed or were wrong" in result.stderr
 
 
+@pytest.mark.broker
 def test_ctrl_c_during_a_spawned_run_stops_the_server() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fibrpc", "bench", "--spawn", "1", "--url", URL],
@@ -169,3 +173,17 @@ def test_calls_per_scenario_default_to_each_scenarios_own_count(calls: int | Non
     settings = bench.BenchSettings(calls=calls)
     for name in bench.SCENARIOS:
         assert settings.calls_for(name) == (calls or bench.DEFAULT_CALLS[name])
+
+
+def test_bench_spawn_with_the_broker_down_exits_6_at_once_saying_so() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    result = run_cli(
+        "bench", "--spawn", "1", "--url", f"amqp://guest:guest@127.0.0.1:{port}/%2F", timeout=60
+    )
+    assert result.returncode == ExitCode.BROKER_UNREACHABLE, result.stderr
+    assert time.monotonic() - started < 15  # the interpreter's start, then one refusal
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "guest:guest" not in result.stderr

@@ -39,8 +39,9 @@ from privatenode import PrivateNode, private_cluster
 from fibrpc import Client
 from fibrpc.numbers import FAST_TABLE
 
-#: A cluster's boot (30-60 s), two servers and 20,000 calls: more than the suite's 120 s.
-pytestmark = pytest.mark.timeout(600)
+#: Broker tests; a cluster's boot (30-60 s), two servers and 20,000 calls take more than
+#: the suite's 120 s.
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(600)]
 
 QUEUE = "fibrpc-cluster-rpc"
 CALLS = 20_000

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pika
+import pytest
 from conftest import URL, run_cli
 from rawclient import RawClient
 from test_aio import run
@@ -270,6 +271,7 @@ def test_each_coalesced_call_has_its_own_span_naming_the_message_it_travelled_in
     assert sorted(s.attributes[tracing.N] for s in finished) == list(range(10))
 
 
+@pytest.mark.broker
 def test_bench_measures_independent_callers_with_every_result_checked() -> None:
     result = run_cli(
         *("bench", "--spawn", "1", "--calls", "3000", "--json", "--url", URL),

@@ -173,12 +173,18 @@ class ServerLink:
         self.handler = Handler()
         self.events: LinkEvents | None = None
         self.published: list[tuple[str, bytes, str | None]] = []
+        self.controls: list[tuple[str, bytes]] = []  # cancels (fibrpc.control)
         self._waiting: list[Call] = []
         self._wake = threading.Event()
 
     def open(self, events: LinkEvents) -> None:
         self.events = events
         self.opened += 1
+
+    def publish_control(
+        self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
+    ) -> None:
+        self.controls.append((content_type, body))
 
     def publish(self, call: Call) -> None:
         self.published.append((call.corr_id, call.body, call.content_type))
@@ -322,6 +328,8 @@ def test_a_cancelled_call_frees_its_slot_at_once_and_its_neighbours_are_answered
         with pytest.raises(ClientClosedError):
             calls[1].result()
         assert driver.dropped_duplicates + driver.dropped_unknown == 1  # its late answer
+        # and the servers were told it was given up on (fibrpc.control)
+        assert any(calls[1].corr_id.encode() in body for _, body in link.controls)
     finally:
         driver.close()
 

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import io
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +66,7 @@ def test_there_are_python_blocks_to_run():
     assert len(BLOCKS) >= 3, BLOCKS
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(("page", "line", "code"), BLOCKS, ids=[f"{p}:{n}" for p, n, _ in BLOCKS])
 def test_every_python_block_runs_as_written(served, page, line, code):
     out = io.StringIO()
@@ -75,6 +78,7 @@ def test_every_python_block_runs_as_written(served, page, line, code):
         assert expected in printed, f"{page}:{line}: {expected!r} not in {printed!r}"
 
 
+@pytest.mark.broker
 def test_readme_s_fastapi_example_serves_fibonacci_and_maps_refusals_to_422(served):
     from fastapi.testclient import TestClient  # noqa: PLC0415
 
@@ -109,3 +113,25 @@ def test_every_link_resolves_inside_the_repository(page):
 
 def test_the_readme_is_a_front_door():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_readme_s_first_example_runs_as_a_script_in_the_folder_that_holds_the_clone(
+    served, tmp_path
+):
+    """Where most people run it first: beside the clone, which git names ``fibrpc``. The
+    clone's folder must not pass for the package (an editable install's import hook runs
+    after the path is searched, and the folder was taken for an empty namespace package)."""
+    [first] = [code for page, _, code in BLOCKS if page == "README.md" and "Client(" in code][:1]
+    (tmp_path / "fibrpc").symlink_to(ROOT, target_is_directory=True)
+    script = tmp_path / "first.py"
+    script.write_text(first.replace(DEFAULT_URL, served))
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "832040" in result.stdout

@@ -8,7 +8,9 @@ what crosses one is tested against real RabbitMQ nodes elsewhere.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import logging
 import math
 import threading
 import time
@@ -19,7 +21,14 @@ import pytest
 from fibrpc import backoff, coalesce, protocol
 from fibrpc.calls import AS_INT, Call, Registry
 from fibrpc.driver import Driver, LinkEvents, LinkLost
-from fibrpc.errors import CallTimeoutError, ClientClosedError, NoServerError
+from fibrpc.errors import (
+    AccessRefusedError,
+    BrokerUnreachableError,
+    CallTimeoutError,
+    ClientClosedError,
+    FibrpcError,
+    NoServerError,
+)
 from fibrpc.numbers import FAST_TABLE
 
 
@@ -36,6 +45,7 @@ class FakeLink:
         self.stalled = False
         self.consumers: int | None = 1
         self.lose_next_turn = False
+        self.refuse: FibrpcError | None = None  # what open raises, if anything
         self.coalesced = 0  # coalesced messages answered
         self._waiting: list[Call] = []
         self._asked = False
@@ -43,8 +53,11 @@ class FakeLink:
         self._lock = threading.Lock()
         self.turning = 0  # threads inside turn() at once: must never exceed 1
         self.max_turning = 0
+        self.controls: list[tuple[str, bytes]] = []  # cancels and describes published
 
     def open(self, events: LinkEvents) -> None:
+        if self.refuse is not None:
+            raise self.refuse
         self.events = events
         self.opened += 1
 
@@ -93,6 +106,11 @@ class FakeLink:
 
     def ask_consumers(self) -> None:
         self._asked = True
+
+    def publish_control(
+        self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
+    ) -> None:
+        self.controls.append((content_type, body))
 
     def wake(self) -> None:
         self._wake.set()
@@ -182,10 +200,17 @@ def test_calls_in_flight_are_sent_again_after_the_link_is_lost():
     driver.close()
 
 
-def test_no_consumer_fails_the_waiting_calls_with_no_server_error():
-    driver, link = _driver()
+def _unserved_driver() -> tuple[Driver, FakeLink]:
+    link = FakeLink()
     link.stalled = True
     link.consumers = 0
+    driver = Driver(link, Registry(8))
+    driver.start()
+    return driver, link
+
+
+def test_no_consumer_fails_the_waiting_calls_with_no_server_error():
+    driver, _ = _unserved_driver()
     started = time.monotonic()
     with pytest.raises(NoServerError):
         _call(driver, 30, math.inf)
@@ -230,6 +255,108 @@ def test_a_queue_that_stays_gone_fails_the_waiting_calls_with_no_server_error():
     driver.close()
 
 
+def test_a_request_sent_to_an_unserved_queue_expires_before_its_call_says_no_server():
+    driver, link = _unserved_driver()
+    calls: list[Call] = []
+    link_publish = link.publish
+
+    def publish(call: Call) -> None:
+        calls.append(call)
+        link_publish(call)
+
+    link.publish = publish  # type: ignore[method-assign]
+    with pytest.raises(NoServerError):
+        _call(driver, 30, 60.0)
+    failed_at = time.monotonic()
+    driver.close()
+    assert len(calls) == 1
+    assert calls[0].expires <= calls[0].deadline - 50  # a TTL of about a second, not 60 s
+    assert failed_at >= calls[0].expires  # its request was gone from the queue by then
+
+
+def test_a_call_sent_while_a_server_consumed_waits_its_deadline_then_says_no_server():
+    driver, link = _driver()  # a consumer at first
+    link.stalled = True
+    link.consumers = 0  # then none
+    started = time.monotonic()
+    with pytest.raises(NoServerError):
+        _call(driver, 30, 2.5)  # its request may be queued for 2.5 s: a server may come
+    assert 2.5 <= time.monotonic() - started < 4
+    driver.close()
+
+
+def test_a_call_handed_over_while_the_link_is_down_keeps_its_deadline():
+    driver, link = _driver()
+    link.refuse = BrokerUnreachableError("nothing listens")
+    link.lose_next_turn = True
+    link.wake()
+    time.sleep(0.3)  # lost, and reconnecting
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    assert driver.registry.reserve(1)
+    call = Call("down", 30, "fast", AS_INT, 1.0, protocol.encode_request(30, "fast"), future)
+    driver.hand_over([call])
+    with pytest.raises(BrokerUnreachableError, match="nothing listens"):
+        future.result(3)
+    driver.close()
+
+
+def test_a_broker_that_refuses_the_reconnect_fails_every_call_at_once():
+    driver, link = _driver()
+    link.stalled = True
+    future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    assert driver.registry.reserve(1)
+    call = Call("in", 30, "fast", AS_INT, 60.0, protocol.encode_request(30, "fast"), future)
+    driver.hand_over([call])
+    time.sleep(0.2)
+    link.refuse = AccessRefusedError("vhost not found")
+    link.lose_next_turn = True
+    link.wake()
+    with pytest.raises(AccessRefusedError, match="vhost not found"):
+        future.result(3)
+    driver.close()
+
+
+def test_close_while_reconnecting_logs_no_traceback(caplog):
+    driver, link = _driver()
+    link.refuse = BrokerUnreachableError("nothing listens")
+    link.lose_next_turn = True
+    link.wake()
+    time.sleep(0.5)
+    with caplog.at_level(logging.DEBUG, logger="fibrpc"):
+        started = time.monotonic()
+        driver.close()
+    assert time.monotonic() - started < 1.5
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_close_wakes_a_thread_waiting_for_a_slot_of_the_window():
+    driver, link = _driver(window=2)
+    link.stalled = True
+    assert driver.registry.reserve(1) and driver.registry.reserve(1)  # held, and late
+    held = Call("held", 30, "fast", AS_INT, 60.0, protocol.encode_request(30, "fast"))
+    driver.hand_over([held])
+    outcome: list[BaseException] = []
+
+    def wait_for_slot() -> None:
+        try:
+            driver.registry.reserve(30)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait_for_slot)
+    thread.start()
+    time.sleep(0.2)
+    driver.close()
+    thread.join(2)
+    assert not thread.is_alive()
+    assert outcome and isinstance(outcome[0], ClientClosedError)
+    late: concurrent.futures.Future[int] = concurrent.futures.Future()
+    call = Call("late", 30, "fast", AS_INT, 60.0, protocol.encode_request(30, "fast"), late)
+    driver.hand_over([call])  # a call that got its slot before the close, sent after it
+    with pytest.raises(ClientClosedError):
+        late.result(1)
+
+
 def test_closing_fails_what_is_in_flight_and_frees_the_window():
     driver, link = _driver(window=2)
     link.stalled = True
@@ -251,7 +378,9 @@ def test_closing_fails_what_is_in_flight_and_frees_the_window():
         thread.join(5)
     assert time.monotonic() - started < 2
     assert len(outcomes) == 2 and all(isinstance(e, ClientClosedError) for e in outcomes)
-    assert driver.registry.reserve(0.1, block=True) and driver.registry.reserve(0.1)
+    assert driver.registry.free == 2  # every slot given back
+    with pytest.raises(ClientClosedError):  # and none taken again: the client is closed
+        driver.registry.reserve(0.1)
 
 
 # -- reconnecting with the one backoff policy (fibrpc.backoff.Backoff) ---------------------

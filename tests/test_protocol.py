@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import gmpy2
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -25,6 +26,7 @@ from fibrpc.config import (
 )
 from fibrpc.errors import ErrorCode, RequestError
 from fibrpc.kernels import ALGORITHMS
+from fibrpc.numbers import estimate_bytes, estimate_digits, magnitude
 from fibrpc.protocol import (
     JSON,
     TEXT,
@@ -525,3 +527,32 @@ def test_an_encoded_batch_decodes_back_to_its_algorithm_and_ns(
 ) -> None:
     algo, ns = case
     assert decode(*encode_request(ns, algo)) == Request(algo, ns, batch=True, form=JSON)
+
+
+# -- the size of a reply is estimated in the form it will be sent in (issue #21) ----------
+
+
+def test_a_batch_asking_for_binary_results_is_sized_by_its_binary_reply_not_its_digits():
+    from fibrpc.handler import Handler  # noqa: PLC0415
+
+    ns = [1_000_000 + k for k in range(8)]  # 8 results of about 209,000 digits, 87 KB each
+    decimal = sum(estimate_digits(n) for n in ns)
+    limits = Limits(max_reply_bytes=decimal * 6 // 10)  # the binary reply fits; text would not
+    body = as_json({"n": ns})
+    refused = refusal(body, JSON, limits=limits)
+    assert refused.code == ErrorCode.REPLY_TOO_LARGE  # as decimal text: too large
+    request = decode_request(body, JSON, None, limits, accept=protocol.INTS)
+    reply = Handler(limits).compute(request)
+    assert reply.content_type == protocol.INTS
+    assert len(reply.body) <= limits.max_reply_bytes
+    assert protocol.decode_values(reply.body, reply.content_type) == [int(gmpy2.fib(n)) for n in ns]
+
+
+@given(st.lists(st.integers(0, 3_000), min_size=1, max_size=20))
+def test_the_binary_estimate_bounds_every_binary_reply(ns):
+    from fibrpc.handler import Handler  # noqa: PLC0415
+
+    request = decode_request(as_json({"n": ns}), JSON, None, LIMITS, accept=protocol.INTS)
+    reply = Handler(LIMITS).compute(request)
+    assert len(reply.body) <= sum(4 + estimate_bytes(n) for n in ns)
+    assert all(len(magnitude(int(gmpy2.fib(n)))) <= estimate_bytes(n) for n in ns)

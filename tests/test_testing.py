@@ -158,11 +158,13 @@ def test_a_none_among_single_calls_is_refused_by_the_asyncio_client(fibrpc_serve
     ("ns", "batch_size", "code"),
     [
         ([0] * 100_001, 100_001, ErrorCode.BATCH_TOO_LARGE),  # the server's --max-batch
-        # n past 64 bits travel as JSON (a binary batch of at most --max-batch values is
-        # under the 1 MiB a server reads): 21 bytes an n.
-        ([2**64] * 60_000, 60_000, ErrorCode.BODY_TOO_LARGE),  # the server's 1 MiB
-        ([2**64] * 820_000, 820_000, ErrorCode.BODY_TOO_LARGE),  # the broker's 16 MiB
-        ([10**6] * 90, 90, ErrorCode.REPLY_TOO_LARGE),  # the server's 15 MiB of replies
+        # Negative n travel as JSON (a binary batch of at most --max-batch values is under
+        # the 1 MiB a server reads; n past 64 bits are refused before sending): 22 bytes
+        # an n.
+        ([-(10**19)] * 60_000, 60_000, ErrorCode.BODY_TOO_LARGE),  # the server's 1 MiB
+        ([-(10**19)] * 820_000, 820_000, ErrorCode.BODY_TOO_LARGE),  # the broker's 16 MiB
+        # The server's 15 MiB of replies, in the binary form a batch asks for (87 KB each).
+        ([10**6] * 200, 200, ErrorCode.REPLY_TOO_LARGE),
         ([30] * 3, 3, None),
     ],
     ids=["batch", "body", "broker-message", "reply", "fine"],
@@ -309,8 +311,13 @@ def test_importing_the_plugin_or_the_stand_ins_loads_no_kernels():
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    # The plugin adds nothing but itself to what fibrpc loads; numba loads on first use.
-    assert out.splitlines() == ["['fibrpc.pytest_plugin']", "[]", "True"]
+    # The plugin adds nothing but itself, its defaults and the way to start a server (both
+    # pure standard library) to what fibrpc loads; numba loads on first use.
+    assert out.splitlines() == [
+        "['fibrpc.config', 'fibrpc.pytest_plugin', 'fibrpc.serving']",
+        "[]",
+        "True",
+    ]
 
 
 # -- the asyncio stand-in ----------------------------------------------------------------

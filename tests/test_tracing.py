@@ -243,12 +243,14 @@ def test_submit_and_map_are_producer_spans_and_batches_carry_their_size(
 
 
 def test_a_timeout_and_no_server_end_their_spans_with_the_error(spans, broker, queue, broker_url):
-    broker.queue_declare(queue, durable=True)  # nobody consumes it
+    broker.queue_declare(queue, durable=True)
+    mute = broker.basic_consume(queue, lambda *args: None)  # takes requests, never answers
     with Client(broker_url, queue=queue, timeout=10) as client:
         with pytest.raises(CallTimeoutError):
             client.call(5, timeout=0.05)
+        broker.basic_cancel(mute)  # now nobody consumes it
         with pytest.raises(NoServerError):
-            client.call(5)
+            client.call(5, timeout=2)
     timed_out, no_server = only(spans.get_finished_spans(), f"publish {queue}")
     assert timed_out.status.status_code is StatusCode.ERROR
     assert timed_out.attributes["error.type"] == "call_timeout"

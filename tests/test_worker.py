@@ -67,6 +67,9 @@ class FakeLink:
         self.channel_open = True
         self._on_request: Callable[[Any, Any, Any, bytes], None] | None = None
         self._on_cancel: Callable[[], None] | None = None
+        self._on_control: Callable[[str, bytes], None] | None = None
+        self.control_refused: str | None = None  # why open_control fails, or None
+        self.forwarded: list[tuple[str, bytes]] = []  # heard back on the next turn
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._woken = threading.Event()
@@ -91,6 +94,10 @@ class FakeLink:
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
+        forwarded, self.forwarded = self.forwarded, []
+        for route, body in forwarded:
+            assert self._on_control is not None
+            self._on_control(route, body)
         deliveries, self.pending = self.pending, []
         assert self._on_request is not None
         for method, props, body in deliveries:
@@ -132,6 +139,19 @@ class FakeLink:
     def close(self) -> None:
         pass
 
+    def open_control(
+        self, server: str | None, on_control: Callable[[str, bytes], None]
+    ) -> str | None:
+        """The control path: what is forwarded comes back on the next turn (to this
+        worker alone: the fake has no other), unless ``control_refused``."""
+        self._on_control = on_control
+        return self.control_refused
+
+    def forward(self, route: str, body: bytes) -> bool:
+        self.done.append(("forward", route))
+        self.forwarded.append((route, body))
+        return True
+
     def cancel_consumer(self) -> None:
         """The broker cancels the consumer (its queue was deleted)."""
         assert self._on_cancel is not None
@@ -159,14 +179,17 @@ def make_worker(
     board: inflight.Board | None = None,
     handler: Handler | None = None,
     retry: backoff.Backoff | None = None,
+    exit: Any = None,
     **settings: Any,
 ) -> Worker:
+    more = {} if exit is None else {"exit": exit}
     worker = Worker(
         WorkerSettings(**settings),
         handler,
         board=board,
         link=link,  # type: ignore[arg-type]
         retry=retry or NoWait(),
+        **more,
     )
     link.worker = worker
     return worker
