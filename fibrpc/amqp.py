@@ -702,19 +702,25 @@ class QueueProbe:
     connection's next turns by ``on_answer(consumers)``, with None when the queue does
     not exist. A synchronous round trip would stall the thread that drives the
     connection for as long as the broker does not answer (blocked, a half-open network):
-    every call's deadline with it."""
+    every call's deadline with it.
 
-    def __init__(self, connection: Any, queue: str, on_answer: Any) -> None:
+    A refused declare (403: RabbitMQ 4.2.6 and later want a permission on the queue) is
+    answered once, by ``on_refused(reply_code, reply_text)``, and the probe asks no more:
+    a refusal would close a channel on every question."""
+
+    def __init__(self, connection: Any, queue: str, on_answer: Any, on_refused: Any) -> None:
         self._impl = connection._impl
         self._queue = queue
         self._on_answer = on_answer
+        self._on_refused = on_refused
         self._channel: Any = None
         self._asking = False
+        self.refused = False
 
     def ask(self) -> None:
-        """Send the question unless one is on its way already (any thread that drives
-        the connection)."""
-        if self._asking or not self._impl.is_open:
+        """Send the question unless one is on its way already, or the broker refused it
+        (any thread that drives the connection)."""
+        if self._asking or self.refused or not self._impl.is_open:
             return
         self._asking = True
         channel = self._channel
@@ -734,8 +740,14 @@ class QueueProbe:
     def _on_close(self, channel: Any, reason: Any) -> None:
         asking, self._asking = self._asking, False
         self._channel = None
-        if asking and getattr(reason, "reply_code", None) == 404:
+        if not asking:
+            return
+        code = getattr(reason, "reply_code", None)
+        if code == 404:
             self._on_answer(None)
+        elif code in refusals.ACCESS_REFUSED_CODES:
+            self.refused = True
+            self._on_refused(code, str(getattr(reason, "reply_text", reason)))
 
 
 def quiet_pika() -> None:

@@ -69,6 +69,7 @@ class LinkEvents(Protocol):
     def on_reply(self, corr_id: str | None, content_type: str | None, body: bytes) -> None: ...
     def on_return(self, corr_id: str | None) -> None: ...
     def on_consumers(self, consumers: int | None) -> None: ...
+    def on_probe_refused(self, reply_code: int, reply_text: str) -> None: ...
     def on_blocked(self, reason: str | None) -> None: ...
 
 
@@ -95,7 +96,8 @@ class Link(Protocol):
         """A new channel after ``channel_closed``; raise ``LinkLost``."""
 
     def ask_consumers(self) -> None:
-        """Ask how many consumers the queue has (answered by ``on_consumers``)."""
+        """Ask how many consumers the queue has (answered by ``on_consumers``, or once
+        by ``on_probe_refused``)."""
 
     def wake(self) -> None:
         """Make a waiting ``turn`` return (thread-safe)."""
@@ -128,6 +130,9 @@ class Driver:
         self._broken = False  # the link was lost: the I/O thread reconnects
         self.closing = False
         self._next_probe = 0.0
+        #: Why the broker refused to count the queue's consumers, once it has: the driver
+        #: asks no more, and cannot tell that no server runs.
+        self.probe_refused: str | None = None
         self._no_consumer_since: float | None = None
         self._grace_until = 0.0
         self._returned: collections.deque[tuple[float, str]] = collections.deque()
@@ -425,7 +430,7 @@ class Driver:
             self._resend_returned(now)
         if registry.next_deadline() <= now:
             self._expire(now)
-        if len(registry) and now >= self._next_probe:
+        if len(registry) and now >= self._next_probe and self.probe_refused is None:
             self._next_probe = now + _PROBE_INTERVAL
             self.link.ask_consumers()
         if registry.settled != settled and self._wanting:
@@ -540,6 +545,19 @@ class Driver:
         error = self._no_server(missing=consumers is None)
         for call in self.registry.calls():
             self.registry.fail(call.corr_id, error)
+
+    def on_probe_refused(self, reply_code: int, reply_text: str) -> None:
+        """The broker refused the question of ``on_consumers`` (a permission RabbitMQ
+        4.2.6 and later want): said once, in a warning naming the permission to add;
+        calls go on, but one to an unserved queue now waits for its timeout."""
+        if self.probe_refused is not None:
+            return
+        self.probe_refused = refusals.probe_refused(self.link.queue, reply_code, reply_text)
+        log.warning(
+            "%s Until then this client cannot tell that no server consumes the queue: "
+            "calls go through, but a call to an unserved queue waits for its timeout.",
+            self.probe_refused,
+        )
 
     def on_blocked(self, reason: str | None) -> None:
         if reason is not None:

@@ -28,9 +28,9 @@ from typing import Any, Final
 
 import pika.exceptions
 
-from fibrpc import amqp, state
+from fibrpc import amqp, refusals, state
 from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
-from fibrpc.errors import FibrpcError
+from fibrpc.errors import AccessRefusedError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 
 #: The management API's rate fields, as reported here.
@@ -63,7 +63,8 @@ def queue_counts(
     ``queue`` and its consumers there (None if it does not exist). ``timeout`` (seconds)
     bounds the opening of each connection.
 
-    Raises ``BrokerUnreachableError``, ``AccessRefusedError`` or ``ConfigError``.
+    Raises ``BrokerUnreachableError``, ``AccessRefusedError`` (naming the permission to
+    add when the passive declare itself was refused) or ``ConfigError``.
     """
     conn, node = amqp.connect_any(urls, name="fibrpc-status", tls=tls, connect_timeout=timeout)
     url = urls[node]
@@ -74,6 +75,9 @@ def queue_counts(
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == 404:
                     return url, None
+                if exc.reply_code in refusals.ACCESS_REFUSED_CODES:
+                    text = refusals.probe_refused(queue, exc.reply_code, exc.reply_text)
+                    raise AccessRefusedError(text, url=amqp.redact(url)) from exc
                 raise
         return url, (int(frame.method.message_count), int(frame.method.consumer_count))
     finally:
