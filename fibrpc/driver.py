@@ -549,13 +549,13 @@ class Driver:
     def on_probe_refused(self, reply_code: int, reply_text: str) -> None:
         """The broker refused the question of ``on_consumers`` (a permission RabbitMQ
         4.2.6 and later want): said once, in a warning naming the permission to add;
-        calls go on, but one to an unserved queue now waits for its timeout."""
+        calls go on, but one to a queue without a consumer now waits for its timeout."""
         if self.probe_refused is not None:
             return
         self.probe_refused = refusals.probe_refused(self.link.queue, reply_code, reply_text)
         log.warning(
             "%s Until then this client cannot tell that no server consumes the queue: "
-            "calls go through, but a call to an unserved queue waits for its timeout.",
+            "calls go through, but one to a queue without a consumer waits for its timeout.",
             self.probe_refused,
         )
 
