@@ -67,12 +67,14 @@ _session = contextlib.ExitStack()
 SESSION_NODE: PrivateNode | None = None
 
 
-def rabbitmq_version() -> tuple[int, ...]:
-    """``BROKER_VERSION`` as numbers, for tests whose broker's behaviour changed at a
-    release: (4, 3, 6). A test failure if the broker did not say."""
-    numbers = re.match(r"\d+(?:\.\d+)*", BROKER_VERSION)
+def rabbitmq_version(version: str | None = None) -> tuple[int, ...]:
+    """A RabbitMQ ``version`` (by default the broker under test's, ``BROKER_VERSION``) as
+    numbers, for tests whose broker's behaviour changed at a release: (4, 3, 6). A test
+    failure if it is not one."""
+    text = BROKER_VERSION if version is None else version
+    numbers = re.match(r"\d+(?:\.\d+)*", text)
     if numbers is None:
-        pytest.fail(f"The broker under test's version is unknown ({BROKER_VERSION!r}).")
+        pytest.fail(f"{text!r} is not a RabbitMQ version.")
     return tuple(int(part) for part in numbers[0].split("."))
 
 

@@ -86,6 +86,27 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
+def _declare_afresh(node: PrivateNode, timeout: float = 60.0) -> None:
+    """Delete and declare the quorum queue on ``node``. Just after a node of the cluster
+    came back, RabbitMQ 4.3.6 may refuse that for a moment (541 INTERNAL_ERROR, the
+    connection closed): asked again, on a new connection, until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = pika.BlockingConnection(pika.URLParameters(node.url()))
+        try:
+            channel = conn.channel()
+            channel.queue_delete(QUEUE)
+            channel.queue_declare(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+            return
+        except pika.exceptions.ConnectionClosedByBroker as exc:
+            if exc.reply_code != 541 or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
 @pytest.fixture
 def setup(cluster: list[PrivateNode], tmp_path: Path) -> Iterator[tuple[list, list[str]]]:
     """Two servers (one starting on the queue's leader, one on another node) and the
@@ -93,11 +114,7 @@ def setup(cluster: list[PrivateNode], tmp_path: Path) -> Iterator[tuple[list, li
     for node in cluster:  # every node up, the queue declared afresh with node 1 leading
         if node.proc is None or node.proc.poll() is not None:
             node.start()
-    conn = pika.BlockingConnection(pika.URLParameters(cluster[0].url()))
-    channel = conn.channel()
-    channel.queue_delete(QUEUE)
-    channel.queue_declare(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-    conn.close()
+    _declare_afresh(cluster[0])
     leader = _leader(cluster)
     others = [n for n in cluster if n is not leader]
     first = [leader, *others]

@@ -21,7 +21,6 @@ from fibrpc.driver import Driver, LinkEvents, LinkLost
 from fibrpc.errors import CallTimeoutError, ClientClosedError, NoServerError
 from fibrpc.numbers import FAST_TABLE
 
-
 #: RabbitMQ 4.3.6's refusal of a passive declare by a user with no permission on the queue.
 _REFUSED_TEXT = (
     "ACCESS_REFUSED - configure access to queue 'fake_queue' in vhost '/' refused for user "
