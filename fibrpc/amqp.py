@@ -428,7 +428,8 @@ def declare_request_queue(channel: Any, queue: str, *, queue_type: str = "classi
     """Declare the request queue: a durable classic queue, or a quorum queue.
 
     Not the tutorial's ``queue_declare(queue='rpc_queue')``: a transient queue that is
-    not exclusive is deprecated in RabbitMQ 4 and refused by 4.3's defaults. Durable (the
+    not exclusive is deprecated in RabbitMQ 4 (refused where that deprecated feature is
+    denied; 4.3.6 still permits it by default). Durable (the
     queue, not its messages: requests stay transient) works on every RabbitMQ from 3.8
     on. ``quorum`` is the replicated queue of a RabbitMQ cluster.
 

@@ -212,7 +212,8 @@ def test_a_quorum_queue_counts_a_killed_consumers_delivery_and_a_nack_only_befor
     queue counts: a consumer killed (``kill -9``) holding a message charges it one
     delivery on every 4.x line, so the broker's delivery limit (20) still ends a crash
     loop that fibrpc's own count would not; a ``basic.nack`` with requeue charges it one
-    on 4.0, and none on 4.3, which counts it in ``x-acquired-count`` instead."""
+    on 4.0, and none on 4.3, which counts it in ``x-acquired-count`` instead; a
+    ``basic.reject`` with requeue charges one everywhere."""
     broker.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
     broker.basic_publish("", queue, b"30")
     seen = []
@@ -239,11 +240,17 @@ def test_a_quorum_queue_counts_a_killed_consumers_delivery_and_a_nack_only_befor
     assert method is not None and method.redelivered
     assert props.headers["x-delivery-count"] == 3
     broker.basic_nack(method.delivery_tag, requeue=True)
-    method, props, _ = broker.basic_get(queue, auto_ack=True)
+    method, props, _ = broker.basic_get(queue)
     assert method is not None and method.redelivered
+    counted = props.headers["x-delivery-count"]
     if rabbitmq_version(rabbitmq4_node.server_version()) >= (4, 3):
-        assert props.headers["x-delivery-count"] == 3, props.headers
+        assert counted == 3, props.headers
         assert props.headers["x-acquired-count"] == 4, props.headers
     else:
-        assert props.headers["x-delivery-count"] == 4, props.headers
+        assert counted == 4, props.headers
         assert "x-acquired-count" not in props.headers, props.headers
+    # A basic.reject with requeue (pika's answer to a delivery for a cancelled consumer)
+    # is a delivery on every line.
+    broker.basic_reject(method.delivery_tag, requeue=True)
+    method, props, _ = broker.basic_get(queue, auto_ack=True)
+    assert method is not None and props.headers["x-delivery-count"] == counted + 1
