@@ -5,7 +5,8 @@ which may be what killed it, and the ones merely prefetched behind it, which are
 tell them apart after the crash, each worker writes the key of a request into a slot of
 its own before computing it, and clears the slot after (``WorkerSlot``). The supervisor,
 reaping a dead worker, moves what its slots held into a ring of *suspects*
-(``Board.convict``); a worker given a redelivered request asks ``Board.is_suspect``. A key
+(``Board.convict``); a worker given a redelivered request asks ``Board.is_suspect``, and
+clears the suspicion once it has charged the request for it (``Board.acquit``). A key
 still in another worker's slot counts too: its worker may have died a moment ago, not
 yet reaped.
 
@@ -81,6 +82,16 @@ class Board:
                 if self._read(self._slots_at + (other * _SLOTS + sub) * _ENTRY) == request:
                     return True
         return False
+
+    def acquit(self, request: bytes) -> None:
+        """``request`` was charged for the crash it is suspected of: it is a suspect no
+        more, so a later redelivery (when it was only prefetched by a worker that died
+        computing another) is not charged again. Only a death while computing it again
+        (``convict``) makes it a suspect again."""
+        for i in range(SUSPECTS):
+            at = self._ring_at + i * _ENTRY
+            if self._read(at) == request:
+                self._memory[at : at + _LENGTH.size] = _EMPTY
 
     def close(self) -> None:
         self._memory.close()

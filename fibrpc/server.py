@@ -1,20 +1,35 @@
 """One worker process: consume ``rpc_queue``, compute, reply, then ack.
 
-The consume loop only moves messages; ``fibrpc.handler`` decides what each one means.
-A light request (almost all of them) is answered inside the pika callback. A heavy one
-(large n, naive recursion) is computed on a single compute thread while the I/O loop
-keeps turning, so heartbeats flow and the connection survives; its reply is handed back
-to the I/O thread with ``amqp.call_threadsafe`` (pika's I/O loop's ``add_callback_
-threadsafe``, the one pika method that is safe to call from another thread).
+Three layers, like the client's (``calls``, ``driver``, ``link``):
+
+* ``fibrpc.deliveries`` decides each delivery's fate (drop, skip as expired, refuse,
+  compute light or heavy, republish with its count, refuse as poison, drop as
+  unreplyable): pure functions of the delivery and the worker's state, a test per rule;
+* ``Worker`` (here) carries the decisions out and only moves messages: it drives the
+  broker through the small ``WorkerLink`` protocol, which tests implement without a
+  broker (tests/test_worker.py);
+* ``fibrpc.serverlink.AmqpWorkerLink`` is the real link, over ``fibrpc.amqp``: no
+  module of the worker imports pika.
+
+A light request (almost all of them) is answered inside the link's delivery callback. A
+heavy one (large n, naive recursion) is computed on a single compute thread while the I/O
+loop keeps turning, so heartbeats flow and the connection survives; its reply is handed
+back to the I/O thread with ``WorkerLink.call_threadsafe``.
 
 Faults a worker absorbs by itself, without dying:
 
-* the broker goes away: it reconnects with backoff and consumes again;
+* the broker goes away or closes the channel: it reconnects, with backoff
+  (``fibrpc.backoff.Backoff``: exponential with jitter, from the first pause again once a
+  connection stayed healthy a while), and consumes again;
 * a request whose caller has given up (its deadline has passed): skipped, not computed;
-* a request delivered more than ``max_deliveries`` times (it may be what killed the
-  workers before): refused with an ``ErrorCode.POISON`` reply instead of computed again.
-  Quorum queues count deliveries themselves (``x-delivery-count``); on a classic queue a
-  redelivered request is re-published with its count in a header and the original acked.
+* a request delivered more than ``max_deliveries`` times while a worker died computing it
+  (it may be what killed the workers before): refused with an ``ErrorCode.POISON`` reply
+  instead of computed again. Quorum queues count deliveries themselves
+  (``x-delivery-count``), but count the requests merely prefetched too; so a charged
+  request is re-published with its count in a header and the original acked;
+* a request whose reply the broker refused: when the channel or connection closes after
+  a reply and before its ack, the request is charged when it comes back, and dropped
+  with one error line after ``max_deliveries`` (a reply would be refused the same way).
 
 What a worker has done is counted in ``WorkerStats`` and, where the stats are counted, in
 ``fibrpc.metrics`` (which records nothing unless the server has a metrics port). Once a
@@ -29,23 +44,30 @@ skipped.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
-import itertools
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 
-import pika
-import pika.exceptions
-
-from fibrpc import amqp, backoff, deliveries, inflight, metrics, refusals, state, tracing
+from fibrpc import (
+    amqp,
+    backoff,
+    deliveries,
+    inflight,
+    metrics,
+    protocol,
+    refusals,
+    state,
+    tracing,
+)
 from fibrpc.config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -57,18 +79,23 @@ from fibrpc.config import (
     REPORT_INTERVAL,
     Limits,
 )
-from fibrpc.errors import BrokerUnreachableError, ErrorCode, RequestError
+from fibrpc.deliveries import Decision, Fate
+from fibrpc.errors import (
+    AccessRefusedError,
+    BrokerError,
+    BrokerRefusedError,
+    ErrorCode,
+    RequestError,
+)
 from fibrpc.handler import Handler, Reply, error_reply
 from fibrpc.protocol import ACCEPT_HEADER, DEADLINE_HEADER, DELIVERIES_HEADER
+from fibrpc.serverlink import AmqpWorkerLink, ChannelClosedError, LinkLostError
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG: Final = 1
-_QUORUM_DELIVERIES: Final = "x-delivery-count"
-#: The longest the consume loop waits for I/O before it looks at its flags again.
-_TURN: Final = 0.25
-#: Seconds a closing worker gives the broker to acknowledge before dropping the socket.
-_CLOSE_WITHIN: Final = 2.0
+#: What a request's callback lets through: the link failed, the worker reconnects.
+_LINK_ERRORS: Final = (LinkLostError, ChannelClosedError, BrokerError)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,11 +127,57 @@ class WorkerStats:
 
     served: int = 0
     errors: int = 0
-    dropped: int = 0  # no reply_to: nowhere to answer
+    dropped: int = 0  # no reply_to, or replies the broker kept refusing: nowhere to answer
     expired: int = 0  # deadline passed before it was computed: skipped
     poison: int = 0  # delivered too often: refused
     redelivered: int = 0  # came back after a worker died or a connection dropped
     reconnects: int = 0
+
+
+class WorkerLink(Protocol):
+    """The broker, as a worker sees it (``fibrpc.serverlink.AmqpWorkerLink`` is the real
+    one). Every method but ``open`` raises ``LinkLostError`` when the connection is
+    gone and ``ChannelClosedError`` when the broker closed the channel."""
+
+    url: str  #: the node connected to (or tried last)
+
+    def open(
+        self,
+        on_request: Callable[[Any, Any, Any, bytes], None],
+        on_cancel: Callable[[], None],
+    ) -> None:
+        """Connect, declare the queue and consume it: each delivery reaches
+        ``on_request(channel, method, properties, body)`` during ``turn``. Raises
+        ``BrokerUnreachableError`` (retried) or another ``BrokerError``/``ConfigError``."""
+
+    def turn(self) -> None:
+        """Write what is queued, wait a little for I/O, run what arrived."""
+
+    def is_open(self) -> bool:
+        """Whether replies and acks can still go out."""
+
+    def reply(self, props: Any, body: bytes, content_type: str) -> None:
+        """Queue the reply to the request of ``props``."""
+
+    def ack(self, tag: int) -> None:
+        """Queue the ack of delivery ``tag``."""
+
+    def republish(
+        self, routing_key: str, body: bytes, props: Any, headers: Mapping[str, Any]
+    ) -> None:
+        """Queue a copy of a request with ``headers``."""
+
+    def call_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` during a later ``turn`` (from any thread)."""
+
+    def consume_again(self) -> None:
+        """Declare the queue and consume again after the broker cancelled the consumer."""
+
+    def cancel(self, timeout: float) -> None:
+        """Stop consuming (waiting up to ``timeout`` seconds for the broker)."""
+
+    def close(self) -> None:
+        """Close within a couple of seconds, whatever the broker does."""
 
 
 class Worker:
@@ -117,15 +190,28 @@ class Worker:
         *,
         board: inflight.Board | None = None,
         index: int = 0,
+        link: WorkerLink | None = None,
+        retry: backoff.Backoff | None = None,
     ) -> None:
         """``board`` and ``index``: the supervisor's board of requests in flight and this
         worker's place on it (``fibrpc.inflight``); without one, every redelivery is
-        charged as a delivery, since no crash's suspect can be told from the others."""
+        charged as a delivery, since no crash's suspect can be told from the others.
+        ``link``: the broker (by default an ``AmqpWorkerLink`` to ``settings.urls``,
+        starting at node ``index``); ``retry``: the pauses between reconnects."""
         self.settings = settings
         self._board = board
         self._index = index
-        self._node = index % len(settings.urls)  # the node to try first: spread the load
-        self.url = settings.urls[self._node]  # the node connected to (or tried last)
+        self.link: WorkerLink = link or AmqpWorkerLink(
+            settings.urls,
+            settings.queue,
+            queue_type=settings.queue_type,
+            prefetch=settings.prefetch,
+            heartbeat=settings.heartbeat,
+            tls=settings.tls,
+            name=f"fibrpc-worker-{os.getpid()}",
+            node=index,
+        )
+        self._retry = retry or backoff.Backoff()
         self._slot = board.slot(index) if board is not None else None
         self.handler = handler or Handler(settings.limits, settings.memo_bytes, settings.memo_dir)
         self.stats = WorkerStats()
@@ -133,10 +219,14 @@ class Worker:
         self._in_flight = 0
         self._generation = 0  # bumped per connection: stale compute results are dropped
         self._compute = concurrent.futures.ThreadPoolExecutor(1, "fibrpc-compute")
-        self._conn: Any = None
-        self._channel: Any = None
-        self._consumer_tag: str | None = None
         self._consumer_cancelled = False
+        #: The properties of the latest replies (at most a prefetch of them can be
+        #: unacked at the broker): remembered as unacked if the link fails.
+        self._replied: collections.deque[Any] = collections.deque(maxlen=settings.prefetch + 1)
+        #: Keys of the requests replied but perhaps unacked when the link last failed,
+        #: with the broker's reason (``_charge_unacked``).
+        self._unacked: dict[bytes, str] = {}
+        self._outage_since: float | None = None
         self._logged_expired = 0
         self._metrics = metrics.current()
         self._report: state.WorkerReport | None = None
@@ -146,64 +236,48 @@ class Worker:
         self._memo_reported = (0, 0)  # the memo's hits and misses already in the metrics
         self._debug = log.isEnabledFor(logging.DEBUG)  # decided once: per request it costs
 
+    @property
+    def url(self) -> str:
+        """The node connected to (or tried last)."""
+        return self.link.url
+
     def request_stop(self) -> None:
         """Stop taking requests and drain (safe from a signal handler)."""
         self._stopping = True
 
+    # -- the connection's life ------------------------------------------------------------
+
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Consume until ``request_stop``, answer what is held, close.
 
-        Reconnects (with backoff) whenever the broker is unreachable or drops the
-        connection. Raises ``AccessRefusedError`` (and ``ConfigError``) at once: retrying
-        a refused login cannot help, and the supervisor must hear of it.
+        Reconnects, with backoff, whenever the broker is unreachable or does not answer
+        (a quorum queue without a majority never confirms a consume, say: an outage is
+        never a crash, however long it lasts), drops the connection or closes the
+        channel. Raises ``AccessRefusedError`` (and ``BrokerRefusedError``,
+        ``ConfigError``) at once: retrying a refusal cannot help, and the supervisor must
+        hear of it.
         """
         parent = os.getppid()
         try:
-            for attempt in itertools.count():
-                if self._stopping or os.getppid() != parent:
-                    break
+            while not self._stopping and os.getppid() == parent:
                 try:
-                    self._connect()
-                except BrokerUnreachableError as exc:
-                    delay = backoff.reconnect_delay(attempt)
-                    log.warning("%s Retrying in %.2f s.", exc, delay)
-                    self._sleep(delay)
+                    self._open()
+                except (AccessRefusedError, BrokerRefusedError):
+                    raise
+                except BrokerError as exc:  # unreachable, or not answering: an outage
+                    self._unreachable(exc)
                     continue
                 if on_ready is not None:
                     self._metrics.worker_up()
                     self._tick(force=True)
                     on_ready()
                     on_ready = None
-                try:
-                    self._consume(parent)
-                    self._drain()
+                if self._serve(parent):
                     break
-                except pika.exceptions.ChannelClosedByBroker as exc:
-                    if exc.reply_code in refusals.ACCESS_REFUSED_CODES:  # fatal
-                        raise amqp.translate(exc, self.url) from exc
-                    self.stats.reconnects += 1
-                    largest = refusals.max_message_size(exc.reply_text)
-                    if largest is not None:
-                        self._limit_replies(largest)
-                    else:
-                        log.warning("RabbitMQ closed the channel (%s); reconnecting", exc)
-                except (pika.exceptions.ChannelClosed, pika.exceptions.ConsumerCancelled) as exc:
-                    # The queue was deleted, say: reconnecting declares it again.
-                    self.stats.reconnects += 1
-                    log.warning("%s; reconnecting", exc)
-                except amqp.ConnectionLost as exc:
-                    if self._stopping:
-                        break
-                    self.stats.reconnects += 1
-                    log.warning(
-                        "lost the connection to %s (%s); reconnecting to the next node",
-                        amqp.redact(self.url),
-                        type(exc).__name__,
-                    )
-                    self._node += 1  # move on: the node may be the one that went away
+                self._sleep(self._retry.failed())
         finally:
             self._compute.shutdown(wait=False, cancel_futures=True)
-            self._close()
+            self.link.close()
             self._tick(force=True)  # the last memo counts reach the metrics
             if self._report is not None:
                 self._report.remove()
@@ -212,12 +286,80 @@ class Worker:
                 ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.stats).items()),
             )
 
+    def _open(self) -> None:
+        """Connect and consume. Requests may arrive before ``open`` returns: they belong
+        to this connection's generation."""
+        self._generation += 1
+        self._in_flight = 0
+        self._consumer_cancelled = False
+        self.link.open(self._on_request, self._on_cancelled)
+        self._retry.up()
+        if self._outage_since is not None:
+            log.info(
+                "RabbitMQ answers again at %s, after %.1f s",
+                amqp.redact(self.url),
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
+        log.info("consuming %r at %s", self.settings.queue, amqp.redact(self.url))
+
+    def _unreachable(self, exc: BrokerError) -> None:
+        """No node answered: wait (backoff) and try again; one warning per outage."""
+        delay = self._retry.failed()
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("%s Retrying, with backoff, until it answers.", exc)
+        else:
+            log.debug("%s Retrying in %.2f s.", exc, delay)
+        self._sleep(delay)
+
+    def _serve(self, parent: int) -> bool:
+        """Consume until asked to stop, then drain: True. False when the link failed
+        (the worker reconnects)."""
+        try:
+            self._consume(parent)
+            self._drain()
+            return True
+        except ChannelClosedError as exc:
+            if self._stopping:
+                return True
+            self.stats.reconnects += 1
+            largest = refusals.max_message_size(exc.reply_text)
+            if largest is not None:
+                self._limit_replies(largest)  # the reply over the limit is refused later
+                return False
+            log.warning("%s; reconnecting", exc)
+            self._charge_unacked(f"{exc.reply_code} {exc.reply_text}")
+        except LinkLostError as exc:
+            if self._stopping:
+                return True
+            self.stats.reconnects += 1
+            log.warning(
+                "lost the connection to %s (%s); reconnecting%s",
+                amqp.redact(self.url),
+                exc,
+                " to the next node" if len(self.settings.urls) > 1 else "",
+            )
+            self._charge_unacked(f"the connection was lost: {exc}")
+        return False
+
+    def _charge_unacked(self, reason: str) -> None:
+        """The link failed: the requests replied to lately may be unacked at the broker.
+        RabbitMQ handles a channel's frames in order and drops those after the one it
+        chokes on: the first of them to come back is the culprit, charged as a delivery
+        (``deliveries.decide``); those behind it are innocent (``_decide``)."""
+        if self._replied:
+            self._unacked = {
+                inflight.key(props.reply_to, props.correlation_id): reason
+                for props in self._replied
+            }
+            self._replied.clear()
+
     def _limit_replies(self, largest: int) -> None:
         """RabbitMQ closed the channel over a reply larger than its ``max_message_size``
         (``largest`` bytes): from now on a request whose reply would not fit is refused
         as ``reply_too_large`` before computing, naming the broker's limit, and so is the
-        one that went over when it comes back (``_handle_request``: refusals are never
-        charged as deliveries)."""
+        one that went over when it comes back (refusals are never charged as crashes)."""
         limits = self.handler.limits
         if largest >= limits.max_reply_bytes:
             return
@@ -233,41 +375,9 @@ class Worker:
             max_reply_source=f"RabbitMQ's max_message_size at {amqp.redact(self.url)}",
         )
 
-    def _connect(self) -> None:
-        s = self.settings
-        self._close()
-        self._conn, node = amqp.connect_any(
-            s.urls,
-            start=self._node,
-            heartbeat=s.heartbeat,
-            name=f"fibrpc-worker-{os.getpid()}",
-            tls=s.tls,
-        )
-        self._node = node
-        self.url = s.urls[node]
-        try:
-            self._channel = self._conn.channel()
-            amqp.declare_request_queue(self._channel, s.queue, queue_type=s.queue_type)
-            self._channel.basic_qos(prefetch_count=s.prefetch)
-            # Requests may arrive before consume_direct returns: they belong to this
-            # connection's generation.
-            self._generation += 1
-            self._in_flight = 0
-            self._subscribe()
-            amqp.keep_ticking(self._conn, _TURN)
-        except Exception as exc:
-            self._close()
-            raise amqp.translate(exc, self.url) from exc
-        log.info("consuming %r at %s", s.queue, amqp.redact(self.url))
-
     def _consume(self, parent: int) -> None:
         while not self._stopping:
-            amqp.run_io(self._conn)  # returns within _TURN (keep_ticking)
-            if self._channel.is_closed:
-                reason = amqp.closing_reason(self._channel)
-                if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
-                    raise reason
-                raise pika.exceptions.ChannelClosed(0, f"The channel closed: {reason}")
+            self.link.turn()  # returns within a quarter of a second
             if self._consumer_cancelled:
                 self._consume_again()
             self._log_expired()
@@ -276,7 +386,7 @@ class Worker:
                 log.warning("supervisor %d is gone; stopping", parent)
                 self._stopping = True
 
-    def _on_cancelled_by_broker(self, frame: Any) -> None:
+    def _on_cancelled(self) -> None:
         """RabbitMQ cancels a consumer whose queue is deleted (or, on a cluster, whose
         queue moved): consume again (``_consume_again``) rather than sit idle."""
         self._consumer_cancelled = True
@@ -286,50 +396,29 @@ class Worker:
         worker holds are still its own (their delivery tags live on the channel, not in
         the queue), so those being computed are answered and acked as usual: their
         callers' reply addresses do not depend on the queue."""
-        s = self.settings
         log.warning(
             "RabbitMQ cancelled the consumer of %r (the queue was deleted?); declaring it "
             "again, %d request(s) still held",
-            s.queue,
+            self.settings.queue,
             self._in_flight,
         )
-        amqp.declare_request_queue(self._channel, s.queue, queue_type=s.queue_type)
-        self._subscribe()
-        self.stats.reconnects += 1
-
-    def _subscribe(self) -> None:
-        """Consume the request queue on this worker's channel."""
         self._consumer_cancelled = False
-        self._consumer_tag = amqp.consume_direct(
-            self._conn,
-            self._channel,
-            self.settings.queue,
-            self._on_request,
-            auto_ack=False,
-            on_cancel=self._on_cancelled_by_broker,
-        )
+        self.stats.reconnects += 1
+        self.link.consume_again()
 
     def _drain(self) -> None:
         """Cancel the consumer (what reaches us after that is rejected, to be requeued),
         then wait for computations in flight to reply and ack, up to the drain timeout."""
         deadline = time.monotonic() + self.settings.drain_timeout
-        if self._consumer_tag is not None:
-            amqp.cancel_direct(
-                self._conn, self._channel, self._consumer_tag, self.settings.drain_timeout
-            )
+        self.link.cancel(self.settings.drain_timeout)
         while self._in_flight and time.monotonic() < deadline:
-            amqp.run_io(self._conn)
+            self.link.turn()
         if self._in_flight:
             log.warning(
                 "drain timed out with %d request(s) unanswered; the broker requeues them",
                 self._in_flight,
             )
         self._log_expired()
-
-    def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            amqp.close_within(conn, _CLOSE_WITHIN)
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -367,23 +456,83 @@ class Worker:
 
     def _on_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         """Handle one delivery; a bug costs that message (acked, logged), not the worker.
-        ``channel`` is pika's own channel (``consume_direct``); replies and acks go
-        through ``self._channel``, the ``BlockingChannel`` around it."""
-        channel = self._channel
+        ``channel`` is the link's (unused: replies and acks go through the link)."""
         try:
-            self._handle_request(channel, method, props, body)
-        except (pika.exceptions.AMQPError, *amqp.ConnectionLost):
+            self._handle_request(method, props, body)
+        except _LINK_ERRORS:
             raise
         except Exception:
             log.exception("failed on a request (correlation_id=%r); dropped", props.correlation_id)
             with contextlib.suppress(Exception):
-                amqp.ack_soon(channel, method.delivery_tag)
+                self.link.ack(method.delivery_tag)
 
-    def _handle_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+    def _handle_request(self, method: Any, props: Any, body: bytes) -> None:
+        """Decide the delivery's fate (``fibrpc.deliveries``) and carry it out."""
         started = time.perf_counter()
-        received = time.monotonic()
-        tag = method.delivery_tag
-        if not amqp.valid_reply_to(props.reply_to):
+        headers = props.headers if isinstance(props.headers, dict) else None
+        budget = deliveries.budget_ms(props.expiration)
+        early = deliveries.screen(
+            reply_to_ok=amqp.valid_reply_to(props.reply_to),
+            headers=headers,
+            budget_ms=budget,
+            now_wall_ms=time.time() * 1000,
+        )
+        if early is not None:
+            self._discard(early, method.delivery_tag, props, started)
+            return
+        if self._debug:
+            log.debug("received %r (%d bytes)", props.correlation_id, len(body))
+        accept = headers.get(ACCEPT_HEADER) if headers else None
+        request = self.handler.decode(body, props.content_type, props.type, accept)
+        decision = self._decide(method.redelivered, props, headers, request)
+        fate = decision.fate
+        if fate is Fate.LIGHT:
+            self._compute_light(method.delivery_tag, props, request, started)
+        elif fate is Fate.HEAVY:
+            self._offload(method.delivery_tag, props, request, headers, budget, started)
+        elif fate is Fate.REFUSE:
+            reply = cast(Reply, request)
+            self._reply(method.delivery_tag, props, reply, metrics.UNKNOWN_ALGO, 0, started)
+        else:
+            self._charge(decision, method, props, body, headers, started)
+
+    def _decide(
+        self,
+        flag: bool,
+        props: Any,
+        headers: dict[str, Any] | None,
+        request: protocol.Request | Reply,
+    ) -> Decision:
+        """The fate of a decoded request (``deliveries.decide``), with what this worker
+        knows of it when it was delivered before (``flag``: pika's ``redelivered``)."""
+        refused = isinstance(request, Reply)
+        again = deliveries.redelivered(flag, headers)
+        suspect, unacked = False, None
+        if again:
+            self.stats.redelivered += 1
+            self._metrics.redelivered()
+            key = inflight.key(props.reply_to, props.correlation_id)
+            suspect = not refused and self._is_suspect(key)
+            unacked = self._unacked.get(key)
+            if unacked is not None:
+                self._unacked = {}  # the first back is the culprit: the others are not
+        return deliveries.decide(
+            refused=refused,
+            heavy=not isinstance(request, Reply) and self.handler.is_heavy(request),
+            redelivered=again,
+            suspect=suspect,
+            unacked_reply=unacked,
+            counted=headers.get(DELIVERIES_HEADER) if headers else None,
+            max_deliveries=self.settings.max_deliveries,
+        )
+
+    def _is_suspect(self, key: bytes) -> bool:
+        board = self._board
+        return board is None or board.is_suspect(key, worker=self._index)
+
+    def _discard(self, decision: Decision, tag: int, props: Any, started: float) -> None:
+        """Ack a delivery that is not computed: no usable reply_to, or its caller gone."""
+        if decision.fate is Fate.DROP:
             self.stats.dropped += 1
             self._metrics.discarded(metrics.UNKNOWN_ALGO, "dropped")
             log.warning(
@@ -391,127 +540,124 @@ class Worker:
                 props.reply_to,
                 props.correlation_id,
             )
-            amqp.ack_soon(channel, tag)
+            self.link.ack(tag)
             return
-        if self._debug:
-            log.debug("received %r (%d bytes)", props.correlation_id, len(body))
-        headers = props.headers if isinstance(props.headers, dict) else {}
-        budget = _budget_ms(props.expiration)
-        # Just taken in, a request cannot have been held past its TTL by this worker's
-        # clock: only the wall-clock rule of deliveries.expired can hold, inlined here.
-        deadline: Any = headers.get(DEADLINE_HEADER) if headers else None
-        if _is_int(deadline) and time.time() * 1000 > deadline + (budget or 0):
-            self.stats.expired += 1
-            self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
-            amqp.ack_soon(channel, tag)
-            self._skipped(props, tag, started)
-            return
-        accept = headers.get(ACCEPT_HEADER) if headers else None
-        request = self.handler.decode(body, props.content_type, props.type, accept)
-        if method.redelivered or _QUORUM_DELIVERIES in headers:
-            self.stats.redelivered += 1
-            self._metrics.redelivered()
-            # A refusal computes nothing, so it cannot be what crashed a worker: it is
-            # answered, never charged as a delivery.
-            refused = isinstance(request, Reply)
-            if not refused and self._held_back(channel, method, props, headers, body, started):
-                return
-        if isinstance(request, Reply):
-            self._reply(channel, tag, props, request, metrics.UNKNOWN_ALGO, 0, started)
-        elif self.handler.is_heavy(request):
-            self._in_flight += 1
-            conn, generation = self._conn, self._generation
-            key = inflight.key(props.reply_to, props.correlation_id)
-            future = self._compute.submit(
-                self._compute_unless_expired, request, headers, budget, received, key
-            )
+        self.stats.expired += 1
+        self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
+        self.link.ack(tag)
+        self._skipped(props, tag, started)
 
-            def done(f: concurrent.futures.Future[Reply | None]) -> None:
-                if f.cancelled():
-                    return
-                reply = f.result()
-                with contextlib.suppress(Exception):  # the connection may be gone
-                    amqp.call_threadsafe(
-                        conn,
-                        lambda: self._finish_heavy(
-                            generation, channel, tag, props, reply, request, started
-                        ),
-                    )
-
-            future.add_done_callback(done)
-        else:
-            slot = self._slot
-            if slot is not None:
-                slot.begin(inflight.INLINE, inflight.key(props.reply_to, props.correlation_id))
-            reply = self.handler.compute(request)
-            if slot is not None:
-                slot.end(inflight.INLINE)
-            self._reply(
-                channel, tag, props, reply, request.algo, len(request.ns), started, request.batch
-            )
-
-    def _held_back(
+    def _charge(
         self,
-        channel: Any,
+        decision: Decision,
         method: Any,
         props: Any,
-        headers: dict[str, Any],
         body: bytes,
+        headers: dict[str, Any] | None,
         started: float,
-    ) -> bool:
-        """Handle a request that has been delivered before. Returns True when it is taken
-        care of here: refused as poison, or re-published with its count
-        (``fibrpc.deliveries.judge``: only a suspect of a crash is charged)."""
-        board = self._board
-        suspect = board is None or board.is_suspect(
-            inflight.key(props.reply_to, props.correlation_id), worker=self._index
-        )
-        counted = headers.get(DELIVERIES_HEADER)
-        verdict = deliveries.judge(
-            redelivered=True,
-            suspect=suspect,
-            counted=counted if _is_int(counted) else None,
-            max_deliveries=self.settings.max_deliveries,
-        )
-        if verdict.action is deliveries.Action.COMPUTE:
-            return False
-        if verdict.action is deliveries.Action.REFUSE_POISON:
-            self.stats.poison += 1
+    ) -> None:
+        """A redelivered request charged as a delivery: republished with its count, or
+        past the limit refused as poison or dropped."""
+        max_deliveries = self.settings.max_deliveries
+        key = inflight.key(props.reply_to, props.correlation_id)
+        if self._board is not None:
+            self._board.acquit(key)  # and once per crash it is suspected of
+        if decision.fate is Fate.REPUBLISH:
+            if decision.reason is not None:
+                log.warning(
+                    "request %r came back: RabbitMQ closed the channel or connection after "
+                    "its reply and before its ack (%s); computing it again (delivery %d of "
+                    "at most %d)",
+                    props.correlation_id,
+                    decision.reason,
+                    decision.deliveries,
+                    max_deliveries,
+                )
+            else:
+                log.warning(
+                    "request %r was being computed when a worker died; computing it again "
+                    "(delivery %d of at most %d)",
+                    props.correlation_id,
+                    decision.deliveries,
+                    max_deliveries,
+                )
+            # The count must outlive this delivery: carry it in a copy (on quorum queues
+            # too, whose own count also charges the requests that were only prefetched).
+            copied = deliveries.recount(headers or {}, decision.deliveries)
+            self.link.republish(method.routing_key, body, props, copied)
+            self.link.ack(method.delivery_tag)
+            return
+        if decision.fate is Fate.UNREPLYABLE:
+            self.stats.dropped += 1
+            self._metrics.discarded(metrics.UNKNOWN_ALGO, "dropped")
             log.error(
-                "refusing %r: delivered %d times without an answer, computing when a worker "
-                "died each time (limit %d)",
+                "dropped request %r: delivered %d times (the limit is %d), and each time "
+                "RabbitMQ closed the channel or connection after its reply to %r and before "
+                "its ack (last: %s); no reply is sent, since it would be refused the same way",
                 props.correlation_id,
-                verdict.deliveries,
-                self.settings.max_deliveries,
+                decision.deliveries,
+                max_deliveries,
+                props.reply_to,
+                decision.reason,
             )
-            error = RequestError(
-                ErrorCode.POISON,
-                f"This request was delivered {verdict.deliveries} times without being "
-                f"answered (the limit is {self.settings.max_deliveries}); a worker died "
-                "computing it each time, so it is not computed again.",
-            )
-            # Ack first: if replying is what breaks the connection (a reply_to the broker
-            # chokes on), the request must not come back once more.
-            amqp.ack_soon(channel, method.delivery_tag)
-            self._reply(channel, None, props, error_reply(error), metrics.UNKNOWN_ALGO, 0, started)
-            return True
-        # The count must outlive this delivery: carry it in a copy (on quorum queues too,
-        # whose own count also charges the requests that were only prefetched).
-        log.warning(
-            "request %r was being computed when a worker died; computing it again "
-            "(delivery %d of at most %d)",
+            self.link.ack(method.delivery_tag)
+            return
+        self.stats.poison += 1
+        log.error(
+            "refusing %r: delivered %d times without an answer, computing when a worker "
+            "died each time (limit %d)",
             props.correlation_id,
-            verdict.deliveries,
-            self.settings.max_deliveries,
+            decision.deliveries,
+            max_deliveries,
         )
-        amqp.publish_properties_soon(
-            channel,
-            method.routing_key,
-            body,
-            _copy_properties(props, _recount(headers, verdict.deliveries)),
+        error = RequestError(
+            ErrorCode.POISON,
+            f"This request was delivered {decision.deliveries} times without being "
+            f"answered (the limit is {max_deliveries}); a worker died computing it each "
+            "time, so it is not computed again.",
         )
-        amqp.ack_soon(channel, method.delivery_tag)
-        return True
+        # Ack first: if replying is what breaks the connection (a reply_to the broker
+        # chokes on), the request must not come back once more.
+        self.link.ack(method.delivery_tag)
+        self._reply(None, props, error_reply(error), metrics.UNKNOWN_ALGO, 0, started)
+
+    def _compute_light(self, tag: int, props: Any, request: Any, started: float) -> None:
+        """Compute inline (on the I/O thread), marked on the board meanwhile; reply."""
+        slot = self._slot
+        if slot is not None:
+            slot.begin(inflight.INLINE, inflight.key(props.reply_to, props.correlation_id))
+        reply = self.handler.compute(request)
+        if slot is not None:
+            slot.end(inflight.INLINE)
+        self._reply(tag, props, reply, request.algo, len(request.ns), started, request.batch)
+
+    def _offload(
+        self,
+        tag: int,
+        props: Any,
+        request: Any,
+        headers: dict[str, Any] | None,
+        budget: int | None,
+        started: float,
+    ) -> None:
+        """Compute on the compute thread; the reply comes back to the I/O thread."""
+        received = time.monotonic()
+        self._in_flight += 1
+        generation = self._generation
+        key = inflight.key(props.reply_to, props.correlation_id)
+        future = self._compute.submit(
+            self._compute_unless_expired, request, headers or {}, budget, received, key
+        )
+
+        def done(f: concurrent.futures.Future[Reply | None]) -> None:
+            if f.cancelled():
+                return
+            reply = f.result()
+            self.link.call_threadsafe(
+                lambda: self._finish_heavy(generation, tag, props, reply, request, started)
+            )
+
+        future.add_done_callback(done)
 
     def _compute_unless_expired(
         self,
@@ -537,29 +683,25 @@ class Worker:
     def _finish_heavy(
         self,
         generation: int,
-        channel: Any,
         tag: int,
         props: Any,
         reply: Reply | None,
         request: Any,
         started: float,
     ) -> None:
-        if generation != self._generation or not channel.is_open:
+        if generation != self._generation or not self.link.is_open():
             return  # computed for a connection that is gone: the broker requeued it
         self._in_flight -= 1
         if reply is None:
             self.stats.expired += 1
             self._metrics.discarded(request.algo, "expired")
-            amqp.ack_soon(channel, tag)
+            self.link.ack(tag)
             self._skipped(props, tag, started)
         else:
-            self._reply(
-                channel, tag, props, reply, request.algo, len(request.ns), started, request.batch
-            )
+            self._reply(tag, props, reply, request.algo, len(request.ns), started, request.batch)
 
     def _reply(
         self,
-        channel: Any,
         tag: int | None,
         props: Any,
         reply: Reply,
@@ -580,15 +722,10 @@ class Worker:
         else:
             self.stats.errors += 1
             log.info("refused %r: %s", props.correlation_id, reply.error)
-        amqp.publish_soon(
-            channel,
-            props.reply_to,
-            reply.body,
-            correlation_id=props.correlation_id,
-            content_type=reply.content_type,
-        )
+        self.link.reply(props, reply.body, reply.content_type)
         if tag is not None:
-            amqp.ack_soon(channel, tag)
+            self.link.ack(tag)
+            self._replied.append(props)
         self._metrics.answered(algo, reply.error or "ok", time.perf_counter() - started, values)
         if self._debug:
             log.debug("replied %r to %r", props.correlation_id, props.reply_to)
@@ -630,46 +767,12 @@ class Worker:
 
 def _expired(headers: dict[str, Any], budget: int | None, received: float) -> bool:
     deadline = headers.get(DEADLINE_HEADER)
-    # pika decodes 64-bit table integers as its own int subclass: no ``type() is int``.
     return deliveries.expired(
         now_wall_ms=time.time() * 1000,
         now=time.monotonic(),
         received=received,
-        deadline_ms=deadline if _is_int(deadline) else None,
+        deadline_ms=deadline if deliveries.is_int(deadline) else None,
         budget_ms=budget,
-    )
-
-
-def _budget_ms(expiration: object) -> int | None:
-    """A request's TTL in milliseconds (its ``expiration``), or None."""
-    if not isinstance(expiration, str | bytes) or not expiration:
-        return None
-    try:
-        return int(expiration)
-    except ValueError:
-        return None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _recount(headers: dict[str, Any], deliveries: int) -> dict[str, Any]:
-    """The headers of a re-published copy: its count, and not the broker's own count of
-    the original (a copy is a new message, not a redelivery)."""
-    copied = {k: v for k, v in headers.items() if k != _QUORUM_DELIVERIES}
-    copied[DELIVERIES_HEADER] = deliveries
-    return copied
-
-
-def _copy_properties(props: Any, headers: dict[str, Any]) -> Any:
-    return pika.BasicProperties(
-        content_type=props.content_type,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        expiration=props.expiration,
-        type=props.type,
-        headers=headers,
     )
 
 

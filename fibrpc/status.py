@@ -26,11 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import pika.exceptions
-
 from fibrpc import amqp, refusals, state
 from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
-from fibrpc.errors import AccessRefusedError, FibrpcError
+from fibrpc.errors import AccessRefusedError, BrokerRefusedError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 
 #: The management API's rate fields, as reported here.
@@ -69,16 +67,23 @@ def queue_counts(
     conn, node = amqp.connect_any(urls, name="fibrpc-status", tls=tls, connect_timeout=timeout)
     url = urls[node]
     try:
-        with amqp.translating(url):
-            try:
+        try:
+            with amqp.translating(url):
                 frame = conn.channel().queue_declare(queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code == 404:
-                    return url, None
-                if exc.reply_code in refusals.ACCESS_REFUSED_CODES:
-                    text = refusals.probe_refused(queue, exc.reply_code, exc.reply_text)
-                    raise AccessRefusedError(text, url=amqp.redact(url)) from exc
+        except BrokerRefusedError as exc:
+            if exc.reply_code == 404:  # NOT_FOUND: no such queue
+                return url, None
+            raise
+        except AccessRefusedError as exc:
+            # The passive declare itself was refused (RabbitMQ 4.2.6 and later want a
+            # permission on the queue): say which one to add.
+            code = getattr(exc.__cause__, "reply_code", None)
+            if not isinstance(code, int):
                 raise
+            text = str(getattr(exc.__cause__, "reply_text", ""))
+            raise AccessRefusedError(
+                refusals.probe_refused(queue, code, text), url=amqp.redact(url)
+            ) from exc
         return url, (int(frame.method.message_count), int(frame.method.consumer_count))
     finally:
         amqp.close_within(conn)

@@ -24,13 +24,14 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Final
 
-from fibrpc import amqp, inflight, kernels, memo, metrics, state, tracing
+from fibrpc import amqp, backoff, inflight, kernels, memo, metrics, state, tracing
 from fibrpc.config import DEFAULT_METRICS_HOST, QUORUM_DELIVERY_LIMIT
 from fibrpc.errors import (
     AccessRefusedError,
@@ -174,7 +175,13 @@ class Supervisor:
                 if failure is not None:
                     code = failure
                     break
-            return int(self._stop(code))
+            code = self._stop(code)
+            # Nothing is left for a signal to stop, and at exit Python puts back the
+            # default action of the signals it handled: a signal then (a second SIGTERM
+            # just after the first, on an idle server) would end it bare, exit 143.
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+            return int(code)
         finally:
             self._close_state()
             self._close_memo()
@@ -375,72 +382,82 @@ class Supervisor:
             )
 
     def reap(self, *, respawn: bool) -> ExitCode | None:
-        """Collect dead workers and, if ``respawn``, start new ones after a backoff.
+        """Collect dead workers and, if ``respawn``, start new ones after a backoff
+        (rq's ``check_workers(respawn=...)``: ``reap_workers``, then ``respawn_due``).
 
-        Returns ``ExitCode.CRASH_LOOP`` when workers keep dying before they are ready.
+        Returns the code to stop with when restarting cannot help: the broker refused a
+        worker, or workers keep dying before they are ready (``ExitCode.CRASH_LOOP``).
         """
         now = time.monotonic()
         for slot in self.slots:
-            process = slot.process
-            if process is None:
-                if respawn and now >= slot.not_before:
-                    self._spawn(slot)
-                continue
-            if process.is_alive():
-                continue
-            process.join()
-            code = process.exitcode
-            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            slot.ready_pipe.close()
-            slot.process = None
-            self._forget(process.pid)
-            for key in self.board.convict(slot.index):
-                reply_to, _, correlation_id = key.decode(errors="replace").partition("\0")
-                log.warning(
-                    "worker %d (pid %d) died computing request %r (reply_to %r): if it comes "
-                    "back, it counts as a delivery",
-                    slot.index,
-                    process.pid,
-                    correlation_id,
-                    reply_to,
-                )
-            if code in (ExitCode.ACCESS_REFUSED, ExitCode.BROKER_REFUSED):
-                log.error(
-                    "worker %d (pid %d) was refused by RabbitMQ (its log line above says "
-                    "what); restarting cannot help, stopping",
-                    slot.index,
-                    process.pid,
-                )
-                return ExitCode(code)
-            if not slot.ready:
-                self.boot_failures += 1
-                delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
-                log.error(
-                    "worker %d (pid %d) died while booting (%s); %d boot failure(s) in a row",
-                    slot.index,
-                    process.pid,
-                    how,
-                    self.boot_failures,
-                )
-                if self.boot_failures >= MAX_BOOT_FAILURES:
-                    log.error(
-                        "workers died %d times in a row before serving (last: %s, %s); "
-                        "giving up. The worker log above says why.",
-                        self.boot_failures,
-                        how,
-                        _explain(code),
-                    )
-                    return ExitCode.CRASH_LOOP
-            else:
-                delay = 0.0
-                log.warning(
-                    "worker %d (pid %d) died (%s); restarting", slot.index, process.pid, how
-                )
-            slot.restarts += 1
-            self._metrics.worker_restarted()
-            slot.not_before = now + delay
-            if respawn and delay == 0.0:
+            if slot.process is not None and not slot.process.is_alive():
+                failure = self._reaped(slot, now)
+                if failure is not None:
+                    return failure
+        if respawn:
+            self.respawn_due(now)
+        return None
+
+    def respawn_due(self, now: float) -> None:
+        """Start a worker in every empty slot whose backoff has passed."""
+        for slot in self.slots:
+            if slot.process is None and now >= slot.not_before:
                 self._spawn(slot)
+
+    def _reaped(self, slot: Slot, now: float) -> ExitCode | None:
+        """Collect the dead worker of ``slot``: log how it died, convict what it was
+        computing, and set when it may be replaced (``after_death``)."""
+        process = slot.process
+        process.join()
+        code = process.exitcode
+        slot.ready_pipe.close()
+        slot.process = None
+        self._forget(process.pid)
+        for key in self.board.convict(slot.index):
+            reply_to, _, correlation_id = key.decode(errors="replace").partition("\0")
+            log.warning(
+                "worker %d (pid %d) died computing request %r (reply_to %r): if it comes "
+                "back, it counts as a delivery",
+                slot.index,
+                process.pid,
+                correlation_id,
+                reply_to,
+            )
+        death = after_death(
+            code, ready=slot.ready, boot_failures=self.boot_failures, draw=random.random()
+        )
+        how = _how(code)
+        if death.refused:
+            log.error(
+                "worker %d (pid %d) was refused by RabbitMQ (its log line above says "
+                "what); restarting cannot help, stopping",
+                slot.index,
+                process.pid,
+            )
+            return ExitCode(code)
+        self.boot_failures = death.boot_failures
+        if slot.ready:
+            log.warning("worker %d (pid %d) died (%s); restarting", slot.index, process.pid, how)
+        else:
+            log.error(
+                "worker %d (pid %d) died while booting (%s); %d boot failure(s) in a row",
+                slot.index,
+                process.pid,
+                how,
+                self.boot_failures,
+            )
+            if death.give_up:
+                log.error(
+                    "workers died %d times in a row before serving (last: %s, %s); "
+                    "giving up. The worker log above says why.",
+                    self.boot_failures,
+                    how,
+                    _explain(code),
+                )
+                return ExitCode.CRASH_LOOP
+        slot.restarts += 1
+        self._metrics.worker_restarted()
+        slot.not_before = now + death.delay
         return None
 
     def _forget(self, pid: int) -> None:
@@ -451,10 +468,59 @@ class Supervisor:
             state.remove(state.worker_path(self._state_dir, os.getpid(), pid))
 
 
-def _explain(code: int) -> str:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Death:
+    """What the supervisor does after a worker died (``after_death``)."""
+
+    refused: bool  #: the broker refused it: stop with its code, restarting cannot help
+    give_up: bool  #: too many boot failures in a row: stop with ``CRASH_LOOP``
+    boot_failures: int  #: boot failures in a row, this one counted
+    delay: float  #: seconds before its slot gets a new worker
+
+
+def after_death(
+    code: int | None,
+    *,
+    ready: bool,
+    boot_failures: int,
+    max_boot_failures: int = MAX_BOOT_FAILURES,
+    draw: float = 1.0,
+) -> Death:
+    """The policy for a worker that died with exit ``code`` (negative: a signal; None:
+    unknown), ``ready`` if it had reported ready, after ``boot_failures`` boot failures in
+    a row (pure). A worker that served is replaced at once; one that died booting after a
+    pause that grows with each boot failure in a row (``backoff.jittered``, ``draw`` its
+    jitter, 0..1), until ``max_boot_failures`` of them end the server."""
+    if code in (ExitCode.ACCESS_REFUSED, ExitCode.BROKER_REFUSED):
+        return Death(refused=True, give_up=False, boot_failures=boot_failures, delay=0.0)
+    if ready:
+        return Death(refused=False, give_up=False, boot_failures=boot_failures, delay=0.0)
+    failures = boot_failures + 1
+    delay = backoff.jittered(failures - 1, first=_BACKOFF_FIRST, cap=_BACKOFF_MAX, draw=draw)
+    return Death(
+        refused=False,
+        give_up=failures >= max_boot_failures,
+        boot_failures=failures,
+        delay=delay,
+    )
+
+
+def _how(code: int | None) -> str:
+    """How a worker ended, for the log: its exit code or the signal that killed it."""
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _explain(code: int | None) -> str:
     """What a worker's exit code means, for the crash-loop message."""
     try:
-        return ExitCode(code).name
+        return ExitCode(code).name if code is not None else "a crash"
     except ValueError:
         return "a crash"
 

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from fibrpc import deliveries, inflight
-from fibrpc.deliveries import Action
+from fibrpc import backoff, deliveries, inflight
+from fibrpc.deliveries import Action, Decision, Fate
+from fibrpc.protocol import DEADLINE_HEADER, DELIVERIES_HEADER
 
 # -- expiry ----------------------------------------------------------------------------
 
@@ -119,6 +120,18 @@ def test_the_board_is_shared_with_a_forked_child():
     assert board.convict(0) == [request]
 
 
+def test_an_acquitted_request_is_a_suspect_no_more_until_convicted_again():
+    board = inflight.Board(2)
+    request = inflight.key("amq.rabbitmq.reply-to.x", "c1")
+    board.slot(1).begin(inflight.INLINE, request)
+    board.convict(1)
+    board.acquit(request)
+    assert not board.is_suspect(request, worker=0)
+    board.slot(1).begin(inflight.HEAVY, request)
+    board.convict(1)
+    assert board.is_suspect(request, worker=0)
+
+
 def test_the_ring_keeps_the_most_recent_suspects():
     board = inflight.Board(1)
     keys = [inflight.key("r", f"c{i}") for i in range(inflight.SUSPECTS + 5)]
@@ -146,3 +159,136 @@ def test_reconnect_delays_grow_and_then_stay():
     assert delays[0] == 0.1 and delays[-1] == RECONNECT_DELAYS[-1] == 5.0
     assert reconnect_delay(-3) == 0.1
     assert reconnect_delay(99, (1.0, 2.0)) == 2.0
+
+
+# -- a delivery's fate: one test per rule ------------------------------------------------
+
+NOW_MS = 1_700_000_000_000
+
+
+def screen(**overrides):
+    arguments = {"reply_to_ok": True, "headers": None, "budget_ms": None, "now_wall_ms": NOW_MS}
+    return deliveries.screen(**{**arguments, **overrides})
+
+
+def decide(**overrides):
+    arguments = {
+        "refused": False,
+        "heavy": False,
+        "redelivered": False,
+        "suspect": False,
+        "unacked_reply": None,
+        "counted": None,
+        "max_deliveries": 3,
+    }
+    return deliveries.decide(**{**arguments, **overrides})
+
+
+def test_a_message_with_no_usable_reply_to_is_dropped_before_decoding():
+    assert screen(reply_to_ok=False).fate is Fate.DROP
+
+
+def test_a_request_past_its_deadline_and_its_allowance_is_skipped_before_decoding():
+    headers = {DEADLINE_HEADER: NOW_MS - 5_001}
+    assert screen(headers=headers, budget_ms=5_000).fate is Fate.EXPIRED
+
+
+def test_a_request_within_its_allowance_is_decoded():
+    assert screen(headers={DEADLINE_HEADER: NOW_MS - 4_999}, budget_ms=5_000) is None
+
+
+def test_a_deadline_that_is_not_an_integer_is_ignored():
+    assert screen(headers={DEADLINE_HEADER: "soon"}) is None
+    assert screen(headers={DEADLINE_HEADER: True}) is None
+
+
+def test_a_light_request_is_computed_inline_and_a_heavy_one_on_the_compute_thread():
+    assert decide() is deliveries.LIGHT
+    assert decide(heavy=True) is deliveries.HEAVY
+
+
+def test_a_refused_request_is_answered_with_its_refusal():
+    assert decide(refused=True).fate is Fate.REFUSE
+
+
+def test_a_redelivered_request_that_was_only_prefetched_is_computed_without_charge():
+    assert decide(redelivered=True, counted=2) is deliveries.LIGHT
+
+
+def test_a_redelivered_suspect_is_republished_with_its_count():
+    assert decide(redelivered=True, suspect=True, counted=2) == Decision(Fate.REPUBLISH, 3)
+
+
+def test_a_redelivered_suspect_past_the_limit_is_refused_as_poison():
+    assert decide(redelivered=True, suspect=True, counted=3) == Decision(Fate.POISON, 4)
+
+
+def test_a_suspect_refusal_is_answered_not_charged():
+    assert decide(refused=True, redelivered=True, suspect=True, counted=3).fate is Fate.REFUSE
+
+
+def test_a_request_whose_reply_went_unacked_is_charged_when_it_comes_back():
+    decision = decide(redelivered=True, unacked_reply="541 INTERNAL_ERROR")
+    assert decision == Decision(Fate.REPUBLISH, 2, "541 INTERNAL_ERROR")
+
+
+def test_a_refusal_whose_reply_went_unacked_is_charged_too():
+    assert decide(refused=True, redelivered=True, unacked_reply="x").fate is Fate.REPUBLISH
+
+
+def test_a_request_whose_replies_went_unacked_past_the_limit_is_dropped_without_a_reply():
+    decision = decide(redelivered=True, suspect=True, unacked_reply="541 x", counted=3)
+    assert decision == Decision(Fate.UNREPLYABLE, 4, "541 x")
+
+
+def test_a_request_not_redelivered_is_never_charged_whatever_it_carries():
+    assert decide(suspect=True, unacked_reply="x", counted=99) is deliveries.LIGHT
+
+
+def test_a_count_that_is_not_an_integer_counts_as_none():
+    assert decide(redelivered=True, suspect=True, counted="9") == Decision(Fate.REPUBLISH, 2)
+    assert decide(redelivered=True, suspect=True, counted=True) == Decision(Fate.REPUBLISH, 2)
+
+
+def test_a_quorum_queue_s_count_says_redelivered_and_is_left_out_of_a_copy():
+    assert deliveries.redelivered(False, {deliveries.QUORUM_DELIVERIES: 1})
+    assert not deliveries.redelivered(False, None)
+    copied = deliveries.recount({deliveries.QUORUM_DELIVERIES: 5, "a": "b"}, 2)
+    assert copied == {"a": "b", DELIVERIES_HEADER: 2}
+
+
+@pytest.mark.parametrize(
+    ("expiration", "budget"), [("250", 250), ("", None), ("x", None), (None, None), (b"7", 7)]
+)
+def test_a_ttl_is_read_in_milliseconds_or_not_at_all(expiration, budget):
+    assert deliveries.budget_ms(expiration) == budget
+
+
+# -- backoff with jitter -----------------------------------------------------------------
+
+
+def test_jittered_pauses_double_up_to_the_cap_and_keep_at_least_half():
+    assert [backoff.jittered(a, draw=1.0) for a in range(8)] == [
+        0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0,
+    ]  # fmt: skip
+    assert backoff.jittered(3, draw=0.0) == pytest.approx(0.4)
+    assert backoff.jittered(10**6, draw=0.5) == pytest.approx(3.75)
+
+
+def test_a_reconnect_loop_starts_from_the_first_pause_after_a_healthy_connection():
+    clock = [0.0]
+    retry = backoff.Backoff(clock=lambda: clock[0], draw=lambda: 1.0, healthy_after=10.0)
+    assert [retry.failed() for _ in range(3)] == [0.1, 0.2, 0.4]
+    retry.up()
+    clock[0] += 9.0  # not healthy long enough: the pauses keep growing
+    assert retry.failed() == 0.8
+    retry.up()
+    clock[0] += 10.0
+    assert retry.failed() == 0.1
+
+
+def test_no_reconnect_loop_tries_more_than_a_few_times_a_second_once_it_failed_a_few_times():
+    retry = backoff.Backoff(draw=lambda: 0.0)  # the shortest pauses jitter allows
+    pauses = [retry.failed() for _ in range(20)]
+    assert sum(pauses[:10]) > 2.0
+    assert min(pauses[5:]) >= 1.6

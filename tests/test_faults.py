@@ -218,6 +218,19 @@ def test_a_second_signal_stops_at_once_with_exit_10(serve, queue):
         assert time.monotonic() - second < 2.0
 
 
+def test_signals_that_keep_coming_after_the_first_end_an_idle_server_with_0_or_10(serve, queue):
+    # An idle server drains at once; a second SIGTERM 0.2-0.4 s after the first used to
+    # land while Python was exiting, with the default action back: a bare kill (143).
+    server = serve(workers=1)
+    server.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        with contextlib.suppress(ProcessLookupError):
+            server.signal(signal.SIGTERM)
+    assert server.proc.wait(5) in (ExitCode.OK, ExitCode.FORCED_STOP)
+
+
 # -- 4. long computations keep their connection -----------------------------------------
 
 

@@ -16,6 +16,7 @@ are pinned below as regular tests, each with the exact code of its reply.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -35,7 +36,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from rawclient import DIRECT, RawClient
 
-from fibrpc import Client
+from fibrpc import Client, amqp
+from fibrpc.config import DEFAULT_MAX_DELIVERIES
 from fibrpc.errors import ErrorCode
 from fibrpc.kernels import ALGORITHMS
 from fibrpc.protocol import DEADLINE_HEADER, DELIVERIES_HEADER
@@ -612,6 +614,59 @@ def test_a_reply_to_address_the_broker_rejects_costs_that_request_alone(serve, q
     finally:
         raw.close()
     assert server.text.count("lost the connection to") <= 1, server.text[-2000:]
+
+
+#: A direct reply-to address that reads as RabbitMQ's own (an Erlang pid, base64) but
+#: names a node nobody knows: it passes ``amqp.valid_reply_to``, and RabbitMQ 3.10 closes
+#: the connection of whoever publishes to it (541 INTERNAL_ERROR), as it does a worker's
+#: channel for a reply to a client on another node of a 3.10 cluster (issue #20).
+UNKNOWN_NODE_REPLY_TO = (
+    "amq.rabbitmq.reply-to."
+    + base64.b64encode(
+        b"\x83Xv\x00\rreply@1234567\x00\x00d\xac\x00\x00\x00\x00k\x12\xdc\x89"
+    ).decode()
+    + ".CIYZZw94MzkuiD4wml036g=="
+)
+
+
+def test_a_request_whose_reply_the_broker_refuses_is_dropped_after_its_deliveries(serve, queue):
+    # Each reply closed the worker's connection before its ack: the request came back and
+    # was replied again, about 50 times a second, never charged (issue #20, item 3). Now it
+    # is charged each time, and dropped with one error line once past --max-deliveries;
+    # the requests behind it are answered.
+    assert amqp.valid_reply_to(UNKNOWN_NODE_REPLY_TO)
+    server = serve(workers=1)
+    raw = FuzzClient(URL, queue)
+    try:
+        bad = Message(b"30", None, None, None, UNKNOWN_NODE_REPLY_TO, None)
+        raw.send(bad, "refused-reply")
+        good = {raw.publish(str(n).encode()): n for n in range(50)}
+        raw.wait(len(good), timeout=30)
+        answers = {n: raw.replies.get(c, [(None, b"no reply")])[0][1] for c, n in good.items()}
+        assert answers == {n: gmpy2.fib(n).digits().encode() for n in good.values()}
+        # The queue is empty for a moment while the worker holds the request: wait for
+        # the outcome instead, the drop (or, where no reply closes anything, its answer).
+        markers = ("lost the connection to", "closed the channel (")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if "dropped request 'refused-reply'" in server.text:
+                break
+            if not any(m in server.text for m in markers) and raw.waiting() == 0:
+                break
+            raw.settle(0.05)
+        raw.settle(0.5)
+        assert raw.waiting() == 0, "the request whose reply is refused is still going round"
+    finally:
+        raw.close()
+    lines = server.text.splitlines()
+    closes = sum(any(m in line for m in markers) for line in lines)
+    assert closes <= DEFAULT_MAX_DELIVERIES, server.text[-3000:]
+    dropped = [line for line in lines if "dropped request 'refused-reply'" in line]
+    if closes:  # RabbitMQ 3.10; a broker that drops such a reply quietly closes nothing
+        assert len(dropped) == 1, server.text[-3000:]
+        assert UNKNOWN_NODE_REPLY_TO in dropped[0] and "INTERNAL_ERROR" in dropped[0]
+    else:
+        assert not dropped
 
 
 class HeaderFromYear10000(pika.BasicProperties):
