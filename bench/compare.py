@@ -13,7 +13,9 @@ Each round runs, one after the other so that they never share the CPUs:
 4. ``fibrpc bench --spawn 2 --json --window 128 --batch-window 8``, once per scenario
    (``--scenario S --calls N``), with the baselines' counts: ``batched`` at fibrpc's own
    batch size (the client's automatic one, 10,000 a message), and once more at the
-   probe's 1,000 a message (``batched_1000``).
+   probe's 1,000 a message (``batched_1000``); then the independent callers of issue
+   #23, ``tasks`` (2,000 asyncio tasks each awaiting single calls) and ``threads`` (32
+   threads each calling ``Client.call``), whose calls the clients coalesce.
 
 The baselines come from ``$(dirname repo)/shared/baselines`` (``--baselines`` overrides).
 Every queue but ``raw_rpc`` (hard-coded in raw_pipeline.py) is named for this run, and
@@ -186,6 +188,8 @@ def one_round(args: argparse.Namespace, procs: Processes, tag: str) -> dict[str,
     runs += [
         ("batched", args.batched, []),
         ("batched_1000", args.batched, ["--batch-size", "1000"]),
+        ("tasks", args.tasks, []),
+        ("threads", args.threads, []),
     ]
     for name, calls, extra in runs:
         scenario = name.partition("_")[0]
@@ -217,6 +221,8 @@ RATIOS = (
     ("fibrpc pipelined / raw_pipeline", "fibrpc_pipelined", "raw_pipeline", "calls/s"),
     ("fibrpc sequential / tutorial", "fibrpc_sequential", "tutorial", "calls/s"),
     ("fibrpc sequential p50 / tutorial p50", "fibrpc_sequential", "tutorial", "p50_ms"),
+    ("fibrpc tasks / raw_pipeline", "fibrpc_tasks", "raw_pipeline", "calls/s"),
+    ("fibrpc threads / raw_pipeline", "fibrpc_threads", "raw_pipeline", "calls/s"),
 )
 
 
@@ -254,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequential", type=int, default=3_000)
     parser.add_argument("--pipelined", type=int, default=20_000)
     parser.add_argument("--batched", type=int, default=2_000_000)
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--threads", type=int, default=50_000)
     parser.add_argument("--json", type=Path, help="also write every round's figures here")
     args = parser.parse_args(argv)
     if not (args.baselines / "tutorial_server.py").exists():

@@ -47,12 +47,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from fibrpc.amqp import TLSOptions
     from fibrpc.client import Client
+    from fibrpc.tls import TLSOptions
 
 #: Names imported on first use (PEP 562): ``import fibrpc`` (the pytest plugin, say, in
 #: every test session of an application that installs fibrpc) loads no pika.
-_LAZY = {"Client": "fibrpc.client", "TLSOptions": "fibrpc.amqp"}
+_LAZY = {"Client": "fibrpc.client", "TLSOptions": "fibrpc.tls"}
 
 
 def __getattr__(name: str) -> Any:

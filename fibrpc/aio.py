@@ -36,12 +36,21 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, Final
 
-from fibrpc import amqp, tracing
+from fibrpc import tracing
 from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
-from fibrpc.client import END, check_timeout, check_urls, check_window, encode, messages
+from fibrpc.client import (
+    END,
+    check_reply_queue,
+    check_timeout,
+    check_urls,
+    check_window,
+    encode,
+    messages,
+)
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_QUEUE,
+    DEFAULT_REPLY_QUEUE,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     DEFAULT_WINDOW,
@@ -50,6 +59,8 @@ from fibrpc.driver import TICK, Driver
 from fibrpc.errors import CallTimeoutError, ClientClosedError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: Seconds past its deadline after which the loop fails a call itself, if the I/O
 #: thread has not (a connection stuck in a round trip, say): as the threaded client.
@@ -145,7 +156,8 @@ class AsyncClient:
     The settings are ``fibrpc.Client``'s: ``url`` (one ``amqp://`` or ``amqps://`` URL,
     or the nodes of a cluster: a list, or one string separated by commas), ``queue``,
     ``timeout`` (seconds a call waits for its reply by default; ``math.inf``: no limit),
-    ``window`` (the most calls or batches in flight), ``heartbeat`` (seconds), ``tls``.
+    ``window`` (the most calls or batches in flight), ``heartbeat`` (seconds), ``tls``,
+    ``reply_queue`` (``"direct"`` or ``"exclusive"``).
     They are checked here (``ConfigError``); the connection opens in ``async with`` (or
     ``await client.connect()``), within ``timeout`` and at most 15 s, and raises
     ``BrokerError`` when the broker cannot be reached or refuses.
@@ -162,13 +174,15 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
+        reply_queue: str = DEFAULT_REPLY_QUEUE,
     ) -> None:
         self.timeout = check_timeout(timeout)
         self.window = check_window(window)
         self.urls = check_urls(url, tls)
         self.url = self.urls[0]
         self.queue = queue
+        self.reply_queue = check_reply_queue(reply_queue)
         self._heartbeat = heartbeat
         self._tls = tls
         self._prefix = uuid.uuid4().hex[:12] + "."
@@ -209,6 +223,7 @@ class AsyncClient:
             tls=self._tls,
             connect_timeout=self.timeout,
             tick=TICK,
+            reply_queue=self.reply_queue,
         )
         driver = Driver(link, Registry(self.window))
         driver.prefix = self._prefix
@@ -411,7 +426,7 @@ class AsyncClient:
             return
         raise CallTimeoutError(
             f"The client's window of {self.window} calls stayed full for {seconds} s.",
-            url=amqp.redact(self.url),
+            url=redact(self.url),
             queue=self.queue,
             timeout=seconds,
         )

@@ -1,17 +1,18 @@
-"""The only pika boundary: parsing URLs, connecting, declaring, translating pika's errors.
+"""The pika boundary: connecting, declaring, consuming, publishing, translating pika's errors.
 
-Every other module that talks to RabbitMQ gets its connection from ``connect`` and lets
-``translate`` turn pika's exceptions into fibrpc's own (``fibrpc.errors``), so callers
-catch one tree and no message ever carries a password.
+Only this module and ``fibrpc.fastpath`` import pika. Every other module that talks to
+RabbitMQ gets its connection from ``connect`` and lets ``translate`` (or ``translating``)
+turn pika's exceptions into fibrpc's own (``fibrpc.errors``), so callers catch one tree
+and no message ever carries a password. URLs are read by ``fibrpc.urls`` and TLS options
+by ``fibrpc.tls`` (their names are importable from here too).
 
-The hot path goes through here too: frames queued and written together at the end of a
-turn (``publish_soon``, ``ack_soon``, encoded by ``fibrpc.frames``), pika's I/O loop
-turned directly with deliveries handed straight to the consumer (``run_io``,
-``consume_direct``). With ``fibrpc.fastpath`` (installed on fibrpc's own connections
-only, never on pika's classes) the frames are encoded and written by fibrpc and
-deliveries taken in whole; without it, pika encodes, writes and reads as it always does.
-Only this module and ``fibrpc.fastpath`` reach into pika's internals (tests/test_amqp.py
-and tests/test_frames.py check them against pika itself).
+This module uses pika's public API only. The hot path goes through here too (``run_io``,
+``consume_direct``, ``publish_soon``, ``ack_soon``...): while ``fastpath.enabled()`` each
+of these hands over to ``fibrpc.fastpath``, the one module that touches pika's private
+names (frames encoded by ``fibrpc.frames`` and written together at the end of a turn,
+pika's I/O loop turned directly, deliveries taken in whole); with ``FIBRPC_FAST_PATH=0``,
+or a pika whose internals differ, each is pika's own public method. tests/test_fastpath.py
+checks that this module reaches no private name.
 """
 
 from __future__ import annotations
@@ -19,25 +20,19 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import dataclasses
 import functools
 import logging
 import socket
 import ssl
-import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import pika
-import pika.adapters.blocking_connection
 import pika.adapters.utils.connection_workflow as pika_workflow
-import pika.connection
-import pika.data
 import pika.exceptions
-import pika.spec
 
-from fibrpc import fastpath, frames, refusals
+from fibrpc import fastpath, refusals
 from fibrpc.errors import (
     AccessRefusedError,
     BrokerError,
@@ -46,6 +41,12 @@ from fibrpc.errors import (
     ConfigError,
     FibrpcError,
 )
+
+# Re-exported: their homes are fibrpc.tls and fibrpc.urls; callers of old use them here.
+from fibrpc.tls import TLSOptions as TLSOptions  # noqa: PLC0414
+from fibrpc.urls import check_url as check_url  # noqa: PLC0414
+from fibrpc.urls import redact as redact  # noqa: PLC0414
+from fibrpc.urls import split_urls as split_urls  # noqa: PLC0414
 
 log = logging.getLogger(__name__)
 
@@ -89,101 +90,6 @@ def valid_reply_to(reply_to: object) -> bool:
 
 #: External term format headers of an Erlang pid: NEW_PID_EXT and PID_EXT.
 _PID_TERMS = frozenset({b"\x83X", b"\x83g"})
-
-
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``, safe for logs and messages."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is not None:
-        netloc += f":{port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def split_urls(value: str | Sequence[str]) -> tuple[str, ...]:
-    """The broker URLs in ``value``: one URL, several separated by commas (a comma in a
-    password is written ``%2C``), or a sequence of either. Each must be an ``amqp://`` or
-    ``amqps://`` URL with a host; raises ``ConfigError`` naming the first that is not
-    (its password hidden)."""
-    items = [value] if isinstance(value, str) else list(value)
-    urls: list[str] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ConfigError(f"A broker URL is a string; got {type(item).__name__}.")
-        urls += [part.strip() for part in item.split(",") if part.strip()]
-    if not urls:
-        raise ConfigError("No broker URL given (amqp://USER:PASSWORD@HOST:5672/VHOST).")
-    for url in urls:
-        check_url(url)
-    return tuple(urls)
-
-
-def check_url(url: str) -> str:
-    """``url`` if it is an AMQP URL fibrpc can use; else ``ConfigError`` naming it (its
-    password hidden) and the form it should have."""
-    where = redact(url)
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a port that is no number
-    except ValueError as exc:
-        raise ConfigError(f"The broker URL {where} cannot be read: {exc}.", url=where) from exc
-    if parts.scheme not in ("amqp", "amqps") or not host:
-        raise ConfigError(
-            f"The broker URL {where} is not an AMQP URL: it must read "
-            "amqp://USER:PASSWORD@HOST:5672/VHOST (or amqps:// for TLS).",
-            url=where,
-        )
-    return url
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TLSOptions:
-    """TLS settings for an ``amqps://`` URL. Certificates are checked unless ``verify``
-    is turned off: against ``ca_file`` if given, else the system's trusted CAs, and the
-    certificate must name the URL's host. ``cert_file`` and ``key_file`` present a client
-    certificate (for brokers that require one)."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    verify: bool = True
-
-    def context(self) -> ssl.SSLContext:
-        """An ``ssl.SSLContext`` for these options; ``ConfigError`` if a file is bad."""
-        if self.key_file and not self.cert_file:
-            raise ConfigError("A TLS key file needs its certificate: give --tls-cert-file too.")
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        try:
-            if self.ca_file:
-                context.load_verify_locations(cafile=self.ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"Cannot load the CA file {self.ca_file!r}: {exc}.") from exc
-        try:
-            if self.cert_file:
-                context.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"Cannot load the client certificate {self.cert_file!r} with key "
-                f"{self.key_file!r}: {exc}."
-            ) from None
-        if not self.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
 
 
 #: Seconds a connection may take from the TCP connect to AMQP's open-ok (TLS included):
@@ -450,6 +356,53 @@ def declare_request_queue(channel: Any, queue: str, *, queue_type: str = "classi
         ) from exc
 
 
+def queue_counts(connection: Any, queue: str) -> tuple[int, int] | None:
+    """The messages ready in ``queue`` and its consumers (a passive declare on a channel
+    of its own), or None if it does not exist. Raises what pika raises otherwise (for
+    ``translating``)."""
+    try:
+        frame = connection.channel().queue_declare(queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return None
+        raise
+    return int(frame.method.message_count), int(frame.method.consumer_count)
+
+
+#: What RabbitMQ names the queues it names (``queue.declare`` with an empty name): a
+#: client's user needs configure and read permissions matching it for an exclusive
+#: reply queue (docs/security.md).
+SERVER_NAMED_PREFIX: Final = "amq.gen-"
+
+
+def declare_reply_queue(channel: Any, url: str) -> str:
+    """Declare a client's reply queue on ``channel`` and return the name RabbitMQ gave
+    it (``amq.gen-...``): exclusive (only this connection may consume it, and RabbitMQ
+    deletes it when the connection closes), not durable, not auto-delete (a channel
+    closed by a refusal must not take the queue, and the replies in it, along).
+
+    An exclusive transient queue is allowed by every RabbitMQ from 3.8 on, 4.3's
+    defaults included (those refuse only transient queues that are *not* exclusive).
+    Raises ``AccessRefusedError`` naming the permissions to grant when the user may not
+    declare or read it, and what ``translate`` makes of any other refusal.
+    """
+    try:
+        frame = channel.queue_declare("", exclusive=True)
+    except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ConnectionClosedByBroker) as exc:
+        if exc.reply_code in refusals.ACCESS_REFUSED_CODES:
+            where = redact(url)
+            raise AccessRefusedError(
+                f"RabbitMQ at {where} refused the client's reply queue ({exc.reply_code}: "
+                f"{exc.reply_text}). A client with reply_queue='exclusive' needs the "
+                f"configure and read permissions on '^amq\\.gen-.*' (docs/security.md), "
+                "or reply_queue='direct'.",
+                url=where,
+            ) from exc
+        raise
+    name: str = frame.method.queue
+    return name
+
+
 def publish_soon(
     channel: Any,
     routing_key: str,
@@ -463,72 +416,77 @@ def publish_soon(
     expiration: str | None = None,
     message_type: str | None = None,
 ) -> None:
-    """Publish through the default exchange without flushing the socket now.
+    """Publish through the default exchange of ``channel`` (a ``BlockingChannel``).
 
-    pika's ``BlockingChannel`` writes to the socket on every call: two system calls per
-    request (reply, then ack) were half of a worker's time. This queues the frames on
-    the connection instead, and its next turn (``run_io``, ``process_data_events``)
-    writes them all at once, in the order they were queued, so "reply, then ack" still
-    holds on the wire. The frames are built by ``fibrpc.frames``; what that does not
-    cover (a body longer than one frame, a string too long, a closed channel) goes
-    through pika, which raises what pika raises.
+    With the fast path, the frames are queued on the connection, and its next turn
+    (``run_io``, ``process_data_events``) writes them all at once, in the order they were
+    queued, so "reply, then ack" still holds on the wire: pika's ``BlockingChannel``
+    writes to the socket on every call, and two system calls per request (reply, then ack)
+    were half of a worker's time. On pika's stock paths it is ``basic_publish``. Either
+    way, a channel the broker closes meanwhile is reported by the channel
+    (``closing_reason``), not here; raises ``ChannelWrongStateError`` on a channel already
+    closed and what pika raises when the connection is lost (``ConnectionLost``).
     """
-    impl = channel._impl
-    connection = impl.connection
-    fields: dict[str, Any] = {  # listed once for both encoders
+    fields: dict[str, Any] = {  # listed once for both paths
         "content_type": content_type,
         "headers": headers,
         "correlation_id": correlation_id,
         "reply_to": reply_to,
         "expiration": expiration,
     }
-    if impl.is_open and 0 < len(body) <= connection._body_max_length and fastpath.enabled():
-        try:
-            props = frames.properties(message_type=message_type, **fields)
-        except (ValueError, TypeError):
-            pass
-        else:
-            data = frames.publish(
-                impl.channel_number, routing_key, body, props, mandatory=mandatory
-            )
-            _emit(connection, data, 3)
-            return
+    if fastpath.enabled():
+        fastpath.publish(
+            channel, routing_key, body, fields, message_type=message_type, mandatory=mandatory
+        )
+        return
     properties = pika.BasicProperties(type=message_type, **fields)
-    impl.basic_publish("", routing_key, body, properties, mandatory)
+    with _channel_closing_reported():
+        channel.basic_publish("", routing_key, body, properties, mandatory)
 
 
 def publish_properties_soon(channel: Any, routing_key: str, body: bytes, properties: Any) -> None:
     """``publish_soon`` with any pika ``BasicProperties`` (encoded by pika)."""
-    channel._impl.basic_publish("", routing_key, body, properties)
+    if fastpath.enabled():
+        fastpath.publish_properties(channel, routing_key, body, properties)
+        return
+    with _channel_closing_reported():
+        channel.basic_publish("", routing_key, body, properties)
+
+
+def ack_soon(channel: Any, delivery_tag: int) -> None:
+    """Ack ``delivery_tag`` on ``channel`` (queued, with the fast path: see
+    ``publish_soon``); raises ``ChannelWrongStateError`` on a closed channel."""
+    if fastpath.enabled():
+        fastpath.ack(channel, delivery_tag)
+        return
+    with _channel_closing_reported():
+        channel.basic_ack(delivery_tag)
+
+
+@contextlib.contextmanager
+def _channel_closing_reported() -> Iterator[None]:
+    """On pika's stock paths, a ``BlockingChannel`` call that writes waits for the write
+    and raises the broker's close of the channel if it comes meanwhile: leave it to the
+    channel (``closing_reason``), as the fast path does, which only queues the frames."""
+    try:
+        yield
+    except pika.exceptions.ChannelClosedByBroker:
+        log.debug("the broker closed the channel during a write", exc_info=True)
 
 
 def on_return(channel: Any, callback: Any) -> None:
-    """Hear of messages the broker returns (``mandatory``), straight from pika's frame
-    handling like a ``consume_direct`` consumer: ``callback(channel, method, properties,
-    body)``."""
-    channel._impl.add_on_return_callback(callback)
+    """Hear of messages the broker returns (``mandatory``), as a ``consume_direct``
+    consumer hears of deliveries: ``callback(channel, method, properties, body)``."""
+    if fastpath.enabled():
+        fastpath.on_return(channel, callback)
+    else:
+        channel.add_on_return_callback(callback)
 
 
 def closing_reason(channel: Any) -> object:
     """Why a ``BlockingChannel`` closed (the broker's ``ChannelClosedByBroker``, say), or
-    None. pika keeps it only in a private attribute."""
-    return getattr(channel, "_closing_reason", None)
-
-
-def ack_soon(channel: Any, delivery_tag: int) -> None:
-    """Ack without flushing the socket now (see ``publish_soon``)."""
-    impl = channel._impl
-    if impl.is_open and fastpath.enabled():
-        _emit(impl.connection, frames.ack(impl.channel_number, delivery_tag), 1)
-    else:
-        impl.basic_ack(delivery_tag)  # pika's way; raises ChannelWrongStateError if closed
-
-
-def _emit(connection: Any, data: bytes, count: int) -> None:
-    """Queue ``count`` encoded frames on pika's connection, keeping its counters."""
-    connection.bytes_sent += len(data)
-    connection.frames_sent += count
-    connection._adapter_emit_data(data)
+    None: pika has no public API for it (``fibrpc.fastpath.closing_reason``)."""
+    return fastpath.closing_reason(channel)
 
 
 def consume_direct(
@@ -540,109 +498,85 @@ def consume_direct(
     auto_ack: bool,
     on_cancel: Any = None,
 ) -> str:
-    """Start a consumer whose messages reach ``on_message`` straight from pika's frame
-    handling (``on_message(channel, method, properties, body)``); return its tag.
+    """Start a consumer of ``queue`` on ``channel`` (a ``BlockingChannel`` of
+    ``connection``) whose messages reach ``on_message(channel, method, properties,
+    body)`` during ``run_io``; return its tag. ``on_cancel(frame)`` hears of RabbitMQ
+    cancelling the consumer (its queue was deleted, say). Waits for the broker's
+    consume-ok.
 
-    ``BlockingChannel.basic_consume`` queues every delivery as an event and hands it
-    over only at the end of ``process_data_events``: a round of bookkeeping per message
-    that ``run_io`` skips. ``on_cancel(frame)`` hears of RabbitMQ cancelling the
-    consumer (its queue was deleted, say); the ``BlockingChannel``'s own handler is
-    taken off, since it looks for the consumer among its own and, not finding it, its
-    ``KeyError`` would drop the connection. Waits for the broker's consume-ok (or the
-    channel's close).
+    With the fast path the messages come straight from pika's frame handling
+    (``fibrpc.fastpath.consume``): ``BlockingChannel.basic_consume`` queues every delivery
+    as an event and hands it over only at the end of ``process_data_events``, a round of
+    bookkeeping per message. On pika's stock paths it is ``basic_consume`` and
+    ``add_on_cancel_callback``.
     """
-    impl = channel._impl
-    impl.callbacks.remove(
-        impl.channel_number, pika.spec.Basic.Cancel, channel._on_consumer_cancelled_by_broker
-    )
-    if on_cancel is not None:
-        impl.add_on_cancel_callback(on_cancel)
-    confirmed: list[object] = []
-    # The BlockingChannel signals every consume-ok to a result of its own, which only its
-    # own basic_consume clears: a second consume (after a cancel) would find it set.
-    channel._basic_consume_ok_result.reset()
-    tag: str = impl.basic_consume(queue, on_message, auto_ack=auto_ack, callback=confirmed.append)
-    _turn_until(connection, lambda: bool(confirmed) or channel.is_closed, _ROUND_TRIP)
-    if not confirmed:
-        raise pika.exceptions.ChannelWrongStateError(
-            f"The channel closed (or did not answer) while subscribing to {queue!r}."
+    if fastpath.enabled():
+        return fastpath.consume(
+            connection, channel, queue, on_message, auto_ack=auto_ack, on_cancel=on_cancel
         )
+    tag: str = channel.basic_consume(queue, on_message, auto_ack=auto_ack)
+    if on_cancel is not None:
+        channel.add_on_cancel_callback(on_cancel)
     return tag
 
 
 def cancel_direct(connection: Any, channel: Any, tag: str, timeout: float) -> None:
-    """Cancel a ``consume_direct`` consumer and wait (up to ``timeout``) for the broker's
-    cancel-ok. pika rejects, to be requeued, what still arrives for it meanwhile."""
-    confirmed: list[object] = []
-    channel._impl.basic_cancel(tag, callback=confirmed.append)
-    _turn_until(connection, lambda: bool(confirmed) or channel.is_closed, timeout)
-
-
-#: Seconds a synchronous exchange with the broker (a consume's consume-ok) may take.
-_ROUND_TRIP: Final = 30.0
-
-
-def _turn_until(connection: Any, done: Any, timeout: float) -> None:
-    """Turn ``connection``'s I/O loop until ``done()`` or ``timeout`` seconds pass.
-
-    ``BlockingConnection.process_data_events(time_limit)`` returns early only for its
-    own channels' events, never for a callback such as a consume-ok: it waited out its
-    whole limit (100 ms of every ``fibrpc call``'s start). Raises pika's error if the
-    connection closes meanwhile."""
-    impl = connection._impl
-    ioloop = impl.ioloop
-    deadline = time.monotonic() + timeout
-    while not done() and (left := deadline - time.monotonic()) > 0:
-        timer = ioloop.call_later(min(0.05, left), _nothing)
-        ioloop.poll()
-        ioloop.process_timeouts()
-        ioloop.remove_timeout(timer)
-        if impl.is_closed:
-            connection.process_data_events(time_limit=0)  # raises why it closed
+    """Cancel a ``consume_direct`` consumer and wait for the broker's cancel-ok: up to
+    ``timeout`` seconds with the fast path; on pika's stock paths ``basic_cancel``, which
+    waits until the connection's heartbeat or blocked-connection timeout gives up. What
+    still arrives for it meanwhile is rejected, to be requeued (with the fast path) or
+    dropped unacked, to be requeued at the close (stock)."""
+    if fastpath.enabled():
+        fastpath.cancel(connection, channel, tag, timeout)
+    else:
+        channel.basic_cancel(tag)
 
 
 def run_io(connection: Any) -> None:
     """One turn of ``connection``'s I/O loop: write what is queued, wait until something
     arrives or the next timer falls due, and run what arrived (consumers started with
-    ``consume_direct``, pika's heartbeats, ``wake`` callbacks).
+    ``consume_direct``, pika's heartbeats, ``call_threadsafe`` callbacks, ``keep_ticking``'s
+    timer).
 
-    ``BlockingConnection.process_data_events(time_limit)`` does the same, plus setting
-    and cancelling a timer on every call and routing each delivery through an event
-    queue; with ``run_io`` and the other shortcuts here, a sequential round trip went from
-    1.55 to under 1.1 times the tutorial's (bench/README.md). The caller keeps a timer
-    due every so often (``keep_ticking``) so that a turn never waits long. Raises what
-    pika raises when the connection is lost (every one in ``ConnectionLost``).
+    On pika's stock paths it is ``process_data_events``, which returns when an event is
+    ready (a delivery, a timer, a callback) or after ``_STOCK_TURN`` seconds. With the fast
+    path (``fibrpc.fastpath.run_io``) it skips that method's timer per call and event
+    queue per delivery: with it and the other shortcuts, a sequential round trip went from
+    1.55 to under 1.1 times the tutorial's (bench/README.md). The caller keeps a timer due
+    every so often (``keep_ticking``) so that a turn never waits long. Raises what pika
+    raises when the connection is lost (every one in ``ConnectionLost``).
     """
-    impl = connection._impl
-    fastpath.flush(impl)
-    impl.ioloop.poll()
-    impl.ioloop.process_timeouts()
-    fastpath.flush(impl)
-    closed = connection._closed_result
-    if closed.ready:
-        error = closed.value.error
-        connection._cleanup()  # as pika does: closes the loop's wake-up socket pair
-        if isinstance(error, BaseException):
-            raise error
-        raise pika.exceptions.StreamLostError(f"The connection closed: {error!r}")
+    if fastpath.enabled():
+        fastpath.run_io(connection)
+    else:
+        connection.process_data_events(time_limit=_STOCK_TURN)
+
+
+#: Seconds a turn of pika's stock I/O loop waits at most with no event.
+_STOCK_TURN: Final = 1.0
 
 
 def keep_ticking(connection: Any, interval: float) -> None:
     """Keep a timer due every ``interval`` seconds on ``connection``'s I/O loop, so that
     ``run_io`` returns at least that often (to expire calls past their deadline)."""
-    ioloop = connection._impl.ioloop
+    if fastpath.enabled():
+        fastpath.keep_ticking(connection, interval)
+        return
 
     def tick() -> None:
-        ioloop.call_later(interval, tick)
+        connection.call_later(interval, tick)
 
-    ioloop.call_later(interval, tick)
+    connection.call_later(interval, tick)
 
 
 def call_threadsafe(connection: Any, callback: Any) -> None:
     """Run ``callback`` on the thread that turns ``connection``'s I/O loop, during its
-    next ``run_io`` (safe from any thread). Unlike ``BlockingConnection.add_callback_
-    threadsafe`` it needs no ``process_data_events`` to be dispatched."""
-    connection._impl.ioloop.add_callback_threadsafe(callback)
+    next ``run_io`` (safe from any thread): ``add_callback_threadsafe``, on the I/O loop
+    itself with the fast path (no ``process_data_events`` needed to dispatch it)."""
+    if fastpath.enabled():
+        fastpath.call_threadsafe(connection, callback)
+    else:
+        connection.add_callback_threadsafe(callback)
 
 
 def wake(connection: Any) -> None:
@@ -655,102 +589,91 @@ def _nothing() -> None:
 
 
 def close_within(connection: Any, seconds: float = 1.0) -> None:
-    """Close ``connection`` politely (Connection.Close, then its close-ok), but give the
-    broker at most ``seconds``: a blocked broker reads nothing, and a stalled or
-    half-open network answers nothing, so after that the socket is dropped. Never
-    raises; the connection is closed when it returns."""
-    impl = connection._impl
+    """Close ``connection`` politely (Connection.Close, then its close-ok). With the fast
+    path the broker gets at most ``seconds`` (a blocked broker reads nothing, and a
+    stalled or half-open network answers nothing), then the socket is dropped; on pika's
+    stock paths it is ``close``, which waits until the heartbeat or the 60-second
+    blocked-connection timeout gives up. Never raises; the connection is closed when it
+    returns."""
     try:
-        if impl.is_open:
-            impl.close(200, "Normal shutdown")
-        deadline = time.monotonic() + seconds
-        ioloop = impl.ioloop
-        while not impl.is_closed and (left := deadline - time.monotonic()) > 0:
-            timer = ioloop.call_later(min(0.05, left), _nothing)  # bound the wait
-            ioloop.poll()
-            ioloop.process_timeouts()
-            ioloop.remove_timeout(timer)
-        if not impl.is_closed:
-            impl._terminate_stream(
-                pika.exceptions.ConnectionClosedByClient(200, "the broker did not answer")
-            )
-            for _ in range(3):  # the transport's abort completes on the loop
-                if impl.is_closed:
-                    break
-                ioloop.call_later(0.01, _nothing)
-                ioloop.poll()
-                ioloop.process_timeouts()
+        if fastpath.enabled():
+            fastpath.close_within(connection, seconds)
+        elif connection.is_open:
+            connection.close()
     except Exception as exc:  # closing must not fail: there is nothing left to do
         log.debug("closing the connection: %r", exc)
     finally:
-        with contextlib.suppress(Exception):
-            connection._cleanup()
+        if fastpath.enabled():
+            with contextlib.suppress(Exception):
+                fastpath.cleanup(connection)
 
 
 def on_blocked(connection: Any, callback: Any) -> None:
     """``callback(reason)`` when RabbitMQ blocks the connection's publishing (a memory or
     disk alarm: ``connection.blocked``), ``callback(None)`` when it unblocks it."""
-    impl = connection._impl
-    impl.add_on_connection_blocked_callback(
+    if fastpath.enabled():
+        fastpath.on_blocked(connection, callback)
+        return
+    connection.add_on_connection_blocked_callback(
         lambda _conn, frame: callback(str(getattr(frame.method, "reason", "") or "an alarm"))
     )
-    impl.add_on_connection_unblocked_callback(lambda _conn, _frame: callback(None))
+    connection.add_on_connection_unblocked_callback(lambda _conn, _frame: callback(None))
 
 
 class QueueProbe:
-    """Counts a queue's consumers without waiting for the answer: a passive declare on a
-    channel of the probe's own (a 404 closes the channel it happens on), answered on the
-    connection's next turns by ``on_answer(consumers)``, with None when the queue does
-    not exist. A synchronous round trip would stall the thread that drives the
-    connection for as long as the broker does not answer (blocked, a half-open network):
-    every call's deadline with it.
+    """Counts a queue's consumers, answered on the connection's next turns by
+    ``on_answer(consumers)``, with None when the queue does not exist.
+
+    With the fast path (``fibrpc.fastpath.QueueProbe``) the question never waits for its
+    answer: a synchronous round trip would stall the thread that drives the connection
+    for as long as the broker does not answer (blocked, a half-open network), every
+    call's deadline with it. On pika's stock paths it is a passive ``queue_declare`` on a
+    ``BlockingChannel`` of the probe's own (a 404 closes it), a round trip on the
+    driving thread, its answer handed over through ``add_callback_threadsafe``.
 
     A refused declare (403: RabbitMQ 4.2.6 and later want a permission on the queue) is
     answered once, by ``on_refused(reply_code, reply_text)``, and the probe asks no more:
     a refusal would close a channel on every question."""
 
     def __init__(self, connection: Any, queue: str, on_answer: Any, on_refused: Any) -> None:
-        self._impl = connection._impl
+        fast = fastpath.enabled()
+        self._fast = fastpath.QueueProbe(connection, queue, on_answer, on_refused) if fast else None
+        self._connection = connection
         self._queue = queue
         self._on_answer = on_answer
         self._on_refused = on_refused
         self._channel: Any = None
-        self._asking = False
-        self.refused = False
+        self._refused = False
+
+    @property
+    def refused(self) -> bool:
+        """Whether the broker refused the question (then it is not asked again)."""
+        return self._fast.refused if self._fast is not None else self._refused
 
     def ask(self) -> None:
-        """Send the question unless one is on its way already, or the broker refused it
-        (any thread that drives the connection)."""
-        if self._asking or self.refused or not self._impl.is_open:
+        """Send the question (the thread that drives the connection); a connection lost
+        meanwhile is left for the next turn to report."""
+        if self._fast is not None:
+            self._fast.ask()
             return
-        self._asking = True
-        channel = self._channel
-        if channel is not None and channel.is_open:
-            self._declare(channel)
-        elif channel is None or channel.is_closed:
-            self._channel = self._impl.channel(on_open_callback=self._declare)
-            self._channel.add_on_close_callback(self._on_close)
-
-    def _declare(self, channel: Any) -> None:
-        channel.queue_declare(self._queue, passive=True, callback=self._on_declared)
-
-    def _on_declared(self, frame: Any) -> None:
-        self._asking = False
-        self._on_answer(int(frame.method.consumer_count))
-
-    def _on_close(self, channel: Any, reason: Any) -> None:
-        asking, self._asking = self._asking, False
-        self._channel = None
-        if not asking:
+        connection = self._connection
+        if self._refused or not connection.is_open:
             return
-        code = getattr(reason, "reply_code", None)
-        if code == 404:
-            self._on_answer(None)
-        elif code in refusals.ACCESS_REFUSED_CODES:
-            self.refused = True
-            self._on_refused(code, str(getattr(reason, "reply_text", reason)))
-
-
-def quiet_pika() -> None:
-    """Turn pika's own loggers down: they log every reconnect and close at ERROR."""
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+        try:
+            if self._channel is None or not self._channel.is_open:
+                self._channel = connection.channel()
+            frame = self._channel.queue_declare(self._queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._channel = None
+            if exc.reply_code == 404:
+                connection.add_callback_threadsafe(lambda: self._on_answer(None))
+            elif exc.reply_code in refusals.ACCESS_REFUSED_CODES:
+                self._refused = True
+                code, text = exc.reply_code, str(exc.reply_text)
+                connection.add_callback_threadsafe(lambda: self._on_refused(code, text))
+            return
+        except (pika.exceptions.AMQPError, *ConnectionLost) as exc:
+            log.debug("asking for the consumers of %r: %r", self._queue, exc)
+            return
+        consumers = int(frame.method.consumer_count)
+        connection.add_callback_threadsafe(lambda: self._on_answer(consumers))

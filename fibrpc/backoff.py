@@ -1,9 +1,8 @@
 """How long to wait before trying a broker (or a process) again: one policy for all.
 
-Pure: ``reconnect_delay(attempt)`` is the client's pause after the ``attempt``-th failed
-round (0-based) of connecting to every node; it grows from 0.1 s to 5 s and stays there.
-``jittered(attempt)`` is the same growth, exponential, with jitter (so that the workers
-of a server, all cut off at once, do not come back in step); ``Backoff`` counts the
+Pure: ``jittered(attempt)`` is the pause after the ``attempt``-th failure (0-based): from
+0.1 s, doubling up to 5 s, with jitter (so that the workers of a server, or the clients
+of a node, all cut off at once, do not come back in step); ``Backoff`` counts the
 attempts of one reconnect loop, and starts again from the first once a connection has
 stayed healthy for a while (``HEALTHY_AFTER``). An outage is never a crash: the caller
 keeps trying, this only spaces the tries, so nothing reconnects more than a few times a
@@ -17,18 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-#: Seconds after failed round 0, 1, 2, ...; the last repeats.
-RECONNECT_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: ``jittered``: the first pause and the longest (seconds).
 FIRST_DELAY: Final = 0.1
 MAX_DELAY: Final = 5.0
 #: Seconds a connection must last for the next loss to count as a first failure again.
 HEALTHY_AFTER: Final = 10.0
-
-
-def reconnect_delay(attempt: int, delays: tuple[float, ...] = RECONNECT_DELAYS) -> float:
-    """Seconds to wait after failed attempt ``attempt`` (0, 1, ...) before the next."""
-    return delays[min(max(attempt, 0), len(delays) - 1)]
 
 
 def jittered(

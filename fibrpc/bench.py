@@ -1,6 +1,6 @@
 """The load generator behind ``fibrpc bench``: how fast is fibrpc, end to end, here?
 
-Four scenarios, each the way a real caller would use ``fibrpc.Client``'s public API:
+Six scenarios, each the way a real caller would use ``fibrpc.Client``'s public API:
 
 ``sequential``
     One ``client.call`` at a time: the RabbitMQ tutorial's pattern. Latency is per call.
@@ -11,6 +11,13 @@ Four scenarios, each the way a real caller would use ``fibrpc.Client``'s public 
 ``asyncio``
     ``pipelined`` through ``fibrpc.aio.AsyncClient``: ``window`` tasks of one event loop,
     each awaiting ``client.call`` for the next n. Latency is per call.
+``tasks``
+    Independent callers: ``config.BENCH_TASKS`` (2,000) tasks of one event loop, each
+    awaiting ``AsyncClient.call`` for the next n, the client's window as large. The calls
+    waiting at one turn share messages (``fibrpc.coalesce``). Latency is per call.
+``threads``
+    Independent callers: ``config.BENCH_THREADS`` (32) threads, each calling
+    ``Client.call`` for the next n on one shared client. Latency is per call.
 ``batched``
     ``batch_size`` values of n per message, ``batch_window`` messages in flight
     (``client.imap``). Latency is per batch message, and is what an ``imap`` consumer
@@ -40,14 +47,11 @@ import functools
 import itertools
 import logging
 import math
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -55,11 +59,13 @@ from typing import Any, Final, TextIO
 import gmpy2
 import numpy as np
 
-from fibrpc import amqp, config
+from fibrpc import config, serving
 from fibrpc.client import Client
 from fibrpc.config import DEFAULT_QUEUE, DEFAULT_TIMEOUT, DEFAULT_URL
-from fibrpc.errors import CallTimeoutError, FibrpcError, RequestError
+from fibrpc.errors import CallTimeoutError, RequestError, SpawnError
 from fibrpc.numbers import DEFAULT_ALGORITHM, FAST_TABLE, ITER_MAX_N
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact, split_urls
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -110,10 +116,6 @@ _RESOLVE_MARGIN: Final = 30.0
 _WARM_CALLS: Final = 64
 
 
-class SpawnError(FibrpcError):
-    """A server started by ``--spawn`` exited or did not become ready in time."""
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class BenchSettings:
     """What one run measures, and where; every field is a ``fibrpc bench`` option."""
@@ -129,7 +131,8 @@ class BenchSettings:
     batch_window: int = DEFAULT_BATCH_WINDOW
     batch_size: int = DEFAULT_BATCH_SIZE
     timeout: float = DEFAULT_TIMEOUT
-    tls: amqp.TLSOptions | None = None
+    tls: TLSOptions | None = None
+    reply_queue: str = config.DEFAULT_REPLY_QUEUE
 
     def calls_for(self, scenario: str) -> int:
         """How many calls ``scenario`` makes."""
@@ -179,8 +182,9 @@ class Report:
             "batch_size": s.batch_size,
             "timeout": s.timeout,
             "spawn": self.spawn,
-            "url": ", ".join(amqp.redact(url) for url in s.urls),
+            "url": ", ".join(redact(url) for url in s.urls),
             "queue": s.queue,
+            "reply_queue": s.reply_queue,
         }
 
     def table(self) -> str:
@@ -459,6 +463,7 @@ def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> S
             timeout=settings.timeout,
             window=settings.window,
             tls=settings.tls,
+            reply_queue=settings.reply_queue,
         ) as client:
             await client.map(ns[:_WARM_CALLS], settings.algo, batch_size=1)
             started = clock()
@@ -469,6 +474,97 @@ def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> S
     progress.close()
     errors += count_mismatches(ns, results)
     return _result("asyncio", count, seconds, latencies, errors)
+
+
+def run_tasks(settings: BenchSettings, ns: list[int], progress: Progress) -> ScenarioResult:
+    """``config.BENCH_TASKS`` tasks, each awaiting one ``AsyncClient.call`` at a time."""
+    import asyncio  # noqa: PLC0415 - only this scenario needs them
+
+    from fibrpc.aio import AsyncClient  # noqa: PLC0415
+
+    count = len(ns)
+    results: list[int | None] = [None] * count
+    latencies = [0.0] * count
+    errors = 0
+    clock = time.perf_counter
+    todo = iter(range(count))
+    tasks = config.BENCH_TASKS
+
+    async def caller(client: AsyncClient) -> None:
+        nonlocal errors
+        for i in todo:
+            t0 = clock()
+            try:
+                results[i] = await client.call(ns[i], settings.algo)
+            except _CALL_ERRORS:
+                errors += 1
+            latencies[i] = clock() - t0
+            if not i & 1023:
+                progress.update(i)
+
+    async def main() -> float:
+        async with AsyncClient(
+            settings.urls,
+            queue=settings.queue,
+            timeout=settings.timeout,
+            window=tasks,
+            tls=settings.tls,
+        ) as client:
+            await asyncio.gather(*(client.call(n, settings.algo) for n in ns[:_WARM_CALLS]))
+            started = clock()
+            await asyncio.gather(*(caller(client) for _ in range(tasks)))
+            return clock() - started
+
+    seconds = asyncio.run(main())
+    progress.close()
+    errors += count_mismatches(ns, results)
+    return _result("tasks", count, seconds, latencies, errors)
+
+
+def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
+    """``config.BENCH_THREADS`` threads sharing ``client``, each calling ``call`` for
+    the next n until none is left."""
+    count = len(ns)
+    results: list[int | None] = [None] * count
+    latencies = [0.0] * count
+    failures = [0] * config.BENCH_THREADS
+    crashed: list[BaseException] = []
+    clock = time.perf_counter
+    todo = iter(range(count))
+    lock = threading.Lock()
+
+    def caller(k: int) -> None:
+        while True:
+            with lock:  # next() of one iterator from many threads
+                i = next(todo, -1)
+            if i < 0:
+                return
+            t0 = clock()
+            try:
+                results[i] = client.call(ns[i], algo)
+            except _CALL_ERRORS:
+                failures[k] += 1
+            except BaseException as exc:  # the run ends with it, below
+                crashed.append(exc)
+                return
+            latencies[i] = clock() - t0
+            if not i & 1023:
+                progress.update(i)
+
+    threads = [
+        threading.Thread(target=caller, args=(k,), daemon=True) for k in range(config.BENCH_THREADS)
+    ]
+    started = clock()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = clock() - started
+    progress.close()
+    if crashed:
+        raise crashed[0]
+    errors = sum(failures) + count_mismatches(ns, results)
+    return _result("threads", count, seconds, latencies, errors)
 
 
 def _warm(client: Client, ns: list[int], algo: str, batch_size: int | None) -> None:
@@ -490,16 +586,23 @@ def _warm(client: Client, ns: list[int], algo: str, batch_size: int | None) -> N
 def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> ScenarioResult:
     """Run one scenario on a client of its own (its window is the scenario's)."""
     ns = draw_ns(settings.calls_for(name), settings.max_n, settings.seed)
-    window = {"pipelined": settings.window, "batched": settings.batch_window}.get(name, 1)
+    window = {
+        "pipelined": settings.window,
+        "batched": settings.batch_window,
+        "threads": config.BENCH_THREADS,
+    }.get(name, 1)
     progress = Progress(name, len(ns), stream)
     if name == "asyncio":
         return run_asyncio(settings, ns, progress)
+    if name == "tasks":
+        return run_tasks(settings, ns, progress)
     with Client(
         settings.urls,
         queue=settings.queue,
         timeout=settings.timeout,
         window=window,
         tls=settings.tls,
+        reply_queue=settings.reply_queue,
     ) as client:
         batch_size = settings.batch_size if name == "batched" else None
         _warm(client, ns, settings.algo, batch_size)
@@ -509,6 +612,8 @@ def run_scenario(settings: BenchSettings, name: str, stream: TextIO | None) -> S
             return run_pipelined(client, ns, settings.algo, progress)
         if name == "batched":
             return run_batched(client, ns, settings.algo, settings.batch_size, progress)
+        if name == "threads":
+            return run_threads(client, ns, settings.algo, progress)
     raise ValueError(
         f"Unknown scenario {name!r}; choose from {', '.join(config.BENCH_ALL_SCENARIOS)}."
     )
@@ -535,22 +640,9 @@ def run(settings: BenchSettings, *, spawn: int | None = None, progress: bool = F
 # -- --spawn -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SpawnedServer:
-    """A ``fibrpc serve`` started by ``spawned_server``: its private queue and its pid."""
-
-    queue: str
-    pid: int
-
-    def worker_pids(self) -> list[int]:
-        """The pids of its workers (its children)."""
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.pid)],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        return [int(p) for p in out.split()]
+#: A ``fibrpc serve`` started by ``spawned_server``: ``.queue``, ``.pid``,
+#: ``.worker_pids()`` (``fibrpc.serving.ServerProcess``).
+SpawnedServer = serving.ServerProcess
 
 
 @contextlib.contextmanager
@@ -563,7 +655,7 @@ def spawned_server(
     options: Sequence[str] = (),
 ) -> Iterator[SpawnedServer]:
     """Start ``fibrpc serve`` on a fresh queue (with ``options`` added to its command
-    line); yield it once it is ready.
+    line); yield it once it is ready (``fibrpc.serving``).
 
     The server runs in a session (and process group) of its own, so a Ctrl-C at the
     terminal reaches only this process, which then stops the server in order. SIGTERM and
@@ -571,37 +663,34 @@ def spawned_server(
     Linux's parent-death signal covers the one case no handler can: this process killed
     with SIGKILL. Raises ``SpawnError`` if the server exits or is not ready in time.
     """
-    queue = f"fibrpc-bench-{uuid.uuid4().hex[:10]}"
-    cmd = [sys.executable, "-m", "fibrpc", "serve", "--queue", queue, "--workers", str(workers)]
-    cmd += options
-    urls = amqp.split_urls(url)
-    # In the environment, not in argv, where ps would show the passwords.
-    env = {**os.environ, "FIBRPC_URL": ",".join(urls)}
+    queue = serving.private_queue("fibrpc-bench")
+    urls = split_urls(url)
     with (
         signals_as_exit(),
         tempfile.TemporaryDirectory(prefix="fibrpc-bench-") as tmp,
     ):
-        log_path = Path(tmp) / "serve.log"
-        with log_path.open("wb") as log_file:
-            # preexec_fn is safe here: no Client (and so no thread) exists yet.
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
-            )
+        # preexec_fn is safe here: no Client (and so no thread) exists yet.
+        server = serving.start(
+            urls,
+            queue,
+            *options,
+            log=Path(tmp) / "serve.log",
+            workers=workers,
+            preexec_fn=_die_with_parent,
+        )
         try:
-            _wait_ready(proc, log_path, ready_timeout)
-            log.info("spawned server pid %d on queue %r", proc.pid, queue)
-            yield SpawnedServer(queue, proc.pid)
+            server.wait_ready(ready_timeout)
+            log.info("spawned server pid %d on queue %r", server.pid, queue)
+            yield server
         finally:
             try:
-                _stop(proc, stop_timeout)
+                if server.proc.poll() is None:
+                    log.info("stopping the spawned server (pid %d)", server.pid)
+                code = server.stop(stop_timeout)
+                if code == -signal.SIGKILL:
+                    log.warning("the spawned server did not stop within %s s", stop_timeout)
             finally:
-                _delete_queue(urls, queue)
+                serving.delete_queue(urls, queue)
 
 
 @contextlib.contextmanager
@@ -623,67 +712,13 @@ def signals_as_exit() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
-    """Wait for the server's ``ready:`` log line; ``SpawnError`` if it exits or is late."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if b"ready:" in log_path.read_bytes():
-            return
-        if proc.poll() is not None:
-            raise SpawnError(
-                f"The spawned server exited with code {proc.returncode} before it was "
-                f"ready; its log ends:\n{_tail(log_path)}"
-            )
-        time.sleep(0.01)
-    raise SpawnError(
-        f"The spawned server was not ready within {timeout} s; its log ends:\n{_tail(log_path)}"
-    )
-
-
-def _tail(path: Path, chars: int = 2000) -> str:
-    return path.read_bytes()[-chars:].decode(errors="replace")
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM the supervisor and wait for its drain; then SIGKILL whatever is left of
-    its process group (workers included), in every case."""
-    try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("the spawned server did not stop within %s s; killing it", timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-
-
-def _delete_queue(urls: Sequence[str], queue: str) -> None:
-    """Delete the spawned server's queue (best effort: a leftover queue is harmless)."""
-    try:
-        conn, _ = amqp.connect_any(urls, name="fibrpc-bench")
-    except FibrpcError as exc:
-        log.debug("could not delete queue %r: %s", queue, exc)
-        return
-    try:
-        conn.channel().queue_delete(queue)
-    except Exception as exc:
-        log.debug("could not delete queue %r: %s", queue, exc)
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
 def _die_with_parent() -> None:
     from fibrpc.server import die_with_parent  # noqa: PLC0415 - only a spawn needs it
 
     die_with_parent()
 
 
-def _tls_options(tls: amqp.TLSOptions | None) -> list[str]:
+def _tls_options(tls: TLSOptions | None) -> list[str]:
     """The ``fibrpc serve`` options that give a spawned server the same TLS settings."""
     if tls is None:
         return []

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Final, Protocol
 
-from fibrpc import protocol, tracing
+from fibrpc import coalesce, protocol, tracing
 
 #: What a reply is turned into for the caller.
 AS_INT: Final = 0
@@ -103,6 +103,7 @@ class Call:
         "deadline",
         "done",
         "future",
+        "light",
         "msg_type",
         "n",
         "ok",
@@ -132,6 +133,8 @@ class Call:
         self.deadline = time.monotonic() + timeout
         self.body, self.content_type, self.msg_type = encoded
         self.future = future
+        #: A single call that may share a message with others (``fibrpc.coalesce``).
+        self.light = as_ != AS_INTS and coalesce.is_light(n, algo)
         self.done = False
         self.ok = False
         self.outcome: Any = None
@@ -249,6 +252,10 @@ class Registry:
         """The earliest deadline among the calls in flight (``math.inf``: none), give or
         take deadlines of calls already settled."""
         return self._deadlines[0][0] if self._deadlines else math.inf
+
+    def get(self, corr_id: str) -> Call | None:
+        """The call ``corr_id`` in flight, left in flight (None: unknown or settled)."""
+        return self._pending.get(corr_id)
 
     def calls(self) -> list[Call]:
         """The calls in flight, oldest first."""

@@ -17,11 +17,13 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from fibrpc import amqp, config, logs
+from fibrpc import config, logs
 from fibrpc.client import Client, check_timeout
 from fibrpc.errors import ConfigError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 from fibrpc.numbers import ALGORITHMS, DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import split_urls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,7 +106,7 @@ def broker_options(func: F) -> F:
 def _urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     """``--url``, given once or more, each perhaps several URLs separated by commas."""
     try:
-        return amqp.split_urls(value)
+        return split_urls(value)
     except ConfigError as exc:
         raise click.BadParameter(exc.message) from None
 
@@ -115,7 +117,7 @@ def tls_options(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs["tls"] = amqp.TLSOptions(
+        kwargs["tls"] = TLSOptions(
             ca_file=kwargs.pop("tls_ca_file"),
             cert_file=kwargs.pop("tls_cert_file"),
             key_file=kwargs.pop("tls_key_file"),
@@ -162,6 +164,20 @@ def timeout_option(env: str, help_text: str) -> Callable[[F], F]:
         show_default=True,
         help=help_text,
     )
+
+
+def reply_queue_option(func: F) -> F:
+    """``--reply-queue``: where a client takes its replies."""
+    return option(
+        "--reply-queue",
+        env="FIBRPC_REPLY_QUEUE",
+        type=click.Choice(config.REPLY_QUEUES),
+        default=config.DEFAULT_REPLY_QUEUE,
+        show_default=True,
+        help="Where replies come: 'direct' (RabbitMQ's direct reply-to) or 'exclusive' (a "
+        "server-named exclusive queue of the client's own: for clusters of RabbitMQ 3.10, "
+        "and many replies a second; see docs/client.md).",
+    )(func)
 
 
 def _fail(error: BaseException) -> NoReturn:
@@ -333,7 +349,7 @@ def serve(
     state_dir: str | None,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Serve Fibonacci requests from QUEUE with a supervised pool of workers.
 
@@ -411,6 +427,7 @@ Examples:
     help="Algorithm.",
 )
 @timeout_option("FIBRPC_TIMEOUT", "Seconds to wait for the reply (inf: no limit).")
+@reply_queue_option
 @option(
     "--json",
     "as_json",
@@ -425,10 +442,11 @@ def call(
     queue: str,
     algo: str,
     timeout: float,
+    reply_queue: str,
     as_json: bool,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Compute F(N) on a running server and print it.
 
@@ -438,7 +456,7 @@ def call(
     setup_logging(log_level, log_format)
     started = time.perf_counter()
     try:
-        with Client(urls, queue=queue, timeout=timeout, tls=tls) as client:
+        with Client(urls, queue=queue, timeout=timeout, tls=tls, reply_queue=reply_queue) as client:
             text = client.call_text(n, algo, timeout)
     except FibrpcError as exc:
         _fail(exc)
@@ -487,7 +505,7 @@ def status(
     as_json: bool,
     log_level: str,
     log_format: str,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Show QUEUE's depth, consumers and message rates, and the servers on this machine:
     each worker's pid, uptime, requests served, errors and restarts.
@@ -538,8 +556,9 @@ Examples:
     multiple=True,
     type=click.Choice(config.BENCH_ALL_SCENARIOS),
     help="Scenario to run; repeat for several (default: sequential, pipelined, batched, "
-    "in this order; 'asyncio' is pipelined through fibrpc.aio.AsyncClient); the variable "
-    "takes them space-separated.",
+    "in this order; 'asyncio' is pipelined through fibrpc.aio.AsyncClient; 'tasks' and "
+    "'threads' are independent callers, 2,000 asyncio tasks or 32 threads each awaiting "
+    "single calls); the variable takes them space-separated.",
 )
 @option(
     "--calls",
@@ -547,7 +566,7 @@ Examples:
     type=click.IntRange(1),
     default=None,
     help="Calls per scenario (default: sequential 3,000, pipelined and asyncio 20,000, "
-    "batched 2,000,000).",
+    "tasks 100,000, threads 50,000, batched 2,000,000).",
 )
 @option(
     "--algo",
@@ -598,6 +617,7 @@ Examples:
     help="Values of n per message in 'batched'.",
 )
 @timeout_option("FIBRPC_BENCH_TIMEOUT", "Seconds each call may wait for its reply.")
+@reply_queue_option
 @option(
     "--spawn",
     env="FIBRPC_BENCH_SPAWN",
@@ -632,10 +652,11 @@ def bench(
     batch_window: int,
     batch_size: int,
     timeout: float,
+    reply_queue: str,
     spawn: int | None,
     as_json: bool,
     progress: bool | None,
-    tls: amqp.TLSOptions,
+    tls: TLSOptions,
 ) -> None:
     """Measure calls/s and latency of a fibrpc server, with every result checked.
 
@@ -647,7 +668,7 @@ def bench(
     from fibrpc import bench as _bench  # noqa: PLC0415 - keeps `call` light
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
-    amqp.quiet_pika()
+    logs.quiet_pika()
     settings = _bench.BenchSettings(
         urls=urls,
         queue=queue,
@@ -661,6 +682,7 @@ def bench(
         batch_size=batch_size,
         timeout=timeout,
         tls=tls,
+        reply_queue=reply_queue,
     )
     if progress is None:
         progress = sys.stderr.isatty()

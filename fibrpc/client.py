@@ -10,9 +10,11 @@ lives elsewhere too):
 * this module: the public API (``call``, ``call_text``, ``submit``, ``map``, ``imap``),
   checking every argument before anything is reserved, and batching.
 
-Replies come back through RabbitMQ's direct reply-to, so there is no reply queue to
-declare, and a reply never outlives its client. Unknown and duplicate replies are dropped
-and counted, never delivered.
+Replies come back through RabbitMQ's direct reply-to by default, so there is no reply
+queue to declare, and a reply never outlives its client; ``reply_queue="exclusive"``
+takes them on a server-named exclusive queue of the client's own instead (for clusters
+of RabbitMQ 3.10, and requesters taking many replies a second: docs/client.md). Unknown
+and duplicate replies are dropped and counted, never delivered.
 """
 
 from __future__ import annotations
@@ -35,14 +37,18 @@ from fibrpc.config import (
     BROKER_MAX_MESSAGE_BYTES,
     DEFAULT_HEARTBEAT,
     DEFAULT_QUEUE,
+    DEFAULT_REPLY_QUEUE,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     DEFAULT_WINDOW,
+    REPLY_QUEUES,
 )
 from fibrpc.driver import TICK, Driver, too_large
 from fibrpc.errors import CallTimeoutError, ClientClosedError, ConfigError, ErrorCode, RequestError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM, estimate_digits
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +79,11 @@ def check_timeout(timeout: object) -> float:
     return seconds
 
 
-def check_urls(url: str | Sequence[str], tls: amqp.TLSOptions | None) -> tuple[str, ...]:
+def check_urls(url: str | Sequence[str], tls: TLSOptions | None) -> tuple[str, ...]:
     """The broker's nodes named by ``url`` (one URL, a list, or one string of them
     separated by commas), each one read as pika will read it, with ``tls``. Raises
     ``ConfigError`` for a URL pika cannot read or a bad TLS option."""
-    urls = amqp.split_urls(url)
+    urls = split_urls(url)
     for node in urls:
         amqp.parameters(node, tls=tls)
     return urls
@@ -88,6 +94,16 @@ def check_window(window: object) -> int:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ConfigError(f"window must be a whole number of 1 or more; got {window!r}.")
     return window
+
+
+def check_reply_queue(reply_queue: object) -> str:
+    """``reply_queue`` if it is one of ``fibrpc.config.REPLY_QUEUES`` (``direct`` or
+    ``exclusive``); raises ``ConfigError`` naming it otherwise."""
+    if not isinstance(reply_queue, str) or reply_queue not in REPLY_QUEUES:
+        raise ConfigError(
+            f"reply_queue must be one of {', '.join(map(repr, REPLY_QUEUES))}; got {reply_queue!r}."
+        )
+    return reply_queue
 
 
 def check_n(n: object) -> int:
@@ -205,7 +221,10 @@ class Client:
     its calls in flight; ``queue`` is the request queue;
     ``timeout`` the seconds a call waits for its reply by default (``math.inf``: no
     limit); ``window`` the most calls (or batches) in flight at once; ``heartbeat`` the
-    AMQP heartbeat in seconds; ``tls`` the ``TLSOptions`` of an ``amqps://`` URL.
+    AMQP heartbeat in seconds; ``tls`` the ``TLSOptions`` of an ``amqps://`` URL;
+    ``reply_queue`` where replies come: ``"direct"`` (RabbitMQ's direct reply-to) or
+    ``"exclusive"`` (a server-named exclusive queue of the client's own, new on every
+    connection; docs/client.md says when to choose it).
 
     Connects at once (within ``timeout``, at most 15 s). Raises ``ConfigError`` for a
     bad setting and ``BrokerError`` when the broker cannot be reached or refuses.
@@ -219,13 +238,15 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
+        reply_queue: str = DEFAULT_REPLY_QUEUE,
     ) -> None:
         self.timeout = check_timeout(timeout)
         self.window = check_window(window)
         self.urls = check_urls(url, tls)  # a bad URL: ConfigError, here
         self.url = self.urls[0]
         self.queue = queue
+        self.reply_queue = check_reply_queue(reply_queue)
         self._heartbeat = heartbeat
         self._tls = tls
         self._start()
@@ -244,6 +265,7 @@ class Client:
             tls=self._tls,
             connect_timeout=self.timeout,
             tick=TICK,
+            reply_queue=self.reply_queue,
         )
         driver = Driver(link, Registry(self.window))
         driver.prefix = self._prefix
@@ -405,7 +427,7 @@ class Client:
                 return None, False
             raise CallTimeoutError(
                 f"The client's window of {self.window} calls stayed full for {seconds} s.",
-                url=amqp.redact(self.url),
+                url=redact(self.url),
                 queue=self.queue,
                 timeout=seconds,
             )

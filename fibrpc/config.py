@@ -67,6 +67,14 @@ NO_SERVER_GRACE: Final = 1.0
 #: AMQP heartbeat in seconds (``FIBRPC_HEARTBEAT``).
 DEFAULT_HEARTBEAT: Final = 30
 
+#: Where a client takes its replies (``FIBRPC_REPLY_QUEUE``): ``direct``, RabbitMQ's
+#: direct reply-to (``amq.rabbitmq.reply-to``: no queue, the fastest); ``exclusive``, a
+#: server-named exclusive queue the client declares on its connection (``amq.gen-...``),
+#: for clusters of RabbitMQ 3.10 and requesters taking many replies a second
+#: (docs/client.md#where-replies-go).
+REPLY_QUEUES: Final = ("direct", "exclusive")
+DEFAULT_REPLY_QUEUE: Final = "direct"
+
 #: Calls or batches one client keeps in flight (``FIBRPC_WINDOW``).
 DEFAULT_WINDOW: Final = 256
 
@@ -103,15 +111,19 @@ REPORT_INTERVAL: Final = 1.0
 BENCH_SCENARIOS: Final = ("sequential", "pipelined", "batched")
 """The scenarios a run takes by default, in this order."""
 
-BENCH_ALL_SCENARIOS: Final = (*BENCH_SCENARIOS, "asyncio")
+BENCH_ALL_SCENARIOS: Final = (*BENCH_SCENARIOS, "asyncio", "tasks", "threads")
 """Every scenario ``--scenario`` may name: ``asyncio`` is ``pipelined`` through
-``fibrpc.aio.AsyncClient``."""
+``fibrpc.aio.AsyncClient``; ``tasks`` and ``threads`` are independent callers
+(``BENCH_TASKS`` asyncio tasks, ``BENCH_THREADS`` threads) each awaiting one single call at
+a time, whose calls the client coalesces."""
 
 BENCH_CALLS: Final = {
     "sequential": 3_000,
     "pipelined": 20_000,
     "batched": 2_000_000,
     "asyncio": 20_000,
+    "tasks": 100_000,
+    "threads": 50_000,
 }
 """Calls per scenario when ``--calls`` is not given: a few seconds each on a 2-core
 machine, and the counts bench/compare.py runs the baselines of ``../shared/baselines``
@@ -130,6 +142,13 @@ BENCH_BATCH_WINDOW: Final = 8
 
 BENCH_BATCH_SIZE: Final = 10_000
 """Values of n per batch message: the client's own automatic batch size."""
+
+BENCH_TASKS: Final = 2_000
+"""Tasks of one event loop in ``tasks``, each awaiting ``AsyncClient.call`` in a loop (the
+client's window is as large, so every task has its call in flight)."""
+
+BENCH_THREADS: Final = 32
+"""Threads in ``threads``, each calling ``Client.call`` in a loop on one shared client."""
 
 ENV_PREFIX: Final = "FIBRPC_"
 

@@ -14,20 +14,28 @@ nobody does.
 Every call keeps its deadline: the driver expires calls at every turn, and a waiting
 thread fails its own call if the driver has not by shortly after its deadline (a link
 stuck in a round trip, say). The registry (``fibrpc.calls``) settles each call once.
+
+Light single calls taken from the outbox at the same turn share messages
+(``fibrpc.coalesce``: at most ``coalesce.MAX_CALLS`` a message), with no waiting added: a
+call alone goes out alone, as it always has. Each call stays a call of its own (its
+entry in the registry, its slot of the window, its deadline and its outcome); the
+driver keeps only which calls each coalesced message carried, to fail them together
+when the message is refused whole, and to send them again one message each to a server
+that does not read the form (as it does for binary batches).
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from fibrpc import backoff, protocol, refusals
-from fibrpc.calls import Call, Registry, read_reply
+from fibrpc import backoff, coalesce, protocol, refusals, tracing
+from fibrpc.calls import AS_TEXT, Call, Registry, read_reply
 from fibrpc.config import NO_SERVER_GRACE
 from fibrpc.errors import (
     AccessRefusedError,
@@ -53,10 +61,38 @@ _RETURN_RETRY: Final = 0.2
 TICK: Final = 0.05
 #: Seconds the idle I/O thread sleeps between turns that keep heartbeats flowing.
 _IDLE: Final = 1.0
-#: A client retries a little more eagerly than a worker: its callers are waiting.
-_RECONNECT_DELAYS: Final = backoff.RECONNECT_DELAYS[:-1]
+#: The longest pause between reconnects (seconds, before jitter): a client retries a
+#: little more eagerly than a worker, its callers are waiting.
+_RECONNECT_CAP: Final = 2.0
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
+#: The coalesced messages remembered are pruned of those wholly settled when they
+#: outnumber the calls in flight by this many.
+_MESSAGES_SLACK: Final = 1024
+
+
+class Wakeup:
+    """The ``Waiter`` of a call whose thread waits while another drives the link: its
+    settling wakes that one thread (a lock it releases), not every waiting thread, as
+    notifying the driver's condition would (32 threads woken per turn cost a threaded
+    client five times its CPU per call)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set_result(self, result: Any, /) -> None:
+        self._lock.release()
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float) -> None:
+        """Return once the call settles, or after ``timeout`` seconds."""
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()  # settled: later waits return at once
 
 
 class LinkLost(Exception):  # noqa: N818 - internal, never raised out of the driver
@@ -116,6 +152,11 @@ class Driver:
         self.dropped_duplicates = 0
         self.prefix = ""  # the client's correlation id prefix: tells duplicates apart
         self.max_message = 0  # the broker's largest message, once it has named one
+        #: Whether light single calls share messages: until a server refuses the form.
+        self.coalescing = True
+        self.coalesced = 0  #: coalesced messages sent (for tests and bench)
+        #: The coalesced messages in flight: their correlation id, and their calls.
+        self._messages: dict[str, list[Call]] = {}
         #: Whether batches go in the binary form: until a server refuses it (an older
         #: fibrpc, or another server on the queue), then as JSON for good.
         self.binary_requests = True
@@ -139,6 +180,8 @@ class Driver:
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        #: When to try the broker again after losing it (a few times a second at most).
+        self.retry = backoff.Backoff(cap=_RECONNECT_CAP)
         #: The thread inside a turn (``_step``), if any; and what to call after each turn
         #: (the client wakes its callback runner once per turn, not once per reply).
         self.stepping: int | None = None
@@ -183,7 +226,12 @@ class Driver:
         turn (``hold``: to wait for the reply at once, see ``wait``)."""
         # ``_driving`` read without the lock is a hint: if it is stale, ``_kick`` or the
         # driver's ``_end_turn`` still gets the outbox flushed.
-        if not self._broken and not self._driving and self._try_turn():
+        if (
+            not self._broken
+            and not self._driving
+            and not (hold and len(self.registry))
+            and self._try_turn()
+        ):
             held = False
             try:  # nobody is driving: publish now, from this thread
                 self._send([call])
@@ -194,6 +242,8 @@ class Driver:
                 if not held:
                     self._end_turn(wake_io=self._broken)
             return held
+        if hold and call.future is None:
+            call.future = Wakeup()  # wait() sleeps on it while another thread drives
         self.hand_over([call])
         return False
 
@@ -224,6 +274,14 @@ class Driver:
                 # (in a broker round trip, say). The deadline is kept all the same.
                 self.abandon(call, self.timed_out(call))
                 break
+            wakeup = call.future
+            if type(wakeup) is Wakeup and not self._broken:
+                # Handed over: another thread (the I/O thread, most often) drives and
+                # publishes it. Sleep until the call settles, which wakes this thread
+                # alone; only if a tick passes with nobody driving, take the turn.
+                wakeup.wait(TICK)
+                if call.done or self._driving:
+                    continue
             with self._turn:
                 if self._broken or self.closing:
                     self._turn.wait(TICK)  # the I/O thread reconnects (or shuts down)
@@ -371,21 +429,26 @@ class Driver:
     def _open(self) -> None:
         self._blocked = None
         self.link.open(self)
+        self.retry.up()
 
     def _reconnect(self) -> None:
-        """Reconnect with backoff, expiring calls meanwhile; then re-send every call in
-        flight."""
+        """Reconnect with backoff (``backoff.Backoff``: a pause before every try, doubling
+        up to ``_RECONNECT_CAP`` with jitter, from the shortest again only after a
+        connection that stayed up a while, so even a broker that drops every connection
+        at once is tried a few times a second at most), expiring calls meanwhile; then
+        re-send every call in flight (with the link's reply-to of the new connection)."""
         self.link.close()
-        for attempt in itertools.count():
+        while not self.closing:
+            self._expire(time.monotonic())
+            delay = self.retry.failed()
+            log.info("reconnecting to %s in %.2f s", self.url, delay)
+            self._pause(delay)
             if self.closing:
                 return
-            self._expire(time.monotonic())
             try:
                 self._open()
             except FibrpcError as exc:
-                delay = backoff.reconnect_delay(attempt, _RECONNECT_DELAYS)
-                log.info("reconnect failed (%s); retrying in %.2f s", exc, delay)
-                self._pause(delay)
+                log.info("reconnect failed (%s)", exc)
                 continue
             log.info("reconnected; re-sending %d call(s)", len(self.registry))
             # Servers reconnect too (and redeclare the queue, which a broker restart may
@@ -394,8 +457,9 @@ class Driver:
             self._next_probe = self._grace_until
             self._no_consumer_since = None
             self._broken = False
+            self._messages.clear()  # their replies went with the old connection
             for call in self.registry.calls():
-                self.link.publish(call)
+                self.link.publish(call)  # each alone
             return
 
     def _pause(self, seconds: float) -> None:
@@ -444,6 +508,8 @@ class Driver:
         registry = self.registry
         for call in calls:
             registry.track(call)
+        if self.coalescing and len(calls) > 1:
+            calls = self._coalesce(calls)
         for call in calls:
             try:
                 self.link.publish(call)
@@ -451,6 +517,58 @@ class Driver:
                 raise  # the call stays pending and is re-sent after the reconnect
             except Exception as exc:  # this call cannot be sent; the others can
                 registry.fail(call.corr_id, ClientClosedError(f"The call could not be sent: {exc}"))
+
+    def _coalesce(self, calls: list[Call]) -> list[Call]:
+        """Publish the light calls of ``calls`` in coalesced messages (when more than one
+        is light); return the calls still to publish one message each."""
+        light = [call for call in calls if call.light]
+        if len(light) < 2:
+            return calls
+        alone = [call for call in calls if not call.light]
+        for start in range(0, len(light), coalesce.MAX_CALLS):
+            chunk = light[start : start + coalesce.MAX_CALLS]
+            if len(chunk) == 1:
+                alone.append(chunk[0])
+            else:
+                self._publish_coalesced(chunk)
+        return alone
+
+    def _publish_coalesced(self, calls: list[Call]) -> None:
+        """Publish ``calls`` (tracked already) in one coalesced message; its TTL is
+        the longest of theirs. Raises ``LinkLost`` (the calls stay pending: re-sent
+        after the reconnect, each alone)."""
+        now = time.monotonic()
+        wall_ms = int(time.time() * 1000)
+        outgoing = []
+        latest = 0.0
+        for call in calls:
+            n: int = call.n  # type: ignore[assignment]  # a light call has one n
+            if call.deadline == math.inf:
+                latest = math.inf
+                outgoing.append(coalesce.Outgoing(call.corr_id, n, call.algo))
+                continue
+            latest = max(latest, call.deadline)
+            left_ms = max(1, int((call.deadline - now) * 1000))
+            outgoing.append(
+                coalesce.Outgoing(call.corr_id, n, call.algo, wall_ms + left_ms, left_ms)
+            )
+        message_id = calls[0].corr_id + "+"
+        body = coalesce.encode_calls(outgoing)
+        message = Call(message_id, [], "", AS_TEXT, math.inf, (body, coalesce.CALLS, None))
+        message.deadline = latest
+        messages = self._messages
+        if len(messages) > len(self.registry) + _MESSAGES_SLACK:
+            self._messages = messages = {
+                key: members
+                for key, members in messages.items()
+                if not all(member.done for member in members)
+            }
+        messages[message_id] = calls
+        for call in calls:
+            if call.span is not None:
+                tracing.coalesced(call.span, message_id, len(calls), self.url)
+        self.link.publish(message)
+        self.coalesced += 1
 
     def _on_channel_closed(self, reason: FibrpcError) -> None:
         """The broker closed the channel: a refusal (a permission, most likely) fails
@@ -463,6 +581,7 @@ class Driver:
         sent again on the new channel, since their replies were bound to the old one."""
         largest = refusals.max_message_size(str(getattr(reason, "reply_text", "")))
         registry = self.registry
+        self._messages.clear()  # their calls are sent again (or fail) one by one
         if largest is not None:
             self.max_message = largest
             self.link.reopen()
@@ -485,7 +604,12 @@ class Driver:
     def on_reply(self, corr_id: str | None, content_type: str | None, body: bytes) -> None:
         call = self.registry.pop(corr_id)
         if call is None:
-            self._count_stray(corr_id)
+            messages = self._messages
+            members = messages.pop(corr_id, None) if messages and corr_id else None
+            if members is not None:
+                self._on_coalesced_reply(members, content_type, body)
+            else:
+                self._count_stray(corr_id)
             return
         try:
             result = read_reply(body, content_type, call.as_)
@@ -505,6 +629,77 @@ class Driver:
         else:
             self.registry.settle(call, result, ok=True)
 
+    def _on_coalesced_reply(
+        self, members: list[Call], content_type: str | None, body: bytes
+    ) -> None:
+        """The reply to a coalesced message: settle each call its entries name. A call
+        with no entry is settled later (by its deadline, or by a reply of its own). A
+        reply refusing the message whole fails each of its calls still in flight, but
+        ``unsupported_content_type``, which sends them again one message each."""
+        registry = self.registry
+        if protocol.media_type(content_type) == coalesce.CALLS:
+            try:
+                answers = coalesce.decode_answers(body)
+            except ValueError as exc:
+                self._fail_members(members, exc)
+                return
+            for answer in answers:
+                call = registry.pop(answer.id)
+                if call is None:
+                    self._count_stray(answer.id)
+                elif answer.error is not None:
+                    registry.settle(call, answer.error, ok=False)
+                else:
+                    try:
+                        result: Any = answer.result
+                        if call.as_ != AS_TEXT:
+                            result = protocol.to_int(answer.result)  # type: ignore[arg-type]
+                    except ValueError as exc:
+                        registry.settle(call, self._unreadable(call, exc), ok=False)
+                    else:
+                        registry.settle(call, result, ok=True)
+            return
+        try:
+            protocol.decode_reply(body, content_type)
+        except RequestError as exc:
+            if exc.code == ErrorCode.UNSUPPORTED_CONTENT_TYPE:
+                self._uncoalesce(members)
+                return
+            for call in members:
+                registry.fail(call.corr_id, RequestError(exc.code, exc.message))
+            return
+        except Exception as exc:
+            self._fail_members(members, exc)
+            return
+        self._fail_members(members, ValueError("one result for a coalesced message"))
+
+    def _fail_members(self, members: list[Call], cause: Exception) -> None:
+        """Fail the calls of a coalesced message whose reply could not be read."""
+        for call in members:
+            if call.corr_id in self.registry:
+                self.registry.fail(call.corr_id, self._unreadable(call, cause))
+
+    def _unreadable(self, call: Call, exc: Exception) -> UnreadableReplyError:
+        error = UnreadableReplyError(
+            f"The reply to {call.describe()} could not be read: {exc}",
+            url=self.url,
+            queue=self.link.queue,
+        )
+        error.__cause__ = exc
+        return error
+
+    def _uncoalesce(self, members: list[Call]) -> None:
+        """A server does not read coalesced messages: send ``members`` again one message
+        each, and stop coalescing."""
+        if self.coalescing:
+            log.info(
+                "a server on %r does not read coalesced calls: sending each alone", self.link.queue
+            )
+        self.coalescing = False
+        for call in members:
+            if call.corr_id in self.registry:
+                self.link.publish(call)
+
     def _resend_as_json(self, call: Call) -> None:
         """A server does not read batches in the binary form: send ``call`` again as
         JSON, and every later batch too."""
@@ -521,6 +716,11 @@ class Driver:
         little later; otherwise the call fails with ``NoServerError``."""
         now = time.monotonic()
         if corr_id is None:
+            return
+        members = self._messages.pop(corr_id, None) if self._messages else None
+        if members is not None:  # a coalesced message: each call as if returned alone
+            for call in members:
+                self.on_return(call.corr_id)
             return
         if now < self._grace_until and corr_id in self.registry:
             self._returned.append((now + _RETURN_RETRY, corr_id))
@@ -582,10 +782,9 @@ class Driver:
     def _resend_returned(self, now: float) -> None:
         while self._returned and now >= self._returned[0][0]:
             _, corr_id = self._returned.popleft()
-            for call in self.registry.calls():
-                if call.corr_id == corr_id:
-                    self.link.publish(call)
-                    break
+            call = self.registry.get(corr_id)
+            if call is not None:
+                self.link.publish(call)
 
     def _expire(self, now: float) -> None:
         for call in self.registry.due(now):

@@ -13,7 +13,8 @@ Every error fibrpc raises is a ``FibrpcError``; pika's exceptions are translated
     │   └── BrokerRefusedError       the broker answered and refused what was asked
     ├── NoServerError            no fibrpc server consumes the request queue
     ├── CallTimeoutError         no reply within the call's .timeout (also a TimeoutError)
-    └── ClientClosedError        the client was closed while calls were in flight
+    ├── ClientClosedError        the client was closed while calls were in flight
+    └── SpawnError               a ``fibrpc serve`` started by fibrpc did not come up
 
 ``RequestError`` is the same class on both sides of the wire: a server raises it while
 validating or computing, encodes it as an error envelope, and the client decodes that
@@ -149,3 +150,9 @@ class CallTimeoutError(FibrpcError, TimeoutError):
 
 class ClientClosedError(FibrpcError):
     """The client was closed (or lost its connection for good) with the call in flight."""
+
+
+class SpawnError(FibrpcError):
+    """A ``fibrpc serve`` that fibrpc started (``fibrpc bench --spawn``, the pytest
+    plugin: ``fibrpc.serving``) exited or did not become ready in time; the message
+    quotes the end of its log."""

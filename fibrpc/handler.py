@@ -14,7 +14,7 @@ from typing import Final
 
 import numpy as np
 
-from fibrpc import kernels, memo, protocol
+from fibrpc import coalesce, kernels, memo, protocol
 from fibrpc.config import DEFAULT_MEMO_BYTES, Limits
 from fibrpc.errors import ErrorCode, RequestError
 
@@ -123,6 +123,41 @@ class Handler:
             return request
         return self.compute(request)
 
+    def answer_calls(self, calls: list[coalesce.Incoming]) -> list[coalesce.Answer]:
+        """The answers to accepted calls of a coalesced message, in their order: each
+        algorithm's calls computed as one batch, and a call that fails alone (never
+        expected: each was checked) answered with its own ``internal`` error. Never
+        raises."""
+        by_algo: dict[str, list[coalesce.Incoming]] = {}
+        for call in calls:
+            by_algo.setdefault(call.algo, []).append(call)
+        texts: dict[int, str | RequestError] = {}
+        for algo, group in by_algo.items():
+            ns = [call.n for call in group]
+            try:
+                done: list[str | RequestError] = list(self._texts_of(algo, ns))
+            except Exception:  # one at a time, to fail only the call that fails
+                done = [self._text_alone(algo, n) for n in ns]
+            for call, text in zip(group, done, strict=True):
+                texts[call.index] = text
+        answers = []
+        for call in calls:
+            text = texts[call.index]
+            if isinstance(text, RequestError):
+                answers.append(coalesce.Answer(call.id, error=text))
+            else:
+                answers.append(coalesce.Answer(call.id, text))
+        return answers
+
+    def _text_alone(self, algo: str, n: int) -> str | RequestError:
+        try:
+            return self._texts_of(algo, [n])[0]
+        except RequestError as exc:
+            return exc
+        except Exception:
+            log.exception("computing %s(%d) of a coalesced message failed", algo, n)
+            return RequestError(ErrorCode.INTERNAL, "The server failed to compute this call.")
+
     def _binary(self, request: protocol.Request) -> tuple[bytes, str] | None:
         """The results as the binary form the client reads (``protocol.encode_values``):
         no decimal text is made. None if it reads none this server writes."""
@@ -148,11 +183,14 @@ class Handler:
         return protocol.encode_values(kernels.naive_values(ns), reads)
 
     def _texts(self, request: protocol.Request) -> list[str]:
-        if request.algo == "fast":
-            return self.fast.texts(request.ns)
-        if request.algo == "iter":
-            return kernels.iter_texts(request.ns)
-        return kernels.naive_texts(request.ns)
+        return self._texts_of(request.algo, request.ns)
+
+    def _texts_of(self, algo: str, ns: list[int]) -> list[str]:
+        if algo == "fast":
+            return self.fast.texts(ns)
+        if algo == "iter":
+            return kernels.iter_texts(ns)
+        return kernels.naive_texts(ns)
 
 
 #: F(0)..F(93) as ``protocol.U64`` items: a batch of small n is one join of lookups.

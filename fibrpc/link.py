@@ -1,6 +1,8 @@
 """The client's link to RabbitMQ: one connection (to the first node of a cluster that
-answers; the next one after a loss), a channel that consumes direct reply-to,
-publishing requests, and asking how many consumers the queue has. Everything of pika the
+answers; the next one after a loss), a channel that consumes the replies (RabbitMQ's
+direct reply-to, or with ``reply_queue="exclusive"`` a server-named exclusive queue
+declared on each new connection), publishing requests, and asking how many consumers
+the queue has. Everything of pika the
 client needs goes through ``fibrpc.amqp`` from here; the driver (``fibrpc.driver``) sees
 only the ``Link`` protocol it defines, which tests implement without a broker.
 
@@ -17,8 +19,11 @@ from typing import Any, Final
 
 from fibrpc import amqp, protocol, tracing
 from fibrpc.calls import Call, wants_binary
+from fibrpc.config import DEFAULT_REPLY_QUEUE
 from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: RabbitMQ's largest per-message TTL in milliseconds (ten years): a longer one closes
 #: the channel the message was published on, failing every call on it.
@@ -35,13 +40,17 @@ class AmqpLink:
         queue: str,
         *,
         heartbeat: int,
-        tls: amqp.TLSOptions | None,
+        tls: TLSOptions | None,
         connect_timeout: float,
         tick: float,
+        reply_queue: str = DEFAULT_REPLY_QUEUE,
     ) -> None:
+        """``reply_queue``: ``direct`` (RabbitMQ's direct reply-to) or ``exclusive`` (a
+        queue of the client's own; see ``fibrpc.config.REPLY_QUEUES``), checked by the
+        client."""
         self.urls = tuple(urls)
         self.url = self.urls[0]  # the node connected to (or tried last)
-        self.described = amqp.redact(self.url)
+        self.described = redact(self.url)
         self._next = 0  # the node to try first on the next open: the one after the last
         self.queue = queue
         self._heartbeat = heartbeat
@@ -52,6 +61,11 @@ class AmqpLink:
         self._conn: Any = None
         self._channel: Any = None
         self._probe: amqp.QueueProbe | None = None
+        self._exclusive = reply_queue == "exclusive"
+        #: Where replies come: direct reply-to, or this connection's own queue (a new
+        #: name on every connection: calls re-sent after a reconnect carry the new one).
+        self.reply_to = amqp.DIRECT_REPLY_TO
+        self._reply_queue: str | None = None  # the exclusive queue, once declared
 
     def open(self, events: LinkEvents) -> None:
         """Connect, consume replies, and report to ``events``. Raises ``BrokerError``."""
@@ -65,8 +79,9 @@ class AmqpLink:
             connect_timeout=self._connect_timeout,
         )
         self.url = self.urls[node]
-        self.described = amqp.redact(self.url)
+        self.described = redact(self.url)
         self._next = node + 1  # if this connection is lost, fail over to the next node
+        self._reply_queue = None  # an exclusive queue died with the last connection
         try:
             with amqp.translating(self.url):
                 amqp.on_blocked(self._conn, events.on_blocked)
@@ -90,9 +105,13 @@ class AmqpLink:
         def on_return(channel: Any, method: Any, props: Any, body: bytes) -> None:
             events.on_return(props.correlation_id)
 
-        amqp.consume_direct(
-            self._conn, self._channel, amqp.DIRECT_REPLY_TO, on_reply, auto_ack=True
-        )
+        if self._exclusive:
+            # Declared once per connection: a channel closed by a refusal leaves the
+            # queue (and the replies that came meanwhile) to the next channel.
+            if self._reply_queue is None:
+                self._reply_queue = amqp.declare_reply_queue(self._channel, self.url)
+            self.reply_to = self._reply_queue
+        amqp.consume_direct(self._conn, self._channel, self.reply_to, on_reply, auto_ack=True)
         amqp.on_return(self._channel, on_return)
 
     def publish(self, call: Call) -> None:
@@ -119,7 +138,7 @@ class AmqpLink:
                 self.queue,
                 call.body,
                 mandatory=True,
-                reply_to=amqp.DIRECT_REPLY_TO,
+                reply_to=self.reply_to,
                 correlation_id=call.corr_id,
                 content_type=call.content_type,
                 message_type=call.msg_type,

@@ -8,7 +8,7 @@ writes one object per line::
      "pid": 1234, "message": "ready: 4 worker(s) consuming 'rpc_queue' in 0.41 s ..."}
 
 with ``exc_info`` (the formatted traceback) when a line has one. Messages never hold a
-password: every URL is logged through ``fibrpc.amqp.redact``.
+password: every URL is logged through ``fibrpc.urls.redact``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import logging
 import sys
 import time
 from typing import Final
-
-from fibrpc import amqp
 
 #: The text format: time, pid, level, logger, message.
 TEXT_FORMAT: Final = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
@@ -66,7 +64,12 @@ def setup(level: str = "info", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    amqp.quiet_pika()
+    quiet_pika()
     # numba logs every step of compiling at debug: thousands of lines that would bury a
     # worker's own debug lines (each request, by its correlation id).
     logging.getLogger("numba").setLevel(max(logging.INFO, root.level))
+
+
+def quiet_pika() -> None:
+    """Turn pika's own loggers down: they log every reconnect and close at ERROR."""
+    logging.getLogger("pika").setLevel(logging.CRITICAL)

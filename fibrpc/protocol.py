@@ -62,6 +62,9 @@ INTS: Final = "application/vnd.fibrpc.ints"
 BINARY_FORMS: Final = (U64, INTS)
 #: What fibrpc's clients put in ``ACCEPT_HEADER``.
 ACCEPT_BINARY: Final = f"{U64}, {INTS}"
+#: A coalesced request and its reply: independent calls sharing a message
+#: (``fibrpc.coalesce``).
+CALLS: Final = "application/vnd.fibrpc.calls+json"
 _U32: Final = struct.Struct("<I")
 _U64_MAX: Final = (1 << 64) - 1
 #: ``array`` code of an unsigned 64-bit item (``Q`` is 8 bytes wherever CPython runs).
@@ -150,8 +153,8 @@ def _decode_request(
     raise RequestError(
         ErrorCode.UNSUPPORTED_CONTENT_TYPE,
         f"Content type {_show(content_type)} is not understood; send n as decimal text "
-        f"with no content type (or {TEXT}), as JSON with content type {JSON}, or a batch "
-        f"as {U64}.",
+        f"with no content type (or {TEXT}), as JSON with content type {JSON}, a batch "
+        f"as {U64}, or coalesced calls as {CALLS}.",
     )
 
 
@@ -235,6 +238,13 @@ def _decode_json(body: bytes, limits: Limits) -> Request:
         _check_batch(n, algo, limits)
         return Request(algo, n, batch=True, form=JSON)
     return Request(algo, [_check_json_n(n, algo, limits)], batch=False, form=JSON)
+
+
+def decode_single(n: Any, algo: Any, limits: Limits) -> Request:
+    """One n and algorithm as a JSON request holds them (a coalesced call), checked as
+    ``decode_request`` checks them; raises ``RequestError``."""
+    checked = _check_algo(algo)
+    return Request(checked, [_check_json_n(n, checked, limits)], batch=False, form=JSON)
 
 
 def _check_algo(algo: Any) -> str:

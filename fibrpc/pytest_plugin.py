@@ -29,117 +29,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import pytest
+
+from fibrpc import config
+from fibrpc import serving as processes
 
 if TYPE_CHECKING:
     from fibrpc.client import Client
     from fibrpc.testing import StubClient
 
-#: The broker when the tests name none (as ``fibrpc.config.DEFAULT_URL``, which would
-#: import more than a plugin should).
-DEFAULT_URL: Final = "amqp://guest:guest@127.0.0.1:5672/%2F"
-#: Seconds a server may take to log "ready:" (the first start of a machine compiles the
-#: kernels: a few seconds; later ones, under one).
-READY_TIMEOUT: Final = 60.0
-#: Seconds a server may take to drain after SIGTERM before its process group is killed.
-STOP_TIMEOUT: Final = 20.0
-_READY: Final = "ready:"
-_LOG_TAIL: Final = 4000
+#: The broker when the tests name none.
+DEFAULT_URL: Final = config.DEFAULT_URL
+#: Seconds a server may take to log "ready:", and to drain after SIGTERM.
+READY_TIMEOUT: Final = processes.READY_TIMEOUT
+STOP_TIMEOUT: Final = processes.STOP_TIMEOUT
 
 
-class FibrpcServer:
-    """A running ``fibrpc serve`` subprocess (in a process group of its own), its log,
-    and where it serves: ``url`` (the first broker URL) and ``queue``."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, url: str, queue: str) -> None:
-        self.proc = proc
-        self.log = log
-        self.url = url
-        self.queue = queue
-
-    @property
-    def pid(self) -> int:
-        """The supervisor's process id (also its process group's)."""
-        return self.proc.pid
-
-    @property
-    def text(self) -> str:
-        """Everything the server has logged so far."""
-        return self.log.read_text(errors="replace")
-
-    def client(self, **kwargs: Any) -> Client:
-        """A ``fibrpc.Client`` on this server's broker and queue; ``kwargs`` are its other
-        settings (``timeout=5``...). The caller closes it (``with``)."""
-        from fibrpc.client import Client  # noqa: PLC0415 - pika only when asked for
-
-        return Client(self.url, queue=self.queue, **kwargs)
-
-    def wait_for_log(self, needle: str, timeout: float = READY_TIMEOUT, count: int = 1) -> None:
-        """Wait until the log holds ``needle`` ``count`` times; raise ``AssertionError``
-        with the log's end after ``timeout`` seconds, or as soon as the server exits."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.text.count(needle) >= count:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(
-            f"fibrpc serve did not log {needle!r} (x{count}) within {timeout} s "
-            f"(exit code {self.proc.poll()}); its log ends:\n{self.text[-_LOG_TAIL:]}"
-        )
-
-    def check(self) -> None:
-        """Raise ``AssertionError``, with the log's end, if the server has exited."""
-        code = self.proc.poll()
-        if code is not None:
-            raise AssertionError(
-                f"fibrpc serve on queue {self.queue!r} exited with code {code}; its log "
-                f"ends:\n{self.text[-_LOG_TAIL:]}"
-            )
-
-    def worker_pids(self) -> list[int]:
-        """The process ids of the server's workers (its children)."""
-        out = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        return [int(p) for p in out.split()]
-
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` to the supervisor."""
-        self.proc.send_signal(signum)
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM (a drain), and SIGKILL to the whole process group if it has not exited
-        within ``timeout`` seconds; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        self.kill_group()
-        return self.proc.wait(5)
-
-    def kill_group(self) -> None:
-        """SIGKILL every process left in the server's process group (workers too)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def private_queue() -> str:
-    """A queue name no other test uses: ``fibrpc-test-`` and 10 hex digits."""
-    return f"fibrpc-test-{uuid.uuid4().hex[:10]}"
+#: A running ``fibrpc serve`` (``fibrpc.serving.ServerProcess``): ``.url``, ``.queue``,
+#: ``.client(**kwargs)``, ``.text`` (its log), ``.wait_for_log``, ``.stop()``...
+FibrpcServer = processes.ServerProcess
+private_queue = processes.private_queue
 
 
 def start_server(
@@ -154,33 +68,20 @@ def start_server(
 ) -> FibrpcServer:
     """Start ``python -m fibrpc serve`` on ``queue`` at ``url`` (one URL or several; none
     if ``args`` name them with ``--url``) with ``workers`` workers and more ``args``,
-    logging to a file in ``log_dir``; wait (if ``wait``) until it is ready.
+    logging to a file in ``log_dir``; wait (if ``wait``) until it is ready
+    (``fibrpc.serving.start``).
 
-    Raises ``AssertionError`` with the server's log if it is not ready within
+    Raises ``fibrpc.errors.SpawnError`` with the server's log if it is not ready within
     ``ready_timeout`` seconds or exits first (and then leaves nothing running).
     """
     urls = [url] if isinstance(url, str) else list(url)
     log = log_dir / f"serve-{uuid.uuid4().hex[:6]}.log"
-    cmd = [sys.executable, "-m", "fibrpc", "serve"]
-    for node in urls:
-        cmd += ["--url", node]
-    cmd += ["--queue", queue, "--workers", str(workers), *args]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
-    named = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--url"]
-    server = FibrpcServer(proc, log, (urls or named or [DEFAULT_URL])[0], queue)
+    server = processes.start(urls, queue, *args, log=log, workers=workers, env=env)
     if wait:
         try:
-            server.wait_for_log(_READY, ready_timeout)
+            server.wait_ready(ready_timeout)
         except BaseException:
-            server.stop()
+            server.stop(STOP_TIMEOUT)
             raise
     return server
 
@@ -188,15 +89,7 @@ def start_server(
 def delete_queue(url: str, queue: str) -> None:
     """Delete ``queue`` at ``url`` if it is there; never raises (the queue may be gone,
     the broker too)."""
-    with contextlib.suppress(Exception):
-        from fibrpc import amqp  # noqa: PLC0415 - pika only when asked for
-
-        connection = amqp.connect(url, name="fibrpc-pytest", connect_timeout=10)
-        try:
-            connection.channel().queue_delete(queue)
-        finally:
-            with contextlib.suppress(Exception):
-                connection.close()
+    processes.delete_queue(url, queue)
 
 
 def check_broker(url: str) -> None:
@@ -238,7 +131,7 @@ def serving(
         try:
             yield server
         finally:
-            server.stop()
+            server.stop(STOP_TIMEOUT)
     finally:
         delete_queue(url, queue)
 

@@ -28,8 +28,10 @@ from typing import Any, Final
 
 from fibrpc import amqp, refusals, state
 from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
-from fibrpc.errors import AccessRefusedError, BrokerRefusedError, FibrpcError
+from fibrpc.errors import AccessRefusedError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 #: The management API's rate fields, as reported here.
 _RATES: Final = {
@@ -54,7 +56,7 @@ def default_management_url(url: str) -> str:
 def queue_counts(
     urls: Sequence[str],
     queue: str,
-    tls: amqp.TLSOptions | None = None,
+    tls: TLSOptions | None = None,
     timeout: float = amqp.CONNECT_TIMEOUT,
 ) -> tuple[str, tuple[int, int] | None]:
     """The node that answered (the first of ``urls`` that did), and the messages ready in
@@ -69,11 +71,7 @@ def queue_counts(
     try:
         try:
             with amqp.translating(url):
-                frame = conn.channel().queue_declare(queue, passive=True)
-        except BrokerRefusedError as exc:
-            if exc.reply_code == 404:  # NOT_FOUND: no such queue
-                return url, None
-            raise
+                return url, amqp.queue_counts(conn, queue)
         except AccessRefusedError as exc:
             # The passive declare itself was refused (RabbitMQ 4.2.6 and later want a
             # permission on the queue): say which one to add.
@@ -82,9 +80,8 @@ def queue_counts(
                 raise
             text = str(getattr(exc.__cause__, "reply_text", ""))
             raise AccessRefusedError(
-                refusals.probe_refused(queue, code, text), url=amqp.redact(url)
+                refusals.probe_refused(queue, code, text), url=redact(url)
             ) from exc
-        return url, (int(frame.method.message_count), int(frame.method.consumer_count))
     finally:
         amqp.close_within(conn)
 
@@ -96,7 +93,7 @@ def management_stats(
     "rates", "messages_unacknowledged"}``. Never raises: a failure is in ``error``."""
     base, user, password = _management_target(management_url, url)
     result: dict[str, Any] = {
-        "url": amqp.redact(base),
+        "url": redact(base),
         "reachable": False,
         "error": None,
         "rates": None,
@@ -167,7 +164,7 @@ def gather(
     urls: str | Sequence[str],
     queue: str,
     *,
-    tls: amqp.TLSOptions | None = None,
+    tls: TLSOptions | None = None,
     management_url: str | None = None,
     state_dir: Path | None = None,
     now: float | None = None,
@@ -181,7 +178,7 @@ def gather(
     url = nodes[0]
     report: dict[str, Any] = {
         "queue": queue,
-        "url": amqp.redact(url),
+        "url": redact(url),
         "exists": None,
         "messages": None,
         "consumers": None,
@@ -194,7 +191,7 @@ def gather(
         error = exc
         report["broker_error"] = str(exc)
     else:
-        report["url"] = amqp.redact(url)
+        report["url"] = redact(url)
         report["exists"] = counts is not None
         if counts is not None:
             report["messages"], report["consumers"] = counts

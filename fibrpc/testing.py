@@ -39,16 +39,25 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fibrpc import amqp, protocol
+from fibrpc import protocol
 
 # The client's own checks, encoding and batching: imported, not copied, so that a stub
 # refuses and batches exactly as the clients do.
 from fibrpc.calls import AS_INT, AS_TEXT, read_reply, wants_binary
-from fibrpc.client import END, check_timeout, check_urls, check_window, encode, messages
+from fibrpc.client import (
+    END,
+    check_reply_queue,
+    check_timeout,
+    check_urls,
+    check_window,
+    encode,
+    messages,
+)
 from fibrpc.config import (
     DEFAULT_HEARTBEAT,
     DEFAULT_MEMO_BYTES,
     DEFAULT_QUEUE,
+    DEFAULT_REPLY_QUEUE,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     DEFAULT_WINDOW,
@@ -61,6 +70,8 @@ from fibrpc.errors import (
     UnreadableReplyError,
 )
 from fibrpc.numbers import DEFAULT_ALGORITHM
+from fibrpc.tls import TLSOptions
+from fibrpc.urls import redact
 
 if TYPE_CHECKING:
     from fibrpc.handler import Handler, Reply
@@ -106,7 +117,8 @@ class _Stub:
         timeout: float = DEFAULT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         heartbeat: int = DEFAULT_HEARTBEAT,
-        tls: amqp.TLSOptions | None = None,
+        tls: TLSOptions | None = None,
+        reply_queue: str = DEFAULT_REPLY_QUEUE,
         limits: Limits | None = None,
         memo_bytes: int = DEFAULT_MEMO_BYTES,
     ) -> None:
@@ -115,6 +127,7 @@ class _Stub:
         self.urls = check_urls(url, tls)  # as Client: ConfigError for a URL or TLS option
         self.url = self.urls[0]
         self.queue = queue
+        self.reply_queue = check_reply_queue(reply_queue)  # taken, and unused: no broker
         self.limits = limits or Limits()
         self._memo_bytes = memo_bytes
         self._handler: Handler | None = None
@@ -192,12 +205,12 @@ class _Stub:
         except Exception as exc:
             raise UnreadableReplyError(
                 f"The reply to {request.describe()} could not be read: {exc}",
-                url=amqp.redact(self.url),
+                url=redact(self.url),
                 queue=self.queue,
             ) from exc
 
     def _timed_out(self, request: _Request) -> CallTimeoutError:
-        url = amqp.redact(self.url)
+        url = redact(self.url)
         return CallTimeoutError(
             f"No reply to {request.describe()} within {request.timeout} s from queue "
             f"{self.queue!r} at {url}.",

@@ -72,6 +72,8 @@ ERROR_TYPE: Final = "error.type"
 ALGO: Final = "fibrpc.algo"
 N: Final = "fibrpc.n"
 OUTCOME: Final = "fibrpc.outcome"
+#: On a call's span: how many calls shared its message (``MESSAGE_ID`` names it).
+COALESCED: Final = "fibrpc.coalesced"
 
 _MODULE: Final = "opentelemetry.trace"
 _PROVIDER_ENV: Final = "OTEL_PYTHON_TRACER_PROVIDER"
@@ -211,6 +213,19 @@ def published(span: Any, url: str) -> None:
         span.set_attributes({SERVER_ADDRESS: host, SERVER_PORT: port})
     except Exception:
         _failure("setting a call's span attributes")
+
+
+def coalesced(span: Any, message_id: str, calls: int, url: str) -> None:
+    """The request of ``span``'s call travelled in the coalesced message ``message_id``
+    with ``calls`` calls in all, to the node at ``url``: the span's ``MESSAGE_ID`` names
+    the message (its ``CONVERSATION_ID`` stays the call's own id)."""
+    host, port = _address(url)
+    try:
+        span.set_attributes(
+            {MESSAGE_ID: message_id, COALESCED: calls, SERVER_ADDRESS: host, SERVER_PORT: port}
+        )
+    except Exception:
+        _failure("setting a coalesced call's span attributes")
 
 
 def end_call(span: Any, outcome: Any, *, ok: bool) -> None:

@@ -4,7 +4,10 @@
 #   scripts/dev.sh test  [pytest options]         install, start the broker if needed, lint,
 #                                                 type-check, then the four runs of pytest
 #                                                 listed below (RabbitMQ 4.3, 4.0, 3.10)
-# Both create ./.venv (Python 3.11+) on first use and install fibrpc into it.
+#   scripts/dev.sh unit  [pytest options]         install, lint, type-check and run the tests
+#                                                 that need no broker (pytest -m "not
+#                                                 broker"): under a minute
+# Each creates ./.venv (Python 3.11+) on first use and installs fibrpc into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -49,7 +52,7 @@ case "$cmd" in
     #    of $broker below.                                                      ~6.5 min
     # 3. the client's and the worker's tests on pika's stock paths, local broker. ~1 min
     # 4. local (3.10): what depends on the broker but is about RabbitMQ 4.x
-    #    itself, network faults or clusters (those run on private 4.x nodes).   ~3.5 min
+    #    itself or network faults (those run on private 4.x nodes).            ~3.5 min
     # What is the same on any broker (the pure units: kernels, protocol, handler, calls,
     # driver, frames, refusals...; and the docs' examples, the stand-ins, the pytest
     # plugin, tracing, metrics, the memo, bench, compose, logs, URLs, the asyncio
@@ -68,8 +71,8 @@ case "$cmd" in
     four=(
       tests/test_rabbitmq4.py     # TTLs, deprecated features, quorum delivery counts
       tests/test_edge_faults.py   # network faults through a proxy
-      tests/test_cluster.py       # a three-node cluster losing a node
     )
+    # tests/test_cluster.py makes a cluster of each line (3.10, 4.0, 4.3) itself: run 1.
     echo "== 1. the whole suite on RabbitMQ 4.3 (Debian sid, a private node)"
     FIBRPC_TEST_BROKER=sid "$venv/bin/pytest" "$@"
     echo "== 2. what depends on the broker on RabbitMQ 4.0 (Debian trixie, a private node)"
@@ -80,8 +83,15 @@ case "$cmd" in
     echo "== 4. what depends on the broker on the local RabbitMQ (3.10)"
     FIBRPC_TEST_BROKER=local exec "$venv/bin/pytest" "$@" "${broker[@]}"
     ;;
+  unit)
+    install "[test]"
+    "$venv/bin/ruff" check .
+    "$venv/bin/ruff" format --check .
+    "$venv/bin/mypy"
+    exec "$venv/bin/pytest" -m "not broker" "$@"
+    ;;
   *)
-    echo "usage: scripts/dev.sh serve|test [options]" >&2
+    echo "usage: scripts/dev.sh serve|test|unit [options]" >&2
     exit 2
     ;;
 esac

@@ -129,6 +129,31 @@ def pytest_configure(config: pytest.Config) -> None:
     BROKER_VERSION = server_version(URL)
 
 
+#: Fixtures that reach a broker. A test that uses one (itself or through another fixture)
+#: is marked ``broker``; a test that reaches a broker otherwise carries the mark itself
+#: (``pytestmark = pytest.mark.broker``, or ``@pytest.mark.broker``). ``scripts/dev.sh
+#: unit`` runs the others: ``pytest -m "not broker"``.
+BROKER_FIXTURES = frozenset(
+    {
+        "broker_url",
+        "fibrpc_broker_url",
+        "private_broker",
+        "broker",
+        "queue",
+        "serve",
+        "fibrpc_server",
+        "fibrpc_serve",
+        "fibrpc_client",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     _session.close()
 

@@ -62,6 +62,7 @@ print(json.dumps(sorted(k for k in before.keys() | after.keys() if before.get(k)
 """
 
 
+@pytest.mark.broker
 def test_importing_and_using_fibrpc_leaves_every_attribute_of_pika_as_it_was() -> None:
     import json  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
@@ -78,6 +79,7 @@ def test_importing_and_using_fibrpc_leaves_every_attribute_of_pika_as_it_was() -
     assert json.loads(result.stdout) == []
 
 
+@pytest.mark.broker
 def test_fibrpc_connections_and_only_they_write_with_the_gathering_produce() -> None:
     assert pika_io._AsyncPlaintextTransport._produce is not fastpath._produce_gathered
     conn = amqp.connect(URL)
@@ -222,6 +224,7 @@ def _deliveries(channel: int, tag: str, bodies: list[bytes], frame_max: int) -> 
     return out
 
 
+@pytest.mark.broker
 @given(
     bodies=st.lists(
         st.one_of(  # short ones, and long ones that take several frames
@@ -267,6 +270,7 @@ def test_deliveries_reach_the_consumer_exactly_as_through_pika(
             recorder.conn.close()
 
 
+@pytest.mark.broker
 def test_a_large_delivery_in_small_reads_is_scanned_a_few_times_not_once_a_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -297,6 +301,7 @@ def test_a_large_delivery_in_small_reads_is_scanned_a_few_times_not_once_a_read(
         ours.conn.close()
 
 
+@pytest.mark.broker
 def test_a_header_table_pika_cannot_decode_is_dropped_and_the_message_kept() -> None:
     queue = f"fibrpc-test-takein-{random.getrandbits(40):x}"
     ours = _Recorder(queue)

@@ -49,6 +49,7 @@ def queue_exists(name: str) -> bool:
         conn.close()
 
 
+@pytest.mark.broker
 def test_bench_spawn_measures_every_scenario_and_leaves_nothing_behind() -> None:
     result = run_cli(
         "bench", "--spawn", "1", "--calls", "200", "--batch-size", "50", "--json", "--url", URL
@@ -70,6 +71,7 @@ def test_bench_spawn_measures_every_scenario_and_leaves_nothing_behind() -> None
     assert not queue_exists(queue)
 
 
+@pytest.mark.broker
 def test_bench_counts_refused_calls_as_errors_and_exits_1_without_stopping() -> None:
     # n is drawn from 0..100 and 'iter' refuses n > 93: some calls fail, the run goes on.
     result = run_cli(
@@ -102,6 +104,7 @@ def test_bench_counts_refused_calls_as_errors_and_exits_1_without_stopping() -> 
     assert "failed or were wrong" in result.stderr
 
 
+@pytest.mark.broker
 def test_ctrl_c_during_a_spawned_run_stops_the_server() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fibrpc", "bench", "--spawn", "1", "--url", URL],

@@ -191,6 +191,7 @@ def test_an_unreachable_broker_is_a_clear_error_and_exit_6():
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.broker
 def test_a_wrong_password_is_access_refused_and_exit_7():
     url = "amqp://guest:wrong-password@127.0.0.1:5672/%2F"
     with pytest.raises(AccessRefusedError) as refused:

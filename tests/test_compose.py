@@ -23,6 +23,7 @@ import yaml
 
 from fibrpc import amqp
 from fibrpc.cli import main
+from fibrpc.urls import redact
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -96,7 +97,7 @@ def parse_fibrpc(
         return command.make_context(name, rest, parent=group_ctx)
     except click.UsageError as exc:
         settings = " ".join(
-            f"{k}={amqp.redact(v) if k == 'FIBRPC_URL' else v}"
+            f"{k}={redact(v) if k == 'FIBRPC_URL' else v}"
             for k, v in env.items()
             if k.startswith("FIBRPC_")
         )
@@ -140,7 +141,7 @@ def fixed_host_port(port: str | int | Mapping[str, Any]) -> bool:
 def broker_service(url: str) -> dict[str, Any]:
     """The compose service a broker URL points at, by its service name."""
     host = urllib.parse.urlsplit(url).hostname
-    assert host in SERVICES, f"{amqp.redact(url)} does not point at a compose service"
+    assert host in SERVICES, f"{redact(url)} does not point at a compose service"
     return SERVICES[host]
 
 

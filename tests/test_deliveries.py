@@ -148,19 +148,6 @@ def test_keys_are_bounded_and_tell_reply_addresses_apart():
     assert len(inflight.key("x" * 300, "y" * 300)) == inflight.KEY_BYTES
 
 
-# -- backoff ----------------------------------------------------------------------------
-
-
-def test_reconnect_delays_grow_and_then_stay():
-    from fibrpc.backoff import RECONNECT_DELAYS, reconnect_delay  # noqa: PLC0415
-
-    delays = [reconnect_delay(attempt) for attempt in range(10)]
-    assert delays == sorted(delays)
-    assert delays[0] == 0.1 and delays[-1] == RECONNECT_DELAYS[-1] == 5.0
-    assert reconnect_delay(-3) == 0.1
-    assert reconnect_delay(99, (1.0, 2.0)) == 2.0
-
-
 # -- a delivery's fate: one test per rule ------------------------------------------------
 
 NOW_MS = 1_700_000_000_000

@@ -64,6 +64,7 @@ def test_there_are_python_blocks_to_run():
     assert len(BLOCKS) >= 3, BLOCKS
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(("page", "line", "code"), BLOCKS, ids=[f"{p}:{n}" for p, n, _ in BLOCKS])
 def test_every_python_block_runs_as_written(served, page, line, code):
     out = io.StringIO()
@@ -75,6 +76,7 @@ def test_every_python_block_runs_as_written(served, page, line, code):
         assert expected in printed, f"{page}:{line}: {expected!r} not in {printed!r}"
 
 
+@pytest.mark.broker
 def test_readme_s_fastapi_example_serves_fibonacci_and_maps_refusals_to_422(served):
     from fastapi.testclient import TestClient  # noqa: PLC0415
 

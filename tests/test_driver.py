@@ -8,6 +8,7 @@ what crosses one is tested against real RabbitMQ nodes elsewhere.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fibrpc import protocol
+from fibrpc import backoff, coalesce, protocol
 from fibrpc.calls import AS_INT, Call, Registry
 from fibrpc.driver import Driver, LinkEvents, LinkLost
 from fibrpc.errors import CallTimeoutError, ClientClosedError, NoServerError
@@ -43,6 +44,7 @@ class FakeLink:
         self.refuse_probe = False  # answer the consumer probe with a 403, as RabbitMQ 4.3
         self.asked = 0
         self.lose_next_turn = False
+        self.coalesced = 0  # coalesced messages answered
         self._waiting: list[Call] = []
         self._asked = False
         self._wake = threading.Event()
@@ -79,6 +81,15 @@ class FakeLink:
             if not self.stalled:
                 waiting, self._waiting = self._waiting, []
                 for call in waiting:
+                    if call.content_type == coalesce.CALLS:  # calls sharing a message
+                        self.coalesced += 1
+                        answers = [
+                            coalesce.Answer(c["id"], str(FAST_TABLE[c["n"]]))
+                            for c in json.loads(call.body)
+                        ]
+                        body = coalesce.encode_answers(answers)
+                        self.events.on_reply(call.corr_id, coalesce.CALLS, body)
+                        continue
                     assert isinstance(call.n, int)
                     self.events.on_reply(call.corr_id, None, str(FAST_TABLE[call.n]).encode())
         finally:
@@ -238,3 +249,48 @@ def test_a_refused_consumer_probe_is_said_once_and_not_asked_again_and_calls_go_
     assert "'fibrpc-client'" in warnings[0] and "'fake_queue'" in warnings[0]
     assert r"'^(amq\.default|fake_queue)$'" in warnings[0]
     assert driver.probe_refused is not None
+
+
+# -- reconnecting with the one backoff policy (fibrpc.backoff.Backoff) ---------------------
+
+
+class DroppingLink(FakeLink):
+    """A broker that accepts every connection and drops it on the first turn; the
+    pauses the driver takes between opens are recorded instead of slept."""
+
+    def __init__(self, opens: int) -> None:
+        super().__init__()
+        self.opens = opens
+        self.enough = threading.Event()
+
+    def open(self, events: LinkEvents) -> None:
+        super().open(events)
+        if self.opened >= self.opens:
+            self.enough.set()
+
+    def turn(self, *, wait: bool) -> None:
+        if not self.enough.is_set():
+            raise LinkLost("dropped at once")
+        super().turn(wait=wait)
+
+
+def test_a_broker_that_drops_every_connection_at_once_is_retried_with_growing_pauses():
+    link = DroppingLink(opens=8)
+    driver = Driver(link, Registry(8))
+    driver.retry = backoff.Backoff(cap=driver.retry.cap, draw=lambda: 0.0)
+    pauses: list[float] = []
+    driver._pause = pauses.append  # type: ignore[method-assign]
+    driver.start()
+    try:
+        assert driver.registry.reserve(5.0)
+        call = Call("c-drop", 30, "fast", AS_INT, 30.0, protocol.encode_request(30, "fast"))
+        driver.submit(call)
+        driver.notify_io()
+        assert link.enough.wait(10), f"only {link.opened} opens"
+    finally:
+        driver.close()
+    # Open 1 is the client's start; a pause before each of the 7 reconnects, doubling up
+    # to a reconnect every 1-2 s (the client's cap, jittered), however fast the broker
+    # drops the connections.
+    assert link.opened == 8
+    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0], pauses

@@ -509,6 +509,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(("body", "props", "code"), REFUSED, ids=[repr(r)[:50] for r in REFUSED])
 def test_a_nasty_request_is_refused_with_its_exact_code(pinned, body, props, code):
     corr_id = pinned.publish(body, **props)
@@ -542,6 +543,7 @@ ANSWERED = [
 ]
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(
     ("body", "props", "answer"), ANSWERED, ids=[repr(a)[:50] for a in ANSWERED]
 )
@@ -549,6 +551,7 @@ def test_an_odd_but_valid_request_is_answered(pinned, body, props, answer):
     assert pinned.reply(pinned.publish(body, **props))[1] == answer
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("deadline", [-(2**63), -1, 0, NOW_MS - 1])
 def test_a_request_whose_integer_deadline_has_passed_is_skipped_without_a_reply(pinned, deadline):
     skipped = pinned.publish(b"30", headers={DEADLINE_HEADER: deadline})
@@ -558,6 +561,7 @@ def test_a_request_whose_integer_deadline_has_passed_is_skipped_without_a_reply(
     assert skipped not in pinned.replies
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(
     "correlation_id",
     [None, "", "c" * 255, "é" * 127, "\U0001f600" * 63, "\x00", NOT_UTF8],
@@ -573,6 +577,7 @@ def test_a_reply_carries_any_correlation_id_back_unchanged(pinned, correlation_i
     assert body == F30
 
 
+@pytest.mark.broker
 def test_a_reply_to_that_names_no_queue_or_the_request_queue_costs_nothing(pinned):
     for reply_to in ["", "amq.gen-no-such-queue", "amq.rabbitmq.reply-to.garbage", NOT_UTF8]:
         pinned.send(Message(b"30", None, None, None, reply_to, None), "lost")

@@ -67,6 +67,7 @@ def test_the_documented_examples_are_found():
     assert len(EXAMPLES) >= 2, EXAMPLES
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(("where", "code"), EXAMPLES, ids=[where for where, _ in EXAMPLES])
 def test_an_applications_documented_tests_pass_with_no_fibrpc_code_of_their_own(
     pytester, where, code
@@ -79,6 +80,7 @@ def test_an_applications_documented_tests_pass_with_no_fibrpc_code_of_their_own(
     assert outcomes["passed"] >= 3 and set(outcomes) <= {"passed"}, outcomes
 
 
+@pytest.mark.broker
 def test_the_server_and_its_queue_are_gone_after_failed_tests_and_a_crashed_server(pytester):
     pytester.makeini(INI)
     pytester.makepyfile(
@@ -113,6 +115,7 @@ def test_errors_in_the_middle(fibrpc_serve):
         gone(json.loads((pytester.path / f"{name}.json").read_text()))
 
 
+@pytest.mark.broker
 def test_a_crashed_session_server_fails_the_next_client_with_its_log(pytester):
     pytester.makeini(INI)
     pytester.makepyfile(
@@ -135,6 +138,7 @@ def test_next(fibrpc_client):
     result.stdout.fnmatch_lines(["*ready: 1 worker(s) consuming*"])  # its log
 
 
+@pytest.mark.broker
 def test_fibrpc_url_is_the_broker_of_the_fixtures(pytester):
     pytester.makeini(INI)
     pytester.makepyfile(
@@ -190,6 +194,7 @@ def test_url(fibrpc_broker_url):
     pytester.runpytest_subprocess(*args, timeout=INNER_TIMEOUT).assert_outcomes(passed=1)
 
 
+@pytest.mark.broker
 def test_a_conftest_may_name_the_broker_by_overriding_the_fixture(pytester):
     pytester.makeini(INI)
     pytester.makeconftest(

@@ -32,6 +32,9 @@ from fibrpc import Client, RequestError
 from fibrpc.errors import ErrorCode
 from fibrpc.exitcodes import ExitCode
 
+#: Every test here talks to a private RabbitMQ node.
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture(scope="module")
 def rabbitmq4_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateNode]:

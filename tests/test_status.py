@@ -24,10 +24,10 @@ import pytest
 from conftest import URL, run_cli
 
 from fibrpc import Client, state
-from fibrpc.amqp import redact
 from fibrpc.exitcodes import ExitCode
 from fibrpc.kernels import FAST_TABLE
 from fibrpc.status import management_stats, parse_queue_stats
+from fibrpc.urls import redact
 
 
 def closed_port() -> int:

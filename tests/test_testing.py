@@ -309,8 +309,13 @@ def test_importing_the_plugin_or_the_stand_ins_loads_no_kernels():
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    # The plugin adds nothing but itself to what fibrpc loads; numba loads on first use.
-    assert out.splitlines() == ["['fibrpc.pytest_plugin']", "[]", "True"]
+    # The plugin adds nothing but itself, its defaults and the way to start a server (both
+    # pure standard library) to what fibrpc loads; numba loads on first use.
+    assert out.splitlines() == [
+        "['fibrpc.config', 'fibrpc.pytest_plugin', 'fibrpc.serving']",
+        "[]",
+        "True",
+    ]
 
 
 # -- the asyncio stand-in ----------------------------------------------------------------

@@ -31,8 +31,8 @@ from privatenode import (
 )
 
 from fibrpc import BrokerUnreachableError, Client, ConfigError
-from fibrpc.amqp import TLSOptions
 from fibrpc.exitcodes import ExitCode
+from fibrpc.tls import TLSOptions
 
 #: A second loopback address, for a host the server certificate does not name.
 OTHER_ADDRESS = "127.0.0.2"
@@ -55,6 +55,10 @@ class TLSBroker:
 
     def url(self, host: str = "localhost") -> str:
         return f"amqps://fibrpc:{self.password}@{host}:{self.port}/%2F"
+
+
+#: Every test here talks to a private RabbitMQ node.
+pytestmark = pytest.mark.broker
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 from conftest import URL, run_cli
 
 from fibrpc import Client, ConfigError
-from fibrpc.amqp import redact, split_urls
 from fibrpc.exitcodes import ExitCode
+from fibrpc.urls import redact, split_urls
 
 DEAD = "amqp://guest:s3cret-dead@127.0.0.1:1/%2F"  # nothing listens on port 1
 
