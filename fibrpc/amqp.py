@@ -334,7 +334,8 @@ def declare_request_queue(channel: Any, queue: str, *, queue_type: str = "classi
     """Declare the request queue: a durable classic queue, or a quorum queue.
 
     Not the tutorial's ``queue_declare(queue='rpc_queue')``: a transient queue that is
-    not exclusive is deprecated in RabbitMQ 4 and refused by 4.3's defaults. Durable (the
+    not exclusive is deprecated in RabbitMQ 4 (refused where that deprecated feature is
+    denied; 4.3.6 still permits it by default). Durable (the
     queue, not its messages: requests stay transient) works on every RabbitMQ from 3.8
     on. ``quorum`` is the replicated queue of a RabbitMQ cluster.
 
@@ -628,15 +629,26 @@ class QueueProbe:
     for as long as the broker does not answer (blocked, a half-open network), every
     call's deadline with it. On pika's stock paths it is a passive ``queue_declare`` on a
     ``BlockingChannel`` of the probe's own (a 404 closes it), a round trip on the
-    driving thread, its answer handed over through ``add_callback_threadsafe``."""
+    driving thread, its answer handed over through ``add_callback_threadsafe``.
 
-    def __init__(self, connection: Any, queue: str, on_answer: Any) -> None:
+    A refused declare (403: RabbitMQ 4.2.6 and later want a permission on the queue) is
+    answered once, by ``on_refused(reply_code, reply_text)``, and the probe asks no more:
+    a refusal would close a channel on every question."""
+
+    def __init__(self, connection: Any, queue: str, on_answer: Any, on_refused: Any) -> None:
         fast = fastpath.enabled()
-        self._fast = fastpath.QueueProbe(connection, queue, on_answer) if fast else None
+        self._fast = fastpath.QueueProbe(connection, queue, on_answer, on_refused) if fast else None
         self._connection = connection
         self._queue = queue
         self._on_answer = on_answer
+        self._on_refused = on_refused
         self._channel: Any = None
+        self._refused = False
+
+    @property
+    def refused(self) -> bool:
+        """Whether the broker refused the question (then it is not asked again)."""
+        return self._fast.refused if self._fast is not None else self._refused
 
     def ask(self) -> None:
         """Send the question (the thread that drives the connection); a connection lost
@@ -645,7 +657,7 @@ class QueueProbe:
             self._fast.ask()
             return
         connection = self._connection
-        if not connection.is_open:
+        if self._refused or not connection.is_open:
             return
         try:
             if self._channel is None or not self._channel.is_open:
@@ -655,6 +667,10 @@ class QueueProbe:
             self._channel = None
             if exc.reply_code == 404:
                 connection.add_callback_threadsafe(lambda: self._on_answer(None))
+            elif exc.reply_code in refusals.ACCESS_REFUSED_CODES:
+                self._refused = True
+                code, text = exc.reply_code, str(exc.reply_text)
+                connection.add_callback_threadsafe(lambda: self._on_refused(code, text))
             return
         except (pika.exceptions.AMQPError, *ConnectionLost) as exc:
             log.debug("asking for the consumers of %r: %r", self._queue, exc)

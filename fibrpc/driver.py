@@ -126,6 +126,7 @@ class LinkEvents(Protocol):
     def on_reply(self, corr_id: str | None, content_type: str | None, body: bytes) -> None: ...
     def on_return(self, corr_id: str | None) -> None: ...
     def on_consumers(self, consumers: int | None) -> None: ...
+    def on_probe_refused(self, reply_code: int, reply_text: str) -> None: ...
     def on_blocked(self, reason: str | None) -> None: ...
 
 
@@ -152,7 +153,8 @@ class Link(Protocol):
         """A new channel after ``channel_closed``; raise ``LinkLost``."""
 
     def ask_consumers(self) -> None:
-        """Ask how many consumers the queue has (answered by ``on_consumers``)."""
+        """Ask how many consumers the queue has (answered by ``on_consumers``, or once
+        by ``on_probe_refused``)."""
 
     def publish_control(
         self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
@@ -196,6 +198,9 @@ class Driver:
         self._broken = False  # the link was lost: the I/O thread reconnects
         self.closing = False
         self._next_probe = 0.0
+        #: Why the broker refused to count the queue's consumers, once it has: the driver
+        #: asks no more, and cannot tell that no server runs.
+        self.probe_refused: str | None = None
         self._no_consumer_since: float | None = None
         #: The last answer on the queue's consumers said none (outside a reconnect's
         #: grace): requests published now get a TTL of at most ``NO_SERVER_GRACE``.
@@ -661,7 +666,7 @@ class Driver:
             self._resend_returned(now)
         if registry.next_deadline() <= now:
             self._expire(now)
-        if len(registry) and now >= self._next_probe:
+        if len(registry) and now >= self._next_probe and self.probe_refused is None:
             self._next_probe = now + _PROBE_INTERVAL
             self._ask_consumers()
         if registry.settled != settled and self._wanting:
@@ -957,6 +962,19 @@ class Driver:
         for call in self.registry.calls():
             if consumers is None or call.expires + _TTL_MARGIN <= now:
                 self.registry.fail(call.corr_id, error)
+
+    def on_probe_refused(self, reply_code: int, reply_text: str) -> None:
+        """The broker refused the question of ``on_consumers`` (a permission RabbitMQ
+        4.2.6 and later want): said once, in a warning naming the permission to add;
+        calls go on, but one to a queue without a consumer now waits for its timeout."""
+        if self.probe_refused is not None:
+            return
+        self.probe_refused = refusals.probe_refused(self.link.queue, reply_code, reply_text)
+        log.warning(
+            "%s Until then this client cannot tell that no server consumes the queue: "
+            "calls go through, but one to a queue without a consumer waits for its timeout.",
+            self.probe_refused,
+        )
 
     def on_blocked(self, reason: str | None) -> None:
         if reason is not None:

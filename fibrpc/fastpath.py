@@ -466,21 +466,28 @@ class QueueProbe:
     """``fibrpc.amqp.QueueProbe`` without waiting for the answer: a passive declare on a
     channel of the probe's own (a 404 closes the channel it happens on), answered on the
     connection's next turns by ``on_answer(consumers)``, with None when the queue does
-    not exist."""
+    not exist, or once by ``on_refused(reply_code, reply_text)`` when the broker refuses
+    the question (403, RabbitMQ 4.2.6 and later), after which it is not asked again."""
 
     def __init__(
-        self, connection: Any, queue: str, on_answer: Callable[[int | None], None]
+        self,
+        connection: Any,
+        queue: str,
+        on_answer: Callable[[int | None], None],
+        on_refused: Callable[[int, str], None],
     ) -> None:
         self._pika = connection._impl
         self._queue = queue
         self._on_answer = on_answer
+        self._on_refused = on_refused
         self._channel: Any = None
         self._asking = False
+        self.refused = False
 
     def ask(self) -> None:
-        """Send the question unless one is on its way already (any thread that drives
-        the connection)."""
-        if self._asking or not self._pika.is_open:
+        """Send the question unless one is on its way already, or the broker refused it
+        (any thread that drives the connection)."""
+        if self._asking or self.refused or not self._pika.is_open:
             return
         self._asking = True
         channel = self._channel
@@ -500,8 +507,14 @@ class QueueProbe:
     def _on_close(self, channel: Any, reason: Any) -> None:
         asking, self._asking = self._asking, False
         self._channel = None
-        if asking and getattr(reason, "reply_code", None) == 404:
+        if not asking:
+            return
+        code = getattr(reason, "reply_code", None)
+        if code == 404:
             self._on_answer(None)
+        elif code in (403, 530):  # ACCESS_REFUSED, NOT_ALLOWED (fibrpc.refusals)
+            self.refused = True
+            self._on_refused(code, str(getattr(reason, "reply_text", reason)))
 
 
 # -- the transport ---------------------------------------------------------------------

@@ -86,7 +86,9 @@ class AmqpLink:
             with amqp.translating(self.url):
                 amqp.on_blocked(self._conn, events.on_blocked)
                 amqp.keep_ticking(self._conn, self._tick)  # once per connection
-                self._probe = amqp.QueueProbe(self._conn, self.queue, events.on_consumers)
+                self._probe = amqp.QueueProbe(
+                    self._conn, self.queue, events.on_consumers, events.on_probe_refused
+                )
                 self._open_channel()
         except BaseException:
             self.close()
@@ -197,7 +199,8 @@ class AmqpLink:
 
     def ask_consumers(self) -> None:
         """Ask how many consumers the queue has; ``events.on_consumers`` answers on a
-        later turn (never a round trip on this one)."""
+        later turn (never a round trip on this one), or ``events.on_probe_refused`` once
+        if the broker refuses the question (and then it is not asked again)."""
         if self._probe is not None:
             self._probe.ask()
 

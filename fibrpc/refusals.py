@@ -40,6 +40,10 @@ _INEQUIVALENT: Final = re.compile(
 )
 _VALUE: Final = re.compile(r"(?:the value )?'(?P<value>[^']*)'(?: of type '[^']*')?")
 _MESSAGE_SIZE: Final = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+_ACCESS: Final = re.compile(
+    r"access to (?:queue|exchange) '(?P<name>.*)' in vhost '(?P<vhost>.*)' refused for user "
+    r"'(?P<user>.*)'"
+)
 
 
 def is_refusal(reply_code: int, reply_text: str) -> bool:
@@ -124,3 +128,22 @@ def max_message_size(reply_text: str) -> int | None:
     channel of a publisher that went over it; None for any other text."""
     found = _MESSAGE_SIZE.search(reply_text)
     return int(found[2]) if found is not None else None
+
+
+def probe_refused(queue: str, reply_code: int, reply_text: str) -> str:
+    """What to do when RabbitMQ refused the passive declare of ``queue`` with which a
+    client counts its consumers (``fibrpc status`` too): since RabbitMQ 4.2.6 and 4.3.0 it
+    needs some permission on the queue, and the harmless one is write (publishing checks
+    the exchange, not the queue; binding the queue needs read on an exchange as well).
+    Names the user and vhost from RabbitMQ's text when it gives them."""
+    found = _ACCESS.search(reply_text)
+    user = found["user"] if found is not None else "USER"
+    vhost = found["vhost"] if found is not None else "VHOST"
+    write = f"^(amq\\.default|{re.escape(queue)})$"
+    return (
+        f"RabbitMQ refused to let user {user!r} count the consumers of queue {queue!r} "
+        f"({reply_code}: {reply_text}). RabbitMQ 4.2.6 and later need a permission on the "
+        f"queue for that: add the queue to the user's write permission, as docs/security.md "
+        f"sets the client user up: rabbitmqctl set_permissions -p {vhost} {user} '^$' "
+        f"'{write}' '^$'."
+    )

@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from fibrpc import amqp, state
+from fibrpc import amqp, refusals, state
 from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
-from fibrpc.errors import FibrpcError
+from fibrpc.errors import AccessRefusedError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 from fibrpc.tls import TLSOptions
 from fibrpc.urls import redact
@@ -67,13 +67,25 @@ def queue_counts(
     ``queue`` and its consumers there (None if it does not exist). ``timeout`` (seconds)
     bounds the opening of each connection.
 
-    Raises ``BrokerUnreachableError``, ``AccessRefusedError`` or ``ConfigError``.
+    Raises ``BrokerUnreachableError``, ``AccessRefusedError`` (naming the permission to
+    add when the passive declare itself was refused) or ``ConfigError``.
     """
     conn, node = amqp.connect_any(urls, name="fibrpc-status", tls=tls, connect_timeout=timeout)
     url = urls[node]
     try:
-        with amqp.translating(url):
-            return url, amqp.queue_counts(conn, queue)
+        try:
+            with amqp.translating(url):
+                return url, amqp.queue_counts(conn, queue)
+        except AccessRefusedError as exc:
+            # The passive declare itself was refused (RabbitMQ 4.2.6 and later want a
+            # permission on the queue): say which one to add.
+            code = getattr(exc.__cause__, "reply_code", None)
+            if not isinstance(code, int):
+                raise
+            text = str(getattr(exc.__cause__, "reply_text", ""))
+            raise AccessRefusedError(
+                refusals.probe_refused(queue, code, text), url=redact(url)
+            ) from exc
     finally:
         amqp.close_within(conn)
 

@@ -1,11 +1,19 @@
 """Fixtures shared by the integration tests: the real broker, and real servers.
 
 Integration tests talk to a real RabbitMQ and fail, never skip, when it does not answer.
-Which one is the broker under test:
+Which one is the broker under test (``FIBRPC_TEST_BROKER``), by the Debian suite whose
+RabbitMQ it is:
 
-* ``FIBRPC_TEST_BROKER=rabbitmq4``: a private RabbitMQ 4 node started for the session
-  (``tests/privatenode.py``, every deprecated feature denied, as RabbitMQ 4.3 ships);
-* otherwise (``local``): ``$FIBRPC_TEST_URL``, by default the local broker as guest.
+* ``local`` (the default): ``$FIBRPC_TEST_URL``, by default the local broker as guest
+  (Debian 12's RabbitMQ 3.10 on this machine);
+* ``trixie``: a private node of Debian 13's RabbitMQ 4.0, started for the session;
+* ``sid``: a private node of Debian unstable's RabbitMQ, today's (4.3.6 in December
+  2026; sid moves). ``rabbitmq4`` is the old name of ``trixie``.
+
+A private session node (``tests/privatenode.py``) denies every deprecated feature its
+line knows. The version that actually ran, read from the broker itself, heads the report
+and closes the session's output (``BROKER_VERSION``): when sid moves to a new release,
+that line says so.
 
 No test stops, restarts or reconfigures the local broker, or changes its users: tests
 that need to do that get a private node (``private_broker``) of the same RabbitMQ version
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,22 +41,64 @@ from pathlib import Path
 
 import pika
 import pytest
-from privatenode import DENY_DEPRECATED, PrivateNode, private_node
+from privatenode import PrivateNode, deny_deprecated, private_node, root_package
 
 from fibrpc.pytest_plugin import FibrpcServer, delete_queue, private_queue
 from fibrpc.pytest_plugin import start_server as _start_server
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-BROKER = os.environ.get("FIBRPC_TEST_BROKER", "local")
-#: The broker under test (set for ``rabbitmq4`` when the session starts).
+#: The broker lines ``FIBRPC_TEST_BROKER`` names, and the suite of their private nodes
+#: (None: the machine's own RabbitMQ).
+BROKERS: dict[str, str | None] = {"local": None, "trixie": "trixie", "sid": "sid"}
+_OLD_NAMES = {"rabbitmq4": "trixie"}
+_asked = os.environ.get("FIBRPC_TEST_BROKER", "local")
+BROKER = _OLD_NAMES.get(_asked, _asked)
+#: The broker under test (a private node's URL for trixie and sid, once the session starts).
 URL = os.environ.get("FIBRPC_TEST_URL", LOCAL_URL)
 #: The RabbitMQ of private nodes, and their configuration: as the broker under test's.
-NODE_VERSION = "4" if BROKER == "rabbitmq4" else None
-NODE_CONFIG = DENY_DEPRECATED if BROKER == "rabbitmq4" else ""
+NODE_VERSION = BROKERS.get(BROKER)
+NODE_CONFIG = deny_deprecated(NODE_VERSION)
+#: The broker under test's RabbitMQ version as it reports it (e.g. "4.3.6"), once the
+#: session starts; "" if it did not answer.
+BROKER_VERSION = ""
 
 _session = contextlib.ExitStack()
-#: The session's RabbitMQ 4 node, for ``rabbitmq4``.
+#: The session's private node, for trixie and sid.
 SESSION_NODE: PrivateNode | None = None
+
+
+def rabbitmq_version(version: str | None = None) -> tuple[int, ...]:
+    """A RabbitMQ ``version`` (by default the broker under test's, ``BROKER_VERSION``) as
+    numbers, for tests whose broker's behaviour changed at a release: (4, 3, 6). A test
+    failure if it is not one."""
+    text = BROKER_VERSION if version is None else version
+    numbers = re.match(r"\d+(?:\.\d+)*", text)
+    if numbers is None:
+        pytest.fail(f"{text!r} is not a RabbitMQ version.")
+    return tuple(int(part) for part in numbers[0].split("."))
+
+
+def server_version(url: str, timeout: float = 15.0) -> str:
+    """The version RabbitMQ at ``url`` announces when a connection opens (its
+    ``server_properties``); "" if it does not answer within ``timeout`` seconds."""
+    found: dict[str, object] = {}
+
+    def opened(conn: pika.SelectConnection) -> None:
+        found.update(conn.server_properties)
+        conn.close()
+
+    conn = pika.SelectConnection(
+        pika.URLParameters(url),
+        on_open_callback=opened,
+        on_open_error_callback=lambda conn, exc: conn.ioloop.stop(),
+        on_close_callback=lambda conn, reason: conn.ioloop.stop(),
+    )
+    conn.ioloop.call_later(timeout, conn.ioloop.stop)
+    conn.ioloop.start()
+    with contextlib.suppress(Exception):
+        conn.ioloop.close()
+    version = found.get("version", b"")
+    return version.decode() if isinstance(version, bytes) else str(version)
 
 
 def start_private_node(
@@ -63,16 +114,19 @@ def start_private_node(
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global URL, SESSION_NODE  # the test modules read them at import, after this
-    if BROKER not in ("local", "rabbitmq4"):
-        raise pytest.UsageError(f"FIBRPC_TEST_BROKER must be local or rabbitmq4, not {BROKER!r}")
-    if BROKER == "rabbitmq4":
+    global URL, SESSION_NODE, BROKER_VERSION  # the test modules read them at import
+    if BROKER not in BROKERS:
+        raise pytest.UsageError(
+            f"FIBRPC_TEST_BROKER must be one of {', '.join(BROKERS)}, not {_asked!r}"
+        )
+    if NODE_VERSION is not None:
         try:
             SESSION_NODE = start_private_node(_session, prefix="fibrpc-session")
             URL = SESSION_NODE.url()
         except BaseException as exc:  # pytest.fail's exception is no Exception
             _session.close()
-            raise pytest.UsageError(f"The RabbitMQ 4 node did not start: {exc}") from exc
+            raise pytest.UsageError(f"The {BROKER} RabbitMQ node did not start: {exc}") from exc
+    BROKER_VERSION = server_version(URL)
 
 
 #: Fixtures that reach a broker. A test that uses one (itself or through another fixture)
@@ -104,8 +158,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _session.close()
 
 
+def _describe_broker() -> str:
+    """Which RabbitMQ ran: its version, the package it came from, and where."""
+    version = f"RabbitMQ {BROKER_VERSION}" if BROKER_VERSION else "RabbitMQ (no answer)"
+    if SESSION_NODE is None:
+        return f"{BROKER}: {version} at {URL}"
+    package = root_package(SESSION_NODE.root_fs) if SESSION_NODE.root_fs else ""
+    source = f"Debian {BROKER}'s rabbitmq-server {package}" if package else f"Debian {BROKER}"
+    return (
+        f"{BROKER}: {version} ({source}, a private node denying every deprecated feature) at {URL}"
+    )
+
+
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"broker under test: {BROKER} at {URL}"
+    return f"broker under test: {_describe_broker()}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_line(f"broker under test: {_describe_broker()}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,13 +7,16 @@ configuration, enabled-plugins file, data and log directories, and Erlang cookie
 reads nothing from ``/etc/rabbitmq`` and never touches the shared node's data.
 ``private_node`` stops it, and kills whatever is left of it, however the test ends.
 
-By default the node is the machine's own RabbitMQ (Debian 12: 3.10). ``version="4"`` runs
-RabbitMQ 4.x instead, from a Debian trixie root built once per machine by
-``scripts/rabbitmq-root.sh trixie`` (see ``rabbitmq4_root``): the node, and ``rabbitmqctl`` for
-it (the root's own), run chrooted in that root, each in a mount and PID namespace of its
-own (``unshare``), with /proc, /dev and the node's directory (at the same path) mounted
-inside. Those mounts vanish with the namespace, so nothing stays mounted on the host, and
-killing the node's process group ends every process of the namespace.
+By default the node is the machine's own RabbitMQ (Debian 12: 3.10). ``version`` names
+another line of RabbitMQ by the Debian suite it comes from (``SUITES``): ``"trixie"``
+(Debian 13: 4.0) or ``"sid"`` (Debian unstable: today's, 4.3.6 in December 2026; sid
+moves, so ``PrivateNode.server_version`` says what ran). Its root is built once per
+machine by ``scripts/rabbitmq-root.sh SUITE`` (see ``rabbitmq_root``): the node, and
+``rabbitmqctl`` for it (the root's own), run chrooted in that root, each in a mount and
+PID namespace of its own (``unshare``), with /proc, /dev and the node's directory (at the
+same path) mounted inside. Those mounts vanish with the namespace, so nothing stays
+mounted on the host, and killing the node's process group ends every process of the
+namespace.
 
 Also here: ``make_ca`` and ``issue_certificate``, a throwaway certificate authority in
 a few ``openssl`` commands.
@@ -41,29 +44,77 @@ import pytest
 _SCRIPT_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/local/lib/rabbitmq/bin")
 BOOT_TIMEOUT = 90.0
 
-#: Builds (once per machine) and prints the root that holds RabbitMQ 4.x.
+#: Builds (once per machine) and prints the root that holds another line of RabbitMQ.
 ROOT_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rabbitmq-root.sh"
 #: How long building that root may take (debootstrap: ~40 s here, slower on a cold mirror).
 ROOT_BUILD_TIMEOUT = 1200.0
 
-#: rabbitmq.conf lines that deny every deprecated feature RabbitMQ 4.0 knows (as listed by
-#: ``rabbitmqctl list_deprecated_features`` on 4.0.5 with no plugins enabled), so a 4.0
-#: node refuses what later 4.x releases refuse by default: e.g. declaring a non-durable,
-#: non-exclusive queue closes the connection with 541 (transient_nonexcl_queues). Not all
-#: are refusals: with global_qos denied, basic.qos global=true is accepted and silently
-#: applied per consumer (global=false). 4.0.5 boots with a name it does not
-#: know (it logs "Deprecated features: `NAME`: undefined" and permits it), so a misspelt
-#: line is silently ineffective: check with ``rabbitmqctl eval
-#: 'rabbit_deprecated_features:is_permitted(NAME).'``. Not for the 3.10 node: it does not
-#: know these keys and fails to boot (failed_to_prepare_configuration).
-DENY_DEPRECATED = """\
-deprecated_features.permit.amqp_address_v1 = false
-deprecated_features.permit.classic_queue_mirroring = false
-deprecated_features.permit.global_qos = false
-deprecated_features.permit.queue_master_locator = false
-deprecated_features.permit.ram_node_type = false
-deprecated_features.permit.transient_nonexcl_queues = false
-"""
+#: The lines of RabbitMQ a private node can run besides the machine's own, by the Debian
+#: suite whose ``rabbitmq-server`` package they come from.
+SUITES = ("trixie", "sid")
+#: ``version="4"``: the name of the trixie line before sid joined it.
+_ALIASES = {"4": "trixie"}
+
+#: rabbitmq.conf lines that deny every deprecated feature a line knows (as listed by
+#: ``rabbitmqctl list_deprecated_features`` with no plugins enabled: on 4.0.5 for
+#: trixie, on 4.3.6 for sid), so a node refuses what later releases will refuse by
+#: default: e.g. declaring a non-durable, non-exclusive queue closes the connection with
+#: 541 (transient_nonexcl_queues; still permitted by default on 4.3.6, whose other
+#: deprecated features are denied or removed by default). Not all are refusals: with
+#: global_qos denied, basic.qos global=true is accepted and silently applied per consumer
+#: (global=false). A node boots with a name it does not know (it logs "Deprecated
+#: features: `NAME`: undefined" and permits it), so a misspelt line is silently
+#: ineffective: ``tests/test_rabbitmq4.py`` checks that the node under test denies every
+#: feature it lists (a new one in a newer sid fails there). Not for the 3.10 node: it
+#: does not know these keys and fails to boot (failed_to_prepare_configuration).
+_DEPRECATED_FEATURES = {
+    "trixie": (
+        "amqp_address_v1",
+        "classic_queue_mirroring",
+        "global_qos",
+        "queue_master_locator",
+        "ram_node_type",
+        "transient_nonexcl_queues",
+    ),
+    "sid": (
+        "amqp_address_v1",
+        "amqp_filter_set_bug",
+        "classic_queue_mirroring",
+        "global_qos",
+        "queue_master_locator",
+        "ram_node_type",
+        "transient_nonexcl_queues",
+    ),
+}
+
+
+def suite_of(version: str | None) -> str | None:
+    """The Debian suite of a node's ``version`` (None: the machine's own RabbitMQ); a
+    ``ValueError`` naming the bad value for any other."""
+    if version is None:
+        return None
+    suite = _ALIASES.get(version, version)
+    if suite not in SUITES:
+        raise ValueError(
+            f"version must be None (the machine's RabbitMQ) or one of {', '.join(SUITES)} "
+            f"(a Debian suite), not {version!r}"
+        )
+    return suite
+
+
+def deny_deprecated(version: str | None) -> str:
+    """The rabbitmq.conf lines that deny every deprecated feature of ``version``'s line
+    ("" for the machine's own 3.10, which knows none)."""
+    suite = suite_of(version)
+    if suite is None:
+        return ""
+    return "".join(
+        f"deprecated_features.permit.{name} = false\n" for name in _DEPRECATED_FEATURES[suite]
+    )
+
+
+#: The 4.0 line's (kept for tests written before sid joined).
+DENY_DEPRECATED = deny_deprecated("trixie")
 
 
 def _die_with_parent() -> None:
@@ -110,13 +161,14 @@ def _script(name: str) -> str:
 
 
 @functools.cache
-def rabbitmq4_root() -> Path:
-    """The root holding RabbitMQ 4.x, built by ``scripts/rabbitmq-root.sh trixie`` if it is not
-    there yet (~40 s, once per machine); a test failure with the script's output if that
-    fails. ``FIBRPC_RABBITMQ_ROOTS`` moves it (default /var/lib/fibrpc/rabbitmq-trixie-root)."""
+def rabbitmq_root(suite: str) -> Path:
+    """The root holding the RabbitMQ of Debian ``suite``, built by
+    ``scripts/rabbitmq-root.sh SUITE`` if it is not there yet (~40 s, once per machine); a
+    test failure with the script's output if that fails. ``FIBRPC_RABBITMQ_ROOTS`` moves it
+    (default /var/lib/fibrpc/rabbitmq-SUITE-root)."""
     try:
         result = subprocess.run(
-            ["bash", str(ROOT_SCRIPT), "trixie"],
+            ["bash", str(ROOT_SCRIPT), suite],
             capture_output=True,
             text=True,
             timeout=ROOT_BUILD_TIMEOUT,
@@ -129,18 +181,31 @@ def rabbitmq4_root() -> Path:
             for x in (exc.stdout, exc.stderr)
         )
         pytest.fail(
-            f"{ROOT_SCRIPT} did not finish in {ROOT_BUILD_TIMEOUT:.0f} s:\n{output[-6000:]}",
+            f"{ROOT_SCRIPT} {suite} did not finish in {ROOT_BUILD_TIMEOUT:.0f} s:\n"
+            f"{output[-6000:]}",
             pytrace=False,
         )
     lines = result.stdout.strip().splitlines()
     path = Path(lines[-1]) if lines else None
     if result.returncode != 0 or path is None or not path.is_dir():
         pytest.fail(
-            f"{ROOT_SCRIPT} failed (exit code {result.returncode}); a RabbitMQ 4 node needs "
-            f"the root it builds:\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}",
+            f"{ROOT_SCRIPT} {suite} failed (exit code {result.returncode}); a private node "
+            f"of that line needs the root it builds:\n{result.stdout[-2000:]}\n"
+            f"{result.stderr[-6000:]}",
             pytrace=False,
         )
     return path
+
+
+def root_package(root: Path) -> str:
+    """The Debian version of ``rabbitmq-server`` in ``root`` (e.g. ``4.3.6-1``), as the
+    marker written by ``scripts/rabbitmq-root.sh`` records it ("" if it does not)."""
+    marker = root / ".fibrpc-rabbitmq-root"
+    for line in marker.read_text().splitlines() if marker.is_file() else ():
+        key, _, value = line.partition("=")
+        if key == "rabbitmq-server":
+            return value
+    return ""
 
 
 #: Run inside a new mount (and PID) namespace by ``unshare``: mount what the node needs
@@ -164,8 +229,9 @@ exec chroot "$fs" /usr/bin/env PATH="$path" "$@"
 class PrivateNode:
     """One private RabbitMQ node living in ``root`` (see the module docstring).
 
-    ``version="4"`` runs RabbitMQ 4.x from ``rabbitmq4_root()`` (built if missing);
-    ``root_fs`` names such a root explicitly. Neither: the machine's own RabbitMQ."""
+    ``version`` (a Debian suite of ``SUITES``) runs that line of RabbitMQ from
+    ``rabbitmq_root(version)`` (built if missing); ``root_fs`` names such a root
+    explicitly. Neither: the machine's own RabbitMQ."""
 
     def __init__(
         self,
@@ -178,12 +244,9 @@ class PrivateNode:
         cookie: str | None = None,
     ) -> None:
         """``cookie``: the Erlang cookie, shared by the nodes of a cluster (else new)."""
-        if version is not None and version != "4":
-            raise ValueError(
-                f"version must be None (the machine's RabbitMQ) or '4', not {version!r}"
-            )
-        if root_fs is None and version == "4":
-            root_fs = rabbitmq4_root()
+        self.suite = suite_of(version)
+        if root_fs is None and self.suite is not None:
+            root_fs = rabbitmq_root(self.suite)
         self.root_fs = root_fs
         root = Path(os.path.abspath(root))
         self.root = root
@@ -284,6 +347,11 @@ class PrivateNode:
         """The node's AMQP URL (guest may log in: it is on localhost)."""
         return f"amqp://{user}:{password}@127.0.0.1:{self.node_port}/%2F"
 
+    def server_version(self) -> str:
+        """The RabbitMQ version the running node reports (``rabbitmqctl version``: e.g.
+        ``4.3.6``); a test failure if it cannot say."""
+        return self.checked("version").strip()
+
     def kill(self) -> None:
         """``kill -9`` the node and everything of it (a real crash: its data stays, and
         ``start`` brings it back as the node it was)."""
@@ -333,7 +401,7 @@ def private_node(
     root_fs: Path | None = None,
 ) -> Iterator[PrivateNode]:
     """A started ``PrivateNode`` in ``root``, stopped (and its remains killed) afterwards.
-    ``root`` belongs to the caller, who removes it. ``version="4"``: RabbitMQ 4.x."""
+    ``root`` belongs to the caller, who removes it. ``version``: as ``PrivateNode``'s."""
     node = PrivateNode(root, config, prefix=prefix, version=version, root_fs=root_fs)
     try:
         node.start()
@@ -403,7 +471,8 @@ def private_cluster(
     root: Path, count: int, config: str, *, version: str | None = None
 ) -> Iterator[list[PrivateNode]]:
     """``count`` private nodes with one Erlang cookie, the second and later joined to the
-    first: one RabbitMQ cluster, stopped and killed afterwards like ``private_node``."""
+    first: one RabbitMQ cluster, stopped and killed afterwards like ``private_node``.
+    ``version``: as ``PrivateNode``'s (None, "trixie", "sid")."""
     cookie = secrets.token_hex(16)
     nodes = [
         PrivateNode(root / f"node{i + 1}", config, prefix="fibrpc-cluster", version=version,

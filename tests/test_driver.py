@@ -31,6 +31,12 @@ from fibrpc.errors import (
 )
 from fibrpc.numbers import FAST_TABLE
 
+#: RabbitMQ 4.3.6's refusal of a passive declare by a user with no permission on the queue.
+_REFUSED_TEXT = (
+    "ACCESS_REFUSED - configure access to queue 'fake_queue' in vhost '/' refused for user "
+    "'fibrpc-client'"
+)
+
 
 class FakeLink:
     """Answers every request on the turn after it is published, unless ``stalled``."""
@@ -44,6 +50,8 @@ class FakeLink:
         self.published: list[str] = []
         self.stalled = False
         self.consumers: int | None = 1
+        self.refuse_probe = False  # answer the consumer probe with a 403, as RabbitMQ 4.3
+        self.asked = 0
         self.lose_next_turn = False
         self.refuse: FibrpcError | None = None  # what open raises, if anything
         self.coalesced = 0  # coalesced messages answered
@@ -79,7 +87,10 @@ class FakeLink:
             assert self.events is not None
             if self._asked:
                 self._asked = False
-                self.events.on_consumers(self.consumers)
+                if self.refuse_probe:
+                    self.events.on_probe_refused(403, _REFUSED_TEXT)
+                else:
+                    self.events.on_consumers(self.consumers)
             if not self.stalled:
                 waiting, self._waiting = self._waiting, []
                 for call in waiting:
@@ -106,6 +117,7 @@ class FakeLink:
 
     def ask_consumers(self) -> None:
         self._asked = True
+        self.asked += 1
 
     def publish_control(
         self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
@@ -381,6 +393,28 @@ def test_closing_fails_what_is_in_flight_and_frees_the_window():
     assert driver.registry.free == 2  # every slot given back
     with pytest.raises(ClientClosedError):  # and none taken again: the client is closed
         driver.registry.reserve(0.1)
+
+
+def test_a_refused_consumer_probe_is_said_once_and_not_asked_again_and_calls_go_on(caplog):
+    driver, link = _driver()
+    link.refuse_probe = True
+    with caplog.at_level("WARNING", logger="fibrpc.driver"):
+        link.stalled = True
+        thread = threading.Thread(target=lambda: results.append(_call(driver, 30, 10)))
+        results: list[int] = []
+        thread.start()
+        time.sleep(1.5)  # three probe intervals with a call in flight
+        link.stalled = False
+        thread.join(10)
+        assert [_call(driver, n) for n in range(50)] == list(FAST_TABLE[:50])
+    driver.close()
+    assert results == [832040]
+    assert link.asked == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "'fibrpc-client'" in warnings[0] and "'fake_queue'" in warnings[0]
+    assert r"'^(amq\.default|fake_queue)$'" in warnings[0]
+    assert driver.probe_refused is not None
 
 
 # -- reconnecting with the one backoff policy (fibrpc.backoff.Backoff) ---------------------

@@ -1,12 +1,19 @@
 """Least privilege: a server user and a client user whose permissions cover only what each
-needs (docs/security.md, "Least privilege"), and nothing more.
+needs (docs/security.md, "Least privilege"), and nothing more, on every broker line.
 
-What each needs, found by trying (RabbitMQ checks the default exchange as ``amq.default``):
+What each needs, found by trying on 3.10.8, 4.0.5 and 4.3.6 (RabbitMQ checks the default
+exchange as ``amq.default``):
 
 - server: configure the request queue (declare it), read it (consume, ack), write
   ``amq.default`` (replies to ``amq.rabbitmq.reply-to.*`` and re-published redeliveries).
-- client: write ``amq.default`` (requests). Consuming direct reply-to and the passive
-  declare that counts the queue's consumers need no permission at all.
+- client: write ``amq.default`` (requests), and write on the request queue: since
+  RabbitMQ 4.2.6 and 4.3.0 the passive declare that counts the queue's consumers (the
+  no-server check, ``fibrpc status``) needs some permission on the queue (PR #16085, #16272
+  relaxed it to any of the three). Read would let it take and purge requests, configure
+  delete and declare the queue; write on a queue lets a user bind it, but only to an
+  exchange it may also read, and it may read none. Before 4.2.6 the passive declare
+  needs no permission, and the write on the queue is unused. Consuming direct reply-to
+  needs none anywhere.
 
 The users are made with ``rabbitmqctl`` on a private node of this module's own (of the
 broker under test's version): no test changes the users of the local broker.
@@ -16,22 +23,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import logging
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 
 import pika
 import pika.exceptions
 import pytest
-from conftest import delete_queue, run_cli, start_private_node
+from conftest import delete_queue, rabbitmq_version, run_cli, start_private_node
 from privatenode import PrivateNode
 from rawclient import RawClient
 
 from fibrpc import Client
 from fibrpc.exitcodes import ExitCode
 
-#: The client's permissions: configure, write, read.
-CLIENT_PERMISSIONS = ("^$", r"^amq\.default$", "^$")
+#: The RabbitMQ releases from which a passive declare needs a permission on the queue.
+PASSIVE_NEEDS_A_PERMISSION = (4, 2, 6)
+
+
+def client_permissions(queue: str) -> tuple[str, str, str]:
+    """The client's permissions for ``queue``: configure, write, read."""
+    return "^$", rf"^(amq\.default|{re.escape(queue)})$", "^$"
+
+
+#: The client's permissions as docs/security.md gave them before RabbitMQ 4.2.6: enough on
+#: 3.10 and 4.0, not for counting consumers on 4.3.
+OLD_CLIENT_PERMISSIONS = ("^$", r"^amq\.default$", "^$")
 
 
 def server_permissions(queue: str) -> tuple[str, str, str]:
@@ -66,7 +86,8 @@ class Cast:
 
     queue: str
     server: User  #: server_permissions(queue)
-    client: User  #: CLIENT_PERMISSIONS
+    client: User  #: client_permissions(queue)
+    old_client: User  #: OLD_CLIENT_PERMISSIONS
     stranger: User  #: no permissions on the vhost at all
     mute: User  #: permissions that allow nothing
 
@@ -85,7 +106,8 @@ def cast(node: PrivateNode) -> Cast:
     return Cast(
         queue=queue,
         server=make("server", server_permissions(queue)),
-        client=make("client", CLIENT_PERMISSIONS),
+        client=make("client", client_permissions(queue)),
+        old_client=make("old-client", OLD_CLIENT_PERMISSIONS),
         stranger=make("stranger"),
         mute=make("mute", ("^$", "^$", "^$")),
     )
@@ -143,7 +165,7 @@ def test_the_server_user_may_republish_a_redelivered_request(serve, queue, broke
         raw.close()
 
 
-def test_the_client_user_can_only_send_requests(serve, queue, cast):
+def test_the_client_user_can_only_send_requests_and_count_consumers(serve, queue, cast):
     client = cast.client
     serve(workers=1)  # the request queue exists and is served
     connection = pika.BlockingConnection(pika.URLParameters(client.url))
@@ -156,6 +178,9 @@ def test_the_client_user_can_only_send_requests(serve, queue, cast):
             lambda ch: ch.queue_declare(queue, durable=True),
             lambda ch: ch.queue_declare(f"{queue}-other", durable=True),
             lambda ch: ch.queue_declare("", exclusive=True),
+            lambda ch: ch.queue_bind(queue, "amq.direct", "x"),  # write on the queue...
+            lambda ch: ch.queue_bind(queue, "amq.fanout"),  # ...but read on no exchange
+            lambda ch: ch.queue_unbind(queue, "amq.direct", "x"),
         ]:
             text = _refused(lambda op=operation: op(connection.channel()))
             assert client.name in text
@@ -169,6 +194,75 @@ def test_the_client_user_can_only_send_requests(serve, queue, cast):
         channel.basic_publish("", queue, b"30")
     finally:
         connection.close()
+
+
+def test_the_client_user_is_told_no_server_serves_the_queue_with_exit_5(queue, broker, cast):
+    """Whether the queue is missing or has no consumer, and whatever the version: a call
+    with a 5 s timeout ends with NO_SERVER, not TIMEOUT, so the client found out in time."""
+    url = cast.client.url
+    missing = run_cli("call", "30", "--url", url, "--queue", queue, "--timeout", "5")
+    assert missing.returncode == ExitCode.NO_SERVER, missing.stderr
+    assert "does not exist" in missing.stderr
+    broker.queue_declare(queue, durable=True)
+    idle = run_cli("call", "30", "--url", url, "--queue", queue, "--timeout", "5")
+    assert idle.returncode == ExitCode.NO_SERVER, idle.stderr
+    assert "has no consumer" in idle.stderr
+    status = run_cli("status", "--url", url, "--queue", queue, "--json")
+    assert status.returncode == ExitCode.NO_SERVER, status.stderr
+    assert json.loads(status.stdout)["consumers"] == 0
+
+
+def test_fibrpc_status_with_the_client_user_counts_the_servers(serve, queue, cast):
+    serve(workers=1)
+    status = run_cli("status", "--url", cast.client.url, "--queue", queue, "--json")
+    assert status.returncode == ExitCode.OK, status.stderr
+    report = json.loads(status.stdout)
+    assert report["exists"] is True and report["consumers"] == 1, report
+
+
+def test_the_older_client_permissions_count_consumers_only_before_rabbitmq_4_2_6(
+    serve, queue, cast, node, caplog
+):
+    """With write on ``amq.default`` alone, the client's calls go through on every line;
+    on 4.2.6 and later the count of consumers is refused, said once in a warning naming
+    the permission to add (asked once: the node logs one refusal), and ``fibrpc status``
+    exits ACCESS_REFUSED naming it too."""
+    old = cast.old_client
+    serve(workers=1)
+    refusal = f"access to queue '{queue}' in vhost '/' refused for user '{old.name}'"
+    before = node.log.count(refusal)
+    with (
+        caplog.at_level(logging.WARNING, logger="fibrpc.driver"),
+        Client(old.url, queue=queue, timeout=10) as fib,
+    ):
+        for n in range(30):  # over a few of the probe's half-second intervals
+            assert fib.call(n) == list(_fibs(n + 1))[-1]
+            time.sleep(0.05)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fibrpc.driver"]
+    status = run_cli("status", "--url", old.url, "--queue", queue)
+    fix = f"'^(amq\\.default|{re.escape(queue)})$'"
+    if rabbitmq_version() >= PASSIVE_NEEDS_A_PERMISSION:
+        assert len(warnings) == 1, warnings
+        assert f"user {old.name!r}" in warnings[0] and fix in warnings[0]
+        assert _wait_for(lambda: node.log.count(refusal) > before)
+        assert node.log.count(refusal) == before + 1
+        assert status.returncode == ExitCode.ACCESS_REFUSED, status.stderr
+        assert fix in status.stderr
+    else:
+        assert warnings == []
+        assert node.log.count(refusal) == before
+        assert status.returncode == ExitCode.OK, status.stderr
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether ``predicate`` holds within ``timeout`` seconds (the node writes its log a
+    moment after the refusal)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_the_server_user_cannot_touch_other_queues(queue, cast):

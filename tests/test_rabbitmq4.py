@@ -1,15 +1,21 @@
-"""fibrpc on RabbitMQ 4 as it ships today: every deprecated feature denied (RabbitMQ 4.3
-denies ``transient_nonexcl_queues`` by default), 16 MiB messages, quorum queues that count
-deliveries and drop a message after 20 of them.
+"""fibrpc on RabbitMQ 4.x: every deprecated feature denied (as later releases will by
+default; 4.3.6 still permits ``transient_nonexcl_queues``), 16 MiB messages, quorum queues
+that count deliveries and drop a message after 20 of them, and what 4.3 changed in that
+count.
 
-These tests always run on a RabbitMQ 4 node: the session's when the broker under test is
-one (``FIBRPC_TEST_BROKER=rabbitmq4``), else a private node of this module's own.
+These tests always run on a RabbitMQ 4.x node: the session's when the broker under test is
+one (``FIBRPC_TEST_BROKER=trixie`` or ``sid``), else a private trixie node of this module's
+own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -17,8 +23,8 @@ import conftest
 import pika
 import pika.exceptions
 import pytest
-from conftest import connect, run_cli, start_server
-from privatenode import DENY_DEPRECATED, PrivateNode, private_node
+from conftest import connect, rabbitmq_version, run_cli, start_server
+from privatenode import PrivateNode, deny_deprecated, private_node
 from rawclient import RawClient
 from tutorial_client import FibonacciRpcClient
 
@@ -37,7 +43,8 @@ def rabbitmq4_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
         yield conftest.SESSION_NODE
         return
     root = tmp_path_factory.mktemp("rabbitmq4")
-    with private_node(root / "node", DENY_DEPRECATED, prefix="fibrpc-4", version="4") as node:
+    config = deny_deprecated("trixie")
+    with private_node(root / "node", config, prefix="fibrpc-4", version="trixie") as node:
         yield node
 
 
@@ -77,9 +84,23 @@ def default_queue(rabbitmq4: str) -> Iterator[str]:
             conn.close()
 
 
-def test_the_node_denies_deprecated_features_as_rabbitmq_4_3_does(rabbitmq4):
+def test_the_node_denies_every_deprecated_feature_it_knows(rabbitmq4_node):
+    """Each line's list in ``privatenode`` names every deprecated feature its RabbitMQ
+    lists: a newer sid with a new one fails here until it is added."""
+    listed = rabbitmq4_node.checked("list_deprecated_features", "--formatter", "json", "-q")
+    names = {feature["name"] for feature in json.loads(listed)}
+    for name in sorted(names):
+        permitted = rabbitmq4_node.checked(
+            "eval", f"rabbit_deprecated_features:is_permitted({name})."
+        )
+        # The answer is one line among the node's own log lines, before or after it.
+        answers = {line.strip() for line in permitted.splitlines()} & {"true", "false"}
+        assert answers == {"false"}, (name, permitted)
+
+
+def test_the_node_refuses_the_tutorials_transient_queue(rabbitmq4):
     """What the tutorial's server declares is refused here: the node is configured as
-    today's RabbitMQ ships."""
+    later RabbitMQ releases will ship."""
     conn = connect(rabbitmq4)
     try:
         with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
@@ -171,3 +192,69 @@ def test_direct_reply_to_carries_the_tutorial_form_reply(serve, queue, rabbitmq4
         assert json.loads(body)["error"]["code"] == ErrorCode.NEGATIVE
     finally:
         raw.close()
+
+
+_HOLDER = """
+import sys, time, pika
+conn = pika.BlockingConnection(pika.URLParameters(sys.argv[1]))
+channel = conn.channel()
+for _ in range(200):
+    method, props, body = channel.basic_get(sys.argv[2])
+    if method is not None:
+        print(method.redelivered, (props.headers or {}).get("x-delivery-count", 0), flush=True)
+        break
+    time.sleep(0.05)
+time.sleep(120)
+"""
+
+
+def test_a_quorum_queue_counts_a_killed_consumers_delivery_and_a_nack_only_before_4_3(
+    broker, queue, rabbitmq4, rabbitmq4_node
+):
+    """fibrpc's poison containment reads a redelivery by the ``redelivered`` flag or
+    ``x-delivery-count``, and counts the deliveries of a suspect itself. What a quorum
+    queue counts: a consumer killed (``kill -9``) holding a message charges it one
+    delivery on every 4.x line, so the broker's delivery limit (20) still ends a crash
+    loop that fibrpc's own count would not; a ``basic.nack`` with requeue charges it one
+    on 4.0, and none on 4.3, which counts it in ``x-acquired-count`` instead; a
+    ``basic.reject`` with requeue charges one everywhere."""
+    broker.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    broker.basic_publish("", queue, b"30")
+    seen = []
+    for _ in range(3):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, rabbitmq4, queue],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            seen.append(holder.stdout.readline().split() if holder.stdout else [])
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(10)
+            if holder.stdout:
+                holder.stdout.close()
+    assert seen == [["False", "0"], ["True", "1"], ["True", "2"]]
+    method = None
+    for _ in range(100):  # the broker returns the last holder's message a moment later
+        method, props, _ = broker.basic_get(queue)
+        if method is not None:
+            break
+        time.sleep(0.05)
+    assert method is not None and method.redelivered
+    assert props.headers["x-delivery-count"] == 3
+    broker.basic_nack(method.delivery_tag, requeue=True)
+    method, props, _ = broker.basic_get(queue)
+    assert method is not None and method.redelivered
+    counted = props.headers["x-delivery-count"]
+    if rabbitmq_version(rabbitmq4_node.server_version()) >= (4, 3):
+        assert counted == 3, props.headers
+        assert props.headers["x-acquired-count"] == 4, props.headers
+    else:
+        assert counted == 4, props.headers
+        assert "x-acquired-count" not in props.headers, props.headers
+    # A basic.reject with requeue (pika's answer to a delivery for a cancelled consumer)
+    # is a delivery on every line.
+    broker.basic_reject(method.delivery_tag, requeue=True)
+    method, props, _ = broker.basic_get(queue, auto_ack=True)
+    assert method is not None and props.headers["x-delivery-count"] == counted + 1

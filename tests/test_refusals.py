@@ -90,3 +90,26 @@ def test_any_other_refusal_still_names_the_queue_and_the_broker_words():
 def test_the_broker_s_largest_message_is_read_from_its_refusal():
     assert refusals.max_message_size(SIZE) == 16777216
     assert refusals.max_message_size(DURABLE) is None
+
+
+#: RabbitMQ 4.3.6, a passive declare by a user with no permission on the queue.
+PASSIVE_REFUSED = (
+    "ACCESS_REFUSED - configure access to queue 'jobs.v1' in vhost 'fibrpc' refused for user "
+    "'fibrpc-client'"
+)
+
+
+def test_a_refused_consumer_count_names_the_user_vhost_and_the_write_permission_to_add():
+    text = refusals.probe_refused("jobs.v1", 403, PASSIVE_REFUSED)
+    assert "user 'fibrpc-client'" in text and "queue 'jobs.v1'" in text
+    assert f"(403: {PASSIVE_REFUSED})" in text
+    assert "4.2.6" in text
+    assert text.endswith(
+        r"rabbitmqctl set_permissions -p fibrpc fibrpc-client '^$' '^(amq\.default|jobs\.v1)$' "
+        "'^$'."
+    )
+
+
+def test_a_refused_consumer_count_in_words_it_cannot_read_still_says_what_to_add():
+    text = refusals.probe_refused("rpc_queue", 403, "ACCESS_REFUSED - something new")
+    assert r"set_permissions -p VHOST USER '^$' '^(amq\.default|rpc_queue)$' '^$'." in text
