@@ -31,10 +31,15 @@ from fibrpc.config import Limits
 from fibrpc.errors import ErrorCode, RequestError
 
 SCHEMA = Path(__file__).parent.parent / "docs" / "schema"
-#: The client's permissions: configure, write, read (tests/test_privileges.py's).
-CLIENT_PERMISSIONS = ("^$", r"^amq\.default$", "^$")
 #: Nothing answers HTTP here: status reports the management API missing at once.
 NO_MANAGEMENT = "http://127.0.0.1:9"
+
+
+def client_permissions(queue: str) -> tuple[str, str, str]:
+    """docs/security.md's client permissions (configure, write, read): write on the
+    default exchange, and on the queue for its passive declare (RabbitMQ 4.2.6 and later
+    refuse it without some permission on the queue)."""
+    return "^$", f"^(amq\\.default|{re.escape(queue)})$", "^$"
 
 
 def server_permissions(queue: str) -> tuple[str, str, str]:
@@ -60,7 +65,7 @@ def users(node: PrivateNode) -> dict[str, Any]:
     made = {"queue": queue}
     for role, permissions in (
         ("server", server_permissions(queue)),
-        ("client", CLIENT_PERMISSIONS),
+        ("client", client_permissions(queue)),
     ):
         name, password = f"fibrpc-describe-{role}", secrets.token_hex(12)
         node.checked("add_user", name, password)

@@ -30,8 +30,11 @@ from fibrpc.errors import AccessRefusedError, ConfigError
 from fibrpc.exitcodes import ExitCode
 from fibrpc.numbers import FAST_TABLE
 
+#: The request queues of these tests (``serving.private_queue``'s names), in the write
+#: pattern of docs/security.md's client users in place of ``rpc_queue``.
+QUEUES = r"fibrpc-test-[0-9a-f]{10}"
 #: docs/security.md's client user for ``--reply-queue exclusive``: configure, write, read.
-EXCLUSIVE_CLIENT_PERMISSIONS = (r"^amq\.gen-.*", r"^amq\.default$", r"^amq\.gen-.*")
+EXCLUSIVE_CLIENT_PERMISSIONS = (r"^amq\.gen-.*", rf"^(amq\.default|{QUEUES})$", r"^amq\.gen-.*")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,7 @@ def users(node: PrivateNode) -> dict[str, str]:
     urls = {}
     for role, permissions in [
         ("exclusive", EXCLUSIVE_CLIENT_PERMISSIONS),
-        ("direct", ("^$", r"^amq\.default$", "^$")),
+        ("direct", ("^$", rf"^(amq\.default|{QUEUES})$", "^$")),
     ]:
         name, password = f"fibrpc-test-{role}", secrets.token_hex(12)
         node.checked("add_user", name, password)
