@@ -130,17 +130,18 @@ def test_serve_with_its_defaults_is_ready_and_answers_fibrpc_call_and_the_tutori
         assert server.stop() == 0
 
 
-def test_a_batch_reply_of_18_8_mb_is_refused_as_reply_too_large_before_computing(
+def test_a_batch_reply_of_19_mb_is_refused_as_reply_too_large_before_computing(
     serve, queue, rabbitmq4
 ):
     serve(workers=1)
     with Client(rabbitmq4, queue=queue) as client:
         started = time.monotonic()
         with pytest.raises(RequestError) as refused:
-            client.map([100_000] * 900, batch_size=900)
+            # A batch asks for binary results: 1,100 x F(200000), 17,356 bytes each.
+            client.map([200_000] * 1_100, batch_size=1_100)
         assert refused.value.code == ErrorCode.REPLY_TOO_LARGE, refused.value
         assert "15,728,640 bytes (the server's --max-reply-bytes)" in str(refused.value)
-        assert time.monotonic() - started < 2.0  # not computed: 900 x F(100000) is not free
+        assert time.monotonic() - started < 2.0  # not computed: 1,100 x F(200000) is not free
 
 
 def test_a_queue_of_the_name_in_another_form_is_refused_by_name_within_seconds(
