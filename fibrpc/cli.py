@@ -357,8 +357,8 @@ def serve(
     stops at once (exit 10).
     """
     from fibrpc import state  # noqa: PLC0415 - keeps `call` light
-    from fibrpc.server import WorkerSettings  # noqa: PLC0415
     from fibrpc.supervisor import Supervisor, cpu_count  # noqa: PLC0415
+    from fibrpc.workerstate import WorkerSettings  # noqa: PLC0415
 
     setup_logging(log_level, log_format)
     count = _parse_workers(workers, cpu_count())

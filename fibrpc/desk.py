@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class ControlLink(Protocol):
-    """What the desk needs of the worker's link (``fibrpc.server.WorkerLink``)."""
+    """What the desk needs of the worker's link (``fibrpc.workerlink.WorkerLink``)."""
 
     def forward(self, route: str, body: bytes) -> bool: ...
 

@@ -6,10 +6,16 @@ Three layers, like the client's (``calls``, ``driver``, ``link``):
   compute light or heavy, republish with its count, refuse as poison, drop as
   unreplyable): pure functions of the delivery and the worker's state, a test per rule;
 * ``Worker`` (here) carries the decisions out and only moves messages: it drives the
-  broker through the small ``WorkerLink`` protocol, which tests implement without a
-  broker (tests/test_worker.py);
+  broker through the small ``fibrpc.workerlink.WorkerLink`` protocol, which tests
+  implement without a broker (tests/test_worker.py);
 * ``fibrpc.serverlink.AmqpWorkerLink`` is the real link, over ``fibrpc.amqp``: no
   module of the worker imports pika.
+
+``Worker`` is this module's loop (the connection's life: connect, consume, reconnect,
+drain, report) and the parts it is made of, a module each: ``fibrpc.requestpath`` (one
+request's path and its reply), ``fibrpc.coalesced`` (coalesced calls),
+``fibrpc.heavypath`` (the compute thread), ``fibrpc.manners`` (the control desk's hooks);
+``fibrpc.workerstate`` holds ``WorkerSettings``, ``WorkerStats`` and what the parts share.
 
 A light request (almost all of them) is answered inside the link's delivery callback. A
 heavy one (large n, naive recursion) is computed on a single compute thread while the I/O
@@ -37,7 +43,8 @@ second at most, from the consume loop (never per message), the worker hands its 
 to ``fibrpc.state`` for ``fibrpc status`` and its memo's new hits to the metrics.
 
 Each request answered or skipped is recorded as a span when a tracer provider is set
-(``fibrpc.tracing``: the one check per request is in ``_reply`` and ``_skipped``), and
+(``fibrpc.tracing``: the one check per request is in ``_reply`` and ``_skipped``,
+``fibrpc.requestpath``), and
 logged at debug level by its correlation id: received, computed or refused, replied,
 skipped.
 """
@@ -52,171 +59,48 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final, NoReturn, Protocol, cast
+from typing import Any, Final, NoReturn
 
 from fibrpc import (
     amqp,
     backoff,
-    coalesce,
-    control,
-    deliveries,
     describe,
     desk,
     inflight,
     metrics,
-    protocol,
     refusals,
     state,
-    tracing,
 )
-from fibrpc.config import (
-    DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_HEARTBEAT,
-    DEFAULT_MAX_DELIVERIES,
-    DEFAULT_MEMO_BYTES,
-    DEFAULT_PREFETCH,
-    DEFAULT_QUEUE,
-    DEFAULT_URL,
-    REPORT_INTERVAL,
-    Limits,
-)
-from fibrpc.deliveries import Decision, Fate
-from fibrpc.errors import (
-    AccessRefusedError,
-    BrokerError,
-    BrokerRefusedError,
-    ErrorCode,
-    RequestError,
-)
-from fibrpc.exitcodes import ExitCode
-from fibrpc.handler import Handler, Reply, error_reply
-from fibrpc.protocol import ACCEPT_HEADER, DEADLINE_HEADER, DELIVERIES_HEADER
+from fibrpc.coalesced import CoalescedCalls
+from fibrpc.config import REPORT_INTERVAL
+from fibrpc.errors import AccessRefusedError, BrokerError, BrokerRefusedError
+from fibrpc.handler import Handler
+from fibrpc.heavypath import HeavyPath
+from fibrpc.manners import Manners
+from fibrpc.requestpath import RequestPath
 from fibrpc.serverlink import AmqpWorkerLink, ChannelClosedError, LinkLostError
+from fibrpc.workerlink import WorkerLink
+from fibrpc.workerstate import Running, WorkerSettings, WorkerStats
+
+__all__ = [
+    "Running",
+    "Worker",
+    "WorkerLink",
+    "WorkerSettings",
+    "WorkerStats",
+    "die_with_parent",
+    "install_stop_handlers",
+]
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG: Final = 1
-#: What a request's callback lets through: the link failed, the worker reconnects.
-_LINK_ERRORS: Final = (LinkLostError, ChannelClosedError, BrokerError)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class WorkerSettings:
-    """What a worker needs to start: plain values, so they cross ``fork`` and ``spawn``."""
-
-    #: The broker's nodes (one URL, or several of one cluster): the worker connects to
-    #: the first that answers, starting at its own index, and fails over round them.
-    urls: tuple[str, ...] = (DEFAULT_URL,)
-    queue: str = DEFAULT_QUEUE
-    queue_type: str = "classic"
-    prefetch: int = DEFAULT_PREFETCH
-    heartbeat: int = DEFAULT_HEARTBEAT
-    memo_bytes: int = DEFAULT_MEMO_BYTES
-    #: The server's shared memo of large results (``fibrpc.memo``), made by the
-    #: supervisor; None: each worker keeps a memo of its own.
-    memo_dir: str | None = None
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
-    max_deliveries: int = DEFAULT_MAX_DELIVERIES
-    limits: Limits = dataclasses.field(default_factory=Limits)
-    tls: amqp.TLSOptions | None = None
-    #: Where to report to ``fibrpc status`` (``fibrpc.state``); None: nowhere.
-    state_dir: str | None = None
-    #: The server's id (its describe queue's name: ``fibrpc.control``), set by the
-    #: supervisor; None: describes are answered by whichever worker takes them.
-    server_id: str | None = None
-
-
-@dataclasses.dataclass(slots=True)
-class WorkerStats:
-    """Counters of one worker, reported in its log and by ``fibrpc status``."""
-
-    served: int = 0
-    errors: int = 0
-    dropped: int = 0  # no reply_to, or replies the broker kept refusing: nowhere to answer
-    expired: int = 0  # deadline passed before it was computed: skipped
-    poison: int = 0  # delivered too often: refused
-    redelivered: int = 0  # came back after a worker died or a connection dropped
-    reconnects: int = 0
-    abandoned: int = 0  # cancelled by its caller, or past its deadline: not computed
-
-
-class WorkerLink(Protocol):
-    """The broker, as a worker sees it (``fibrpc.serverlink.AmqpWorkerLink`` is the real
-    one). Every method but ``open`` raises ``LinkLostError`` when the connection is
-    gone and ``ChannelClosedError`` when the broker closed the channel."""
-
-    url: str  #: the node connected to (or tried last)
-
-    def open(
-        self,
-        on_request: Callable[[Any, Any, Any, bytes], None],
-        on_cancel: Callable[[], None],
-    ) -> None:
-        """Connect, declare the queue and consume it: each delivery reaches
-        ``on_request(channel, method, properties, body)`` during ``turn``. Raises
-        ``BrokerUnreachableError`` (retried) or another ``BrokerError``/``ConfigError``."""
-
-    def turn(self) -> None:
-        """Write what is queued, wait a little for I/O, run what arrived."""
-
-    def is_open(self) -> bool:
-        """Whether replies and acks can still go out."""
-
-    def reply(self, props: Any, body: bytes, content_type: str) -> None:
-        """Queue the reply to the request of ``props``."""
-
-    def ack(self, tag: int) -> None:
-        """Queue the ack of delivery ``tag``."""
-
-    def republish(
-        self, routing_key: str, body: bytes, props: Any, headers: Mapping[str, Any]
-    ) -> None:
-        """Queue a copy of a request with ``headers``."""
-
-    def call_threadsafe(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` during a later ``turn`` (from any thread)."""
-
-    def consume_again(self) -> bool:
-        """Declare the queue and consume again after the broker cancelled the consumer:
-        True. False when the queue went again before the consume: the link has a fresh
-        channel, not consuming, on which the old one's deliveries cannot be acked."""
-
-    def cancel(self, timeout: float) -> None:
-        """Stop consuming (waiting up to ``timeout`` seconds for the broker)."""
-
-    def close(self) -> None:
-        """Close within a couple of seconds, whatever the broker does."""
-
-    def open_control(
-        self, server: str | None, on_control: Callable[[str, bytes], None]
-    ) -> str | None:
-        """Open the control path (``fibrpc.control``): each message of the servers'
-        exchange reaches ``on_control(routing_key, body)`` during ``turn``. Returns None,
-        or why it could not be opened (the path is then off)."""
-
-    def forward(self, route: str, body: bytes) -> bool:
-        """Publish to the control exchange; False when the path is off."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Running:
-    """The request on the compute thread: what the I/O loop needs to abandon it."""
-
-    key: bytes
-    tag: int
-    props: Any
-    algo: str
-    headers: dict[str, Any]
-    budget: int | None
-    received: float  #: monotonic, when the worker took it
-    generation: int
-
-
-class Worker:
+class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
     """Consumes requests until asked to stop, reconnecting as needed, then drains."""
 
     def __init__(
@@ -566,111 +450,6 @@ class Worker:
             data["busy_since"] = now - (time.monotonic() - running.received)
         return data
 
-    # -- control messages and abandoned work (``fibrpc.control``) ------------------------
-
-    def _take_control(self, tag: int, props: Any, body: bytes, started: float) -> None:
-        """A cancel or a describe taken from the request queue: the desk forwards it to
-        every server (after this turn); acked here, answered only if malformed."""
-        error = self.desk.take(props, body)
-        if error is not None:
-            self._reply(tag, props, error_reply(error), metrics.UNKNOWN_ALGO, 0, started)
-        else:
-            self.link.ack(tag)
-
-    def _count_abandoned(self, algo: str, props: Any) -> None:
-        self.stats.abandoned += 1
-        self.tally.count(algo, "abandoned")
-        self._metrics.discarded(algo, "abandoned")
-        if self._debug:
-            log.debug("dropped %r: its caller cancelled it", props.correlation_id)
-
-    def _manners(self) -> None:
-        """After a turn: forward control messages, answer describes, and abandon the
-        computation whose caller has gone (``control.abandon``)."""
-        if self.desk.busy():
-            for message in self.desk.flush(self.link):
-                self._describe(message)
-        running = self._running
-        if running is None or running.generation != self._generation:
-            return
-        why = control.abandon(
-            cancelled=self.desk.cancelled(running.props.reply_to, running.props.correlation_id),
-            expired=_expired(running.headers, running.budget, running.received),
-            stopping=self._stopping,
-        )
-        if why is not None:
-            self._abandon(running, why)
-
-    def _abandon(self, running: Running, why: control.Abandon) -> NoReturn:
-        """Stop a computation whose caller has gone: numba and GMP cannot be interrupted,
-        so the request is acked (not answered), what the worker did is reported, and the
-        process ends with ``ExitCode.ABANDONED``, which its supervisor reads as abandoned
-        work, not a crash: it replaces the worker at once and charges nothing (the board's
-        slot is cleared first, so nothing is a suspect). The other requests this worker
-        held are redelivered, uncharged."""
-        log.warning(
-            "abandoning request %r (%s): %s; this worker exits (code %d) to stop the "
-            "computation and is replaced",
-            running.props.correlation_id,
-            running.algo,
-            "its caller cancelled it"
-            if why is control.Abandon.CANCELLED
-            else "its deadline passed while it was computed",
-            ExitCode.ABANDONED,
-        )
-        self._count_abandoned(running.algo, running.props)
-        self.link.ack(running.tag)
-        if self._slot is not None:
-            self._slot.end(inflight.HEAVY)
-        self._running = self._busy_until = None
-        self._tick(force=True)
-        self.link.close()  # the ack and the replies queued before it go out first
-        self._exit(int(ExitCode.ABANDONED))
-
-    def _describe(self, message: control.Forwarded) -> None:
-        """Answer a describe for this worker's whole server (``describe.build``)."""
-        self._tick(force=True)  # this worker's own report, fresh
-        server, reports = self._server_state()
-        limits = self.handler.limits
-        broker = limits.max_reply_bytes if limits.max_reply_source.startswith("RabbitMQ") else None
-        description = describe.build(
-            server=server,
-            reports=reports,
-            limits=limits,
-            broker_max_message=broker,
-            version=_version(),
-            host=socket.gethostname(),
-            answered_by=os.getpid(),
-            now=time.time(),
-        )
-        props = _Answer(message.reply_to, message.correlation_id)
-        self.link.reply(props, describe.encode(description), describe.DESCRIPTION)
-
-    def _server_state(self) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-        """The supervisor's state and its workers' reports (``fibrpc.state``); without
-        a state directory, this worker alone."""
-        supervisor = os.getppid()
-        if self.settings.state_dir is not None:
-            directory = Path(self.settings.state_dir)
-            server = state.read_report(state.server_path(directory, supervisor))
-            if server is not None:
-                reports = {}
-                for worker in server.get("workers") or []:
-                    pid = int(worker.get("pid") or 0)
-                    report = state.read_report(state.worker_path(directory, supervisor, pid))
-                    if report is not None:
-                        reports[pid] = report
-                return server, reports
-        me = os.getpid()
-        own = {
-            "id": self.settings.server_id or f"worker-{me}",
-            "pid": supervisor,
-            "queue": self.settings.queue,
-            "started": self._started,
-            "workers": [{"index": self._index, "pid": me, "ready": True, "started": self._started}],
-        }
-        return own, {me: self._report_data()}
-
     def _log_expired(self) -> None:
         if self.stats.expired > self._logged_expired:
             log.info(
@@ -679,541 +458,6 @@ class Worker:
                 self.stats.expired,
             )
             self._logged_expired = self.stats.expired
-
-    # -- one request ----------------------------------------------------------------------
-
-    def _on_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        """Handle one delivery; a bug costs that message (acked, logged), not the worker.
-        ``channel`` is the link's (unused: replies and acks go through the link)."""
-        try:
-            self._handle_request(method, props, body)
-        except _LINK_ERRORS:
-            raise
-        except Exception:
-            log.exception("failed on a request (correlation_id=%r); dropped", props.correlation_id)
-            with contextlib.suppress(Exception):
-                self.link.ack(method.delivery_tag)
-
-    def _handle_request(self, method: Any, props: Any, body: bytes) -> None:
-        """Decide the delivery's fate (``fibrpc.deliveries``) and carry it out."""
-        started = time.perf_counter()
-        headers = props.headers if isinstance(props.headers, dict) else None
-        budget = deliveries.budget_ms(props.expiration)
-        early = deliveries.screen(
-            reply_to_ok=amqp.valid_reply_to(props.reply_to),
-            headers=headers,
-            budget_ms=budget,
-            now_wall_ms=time.time() * 1000,
-        )
-        if early is not None:
-            self._discard(early, method.delivery_tag, props, started)
-            return
-        if desk.is_control(props.content_type):
-            self._take_control(method.delivery_tag, props, body, started)
-            return
-        if self.desk.cancelled(props.reply_to, props.correlation_id):
-            self._count_abandoned(metrics.UNKNOWN_ALGO, props)
-            self.link.ack(method.delivery_tag)
-            return
-        if self._debug:
-            log.debug("received %r (%d bytes)", props.correlation_id, len(body))
-        if props.content_type is not None and (
-            protocol.media_type(props.content_type) == coalesce.CALLS
-        ):
-            self._handle_calls(method, props, headers, body, started)
-            return
-        accept = headers.get(ACCEPT_HEADER) if headers else None
-        request = self.handler.decode(body, props.content_type, props.type, accept)
-        decision = self._decide(method.redelivered, props, headers, request)
-        fate = decision.fate
-        if fate is Fate.LIGHT:
-            self._compute_light(method.delivery_tag, props, request, started)
-        elif fate is Fate.HEAVY:
-            self._offload(method.delivery_tag, props, request, headers, budget, started)
-        elif fate is Fate.REFUSE:
-            reply = cast(Reply, request)
-            self._reply(method.delivery_tag, props, reply, metrics.UNKNOWN_ALGO, 0, started)
-        else:
-            algo = getattr(request, "algo", metrics.UNKNOWN_ALGO)
-            self._charge(decision, method, props, body, headers, started, algo)
-
-    def _decide(
-        self,
-        flag: bool,
-        props: Any,
-        headers: dict[str, Any] | None,
-        request: protocol.Request | Reply,
-    ) -> Decision:
-        """The fate of a decoded request (``deliveries.decide``), with what this worker
-        knows of it when it was delivered before (``flag``: pika's ``redelivered``)."""
-        refused = isinstance(request, Reply)
-        again = deliveries.redelivered(flag, headers)
-        suspect, unacked = False, None
-        if again:
-            self.stats.redelivered += 1
-            self._metrics.redelivered()
-            key = inflight.key(props.reply_to, props.correlation_id)
-            suspect = not refused and self._is_suspect(key)
-            unacked = self._unacked.get(key)
-            if unacked is not None:
-                self._unacked = {}  # the first back is the culprit: the others are not
-        return deliveries.decide(
-            refused=refused,
-            heavy=not isinstance(request, Reply) and self.handler.is_heavy(request),
-            redelivered=again,
-            suspect=suspect,
-            unacked_reply=unacked,
-            counted=headers.get(DELIVERIES_HEADER) if headers else None,
-            max_deliveries=self.settings.max_deliveries,
-        )
-
-    # -- coalesced calls (fibrpc.coalesce) ------------------------------------------------
-
-    def _handle_calls(
-        self, method: Any, props: Any, headers: dict[str, Any] | None, body: bytes, started: float
-    ) -> None:
-        """A coalesced message: each call decoded, skipped, split out or computed alone
-        (``coalesce.plan``); the light ones answered in one reply, then the message
-        acked. A redelivered message charged for a crash (``_charged``) is split into one
-        message per call, carrying its count, so that only a call that kills again is
-        charged further."""
-        tag = method.delivery_tag
-        received = time.monotonic()
-        try:
-            calls = coalesce.decode_calls(body, self.handler.limits)
-        except RequestError as exc:  # the message itself is refused: every call with it
-            self._reply(tag, props, error_reply(exc), metrics.UNKNOWN_ALGO, 0, started)
-            return
-        counted = self._charged(method.redelivered, props, headers)
-        now_ms = time.time() * 1000
-
-        def expired(call: coalesce.Incoming) -> bool:
-            return deliveries.expired(
-                now_wall_ms=now_ms,
-                now=received,
-                received=received,
-                deadline_ms=call.deadline_ms,
-                budget_ms=call.ttl_ms,
-            )
-
-        plan = coalesce.plan(
-            calls, expired=expired, is_heavy=self.handler.is_heavy, crashed=counted is not None
-        )
-        if counted is not None:
-            log.warning(
-                "coalesced message %r was being computed when a worker died; splitting its "
-                "%d call(s) into a message each (delivery %d)",
-                props.correlation_id,
-                len(plan.split),
-                counted,
-            )
-        for call in plan.split:
-            alone = coalesce.alone(
-                call, reply_to=props.reply_to, headers=headers or {}, counted=counted, elapsed_ms=0
-            )
-            self.link.republish(method.routing_key, *alone)
-        if plan.expired:
-            self.stats.expired += len(plan.expired)
-            for call in plan.expired:
-                self._metrics.discarded(call.algo, "expired")
-        if plan.heavy_together:
-            self._answer_off_thread(tag, props, plan, started)
-            return
-        slot = self._slot
-        if slot is not None:
-            slot.begin(inflight.INLINE, inflight.key(props.reply_to, props.correlation_id))
-        answers = self.handler.answer_calls(plan.light)
-        if slot is not None:
-            slot.end(inflight.INLINE)
-        self._reply_calls(tag, props, plan, answers, started)
-
-    def _charged(self, flag: bool, props: Any, headers: dict[str, Any] | None) -> int | None:
-        """The deliveries counted against a redelivered coalesced message charged as a
-        whole (``deliveries.decide``: it was being computed when a worker died, or its
-        reply went unacked), or None if it is not charged."""
-        if not deliveries.redelivered(flag, headers):
-            return None
-        self.stats.redelivered += 1
-        self._metrics.redelivered()
-        key = inflight.key(props.reply_to, props.correlation_id)
-        unacked = self._unacked.get(key)
-        if unacked is not None:
-            self._unacked = {}  # the first back is the culprit: the others are not
-        decision = deliveries.decide(
-            refused=False,
-            heavy=False,
-            redelivered=True,
-            suspect=self._is_suspect(key),
-            unacked_reply=unacked,
-            counted=headers.get(DELIVERIES_HEADER) if headers else None,
-            max_deliveries=self.settings.max_deliveries,
-        )
-        if decision.fate is Fate.LIGHT:
-            return None
-        if self._board is not None:
-            self._board.acquit(key)
-        return decision.deliveries
-
-    def _answer_off_thread(self, tag: int, props: Any, plan: coalesce.Plan, started: float) -> None:
-        """Light calls heavy together: computed as a whole on the compute thread (marked
-        on the board under the message's key), answered back on the I/O thread."""
-        self._in_flight += 1
-        generation = self._generation
-        key = inflight.key(props.reply_to, props.correlation_id)
-
-        def compute() -> list[coalesce.Answer]:
-            slot = self._slot
-            if slot is not None:
-                slot.begin(inflight.HEAVY, key)
-            try:
-                return self.handler.answer_calls(plan.light)
-            finally:
-                if slot is not None:
-                    slot.end(inflight.HEAVY)
-
-        def finish(answers: list[coalesce.Answer]) -> None:
-            fate = self._fate_of(generation, lambda: finish(answers))
-            if fate is None:
-                return  # the broker requeued it with the connection
-            self._in_flight -= 1
-            self._reply_calls(tag if fate else None, props, plan, answers, started)
-
-        def done(f: concurrent.futures.Future[list[coalesce.Answer]]) -> None:
-            if not f.cancelled():
-                answers = f.result()
-                self.link.call_threadsafe(lambda: finish(answers))
-
-        self._compute.submit(compute).add_done_callback(done)
-
-    def _reply_calls(
-        self,
-        tag: int | None,
-        props: Any,
-        plan: coalesce.Plan,
-        answers: list[coalesce.Answer],
-        started: float,
-    ) -> None:
-        """Publish the answers of a coalesced message (the refused calls' and the
-        computed ones', in request order; none: no reply), then ack it (``tag`` None:
-        not, its channel is gone). Counted per call."""
-        seconds = time.perf_counter() - started
-        metrics_ = self._metrics
-        for call in plan.refused:
-            assert call.error is not None
-            self.stats.errors += 1
-            metrics_.answered(metrics.UNKNOWN_ALGO, call.error.code, seconds, 0)
-        for call, answer in zip(plan.light, answers, strict=True):
-            if answer.error is None:
-                self.stats.served += 1
-                metrics_.answered(call.algo, "ok", seconds, 1)
-            else:
-                self.stats.errors += 1
-                metrics_.answered(call.algo, answer.error.code, seconds, 1)
-        if plan.refused:
-            answers = answers + [coalesce.Answer(c.id, error=c.error) for c in plan.refused]
-            order = {call.id: call.index for call in (*plan.light, *plan.refused)}
-            answers.sort(key=lambda answer: order[answer.id])
-        if answers:
-            self.link.reply(props, coalesce.encode_answers(answers), coalesce.CALLS)
-        if tag is not None:
-            self.link.ack(tag)
-            self._replied.append(props)
-        if self._debug:
-            log.debug("answered %d call(s) of %r", len(answers), props.correlation_id)
-        self._trace(props, tag, started, "ok", values=len(answers), batch=True)
-
-    def _is_suspect(self, key: bytes) -> bool:
-        board = self._board
-        return board is None or board.is_suspect(key, worker=self._index)
-
-    def _discard(self, decision: Decision, tag: int, props: Any, started: float) -> None:
-        """Ack a delivery that is not computed: no usable reply_to, or its caller gone."""
-        if decision.fate is Fate.DROP:
-            self.stats.dropped += 1
-            self._metrics.discarded(metrics.UNKNOWN_ALGO, "dropped")
-            log.warning(
-                "dropped a message with no usable reply_to (reply_to=%r, correlation_id=%r)",
-                props.reply_to,
-                props.correlation_id,
-            )
-            self.link.ack(tag)
-            return
-        self.stats.expired += 1
-        self.tally.count(metrics.UNKNOWN_ALGO, "expired")
-        self._metrics.discarded(metrics.UNKNOWN_ALGO, "expired")
-        self.link.ack(tag)
-        self._skipped(props, tag, started)
-
-    def _charge(
-        self,
-        decision: Decision,
-        method: Any,
-        props: Any,
-        body: bytes,
-        headers: dict[str, Any] | None,
-        started: float,
-        algo: str = metrics.UNKNOWN_ALGO,
-    ) -> None:
-        """A redelivered request charged as a delivery: republished with its count, or
-        past the limit refused as poison or dropped."""
-        max_deliveries = self.settings.max_deliveries
-        key = inflight.key(props.reply_to, props.correlation_id)
-        if self._board is not None:
-            self._board.acquit(key)  # and once per crash it is suspected of
-        if decision.fate is Fate.REPUBLISH:
-            if decision.reason is not None:
-                log.warning(
-                    "request %r came back: RabbitMQ closed the channel or connection after "
-                    "its reply and before its ack (%s); computing it again (delivery %d of "
-                    "at most %d)",
-                    props.correlation_id,
-                    decision.reason,
-                    decision.deliveries,
-                    max_deliveries,
-                )
-            else:
-                log.warning(
-                    "request %r was being computed when a worker died; computing it again "
-                    "(delivery %d of at most %d)",
-                    props.correlation_id,
-                    decision.deliveries,
-                    max_deliveries,
-                )
-            # The count must outlive this delivery: carry it in a copy (on quorum queues
-            # too, whose own count also charges the requests that were only prefetched).
-            copied = deliveries.recount(headers or {}, decision.deliveries)
-            self.link.republish(method.routing_key, body, props, copied)
-            self.link.ack(method.delivery_tag)
-            return
-        if decision.fate is Fate.UNREPLYABLE:
-            self.stats.dropped += 1
-            self._metrics.discarded(metrics.UNKNOWN_ALGO, "dropped")
-            log.error(
-                "dropped request %r: delivered %d times (the limit is %d), and each time "
-                "RabbitMQ closed the channel or connection after its reply to %r and before "
-                "its ack (last: %s); no reply is sent, since it would be refused the same way",
-                props.correlation_id,
-                decision.deliveries,
-                max_deliveries,
-                props.reply_to,
-                decision.reason,
-            )
-            self.link.ack(method.delivery_tag)
-            return
-        self.stats.poison += 1
-        self.tally.count(algo, "poison")
-        log.error(
-            "refusing %r: delivered %d times without an answer, computing when a worker "
-            "died each time (limit %d)",
-            props.correlation_id,
-            decision.deliveries,
-            max_deliveries,
-        )
-        error = RequestError(
-            ErrorCode.POISON,
-            f"This request was delivered {decision.deliveries} times without being "
-            f"answered (the limit is {max_deliveries}); a worker died computing it each "
-            "time, so it is not computed again.",
-        )
-        # Ack first: if replying is what breaks the connection (a reply_to the broker
-        # chokes on), the request must not come back once more.
-        self.link.ack(method.delivery_tag)
-        self._reply(None, props, error_reply(error), metrics.UNKNOWN_ALGO, 0, started)
-
-    def _compute_light(self, tag: int, props: Any, request: Any, started: float) -> None:
-        """Compute inline (on the I/O thread), marked on the board meanwhile; reply."""
-        slot = self._slot
-        if slot is not None:
-            slot.begin(inflight.INLINE, inflight.key(props.reply_to, props.correlation_id))
-        reply = self.handler.compute(request)
-        if slot is not None:
-            slot.end(inflight.INLINE)
-        self._reply(tag, props, reply, request.algo, len(request.ns), started, request.batch)
-
-    def _offload(
-        self,
-        tag: int,
-        props: Any,
-        request: Any,
-        headers: dict[str, Any] | None,
-        budget: int | None,
-        started: float,
-    ) -> None:
-        """Compute on the compute thread; the reply comes back to the I/O thread."""
-        received = time.monotonic()
-        self._in_flight += 1
-        generation = self._generation
-        key = inflight.key(props.reply_to, props.correlation_id)
-        running = Running(
-            key, tag, props, request.algo, headers or {}, budget, received, generation
-        )
-        future = self._compute.submit(self._compute_unless_expired, request, running)
-
-        def done(f: concurrent.futures.Future[Reply | None]) -> None:
-            if f.cancelled():
-                return
-            reply = f.result()
-            self.link.call_threadsafe(
-                lambda: self._finish_heavy(generation, tag, props, reply, request, started)
-            )
-
-        future.add_done_callback(done)
-
-    def _compute_unless_expired(self, request: Any, running: Running) -> Reply | None:
-        """On the compute thread: skip a request whose deadline passed while it waited
-        (or that was cancelled: ``_finish_heavy`` tells them apart); mark it on the board
-        and as ``_running`` while it is computed."""
-        headers, budget = running.headers, running.budget
-        if (headers or budget is not None) and _expired(headers, budget, running.received):
-            return None
-        if self.desk.cancelled(running.props.reply_to, running.props.correlation_id):
-            return _CANCELLED
-        slot = self._slot
-        self._busy_until = time.time() + (
-            budget / 1000.0 if budget is not None else describe.EXPECTED_WITHOUT_DEADLINE
-        )
-        self._running = running
-        if slot is not None:
-            slot.begin(inflight.HEAVY, running.key)
-        try:
-            return self.handler.compute(request)
-        finally:
-            self._running = None
-            self._busy_until = None
-            if slot is not None:
-                slot.end(inflight.HEAVY)
-
-    def _finish_heavy(
-        self,
-        generation: int,
-        tag: int,
-        props: Any,
-        reply: Reply | None,
-        request: Any,
-        started: float,
-    ) -> None:
-        fate = self._fate_of(
-            generation,
-            lambda: self._finish_heavy(generation, tag, props, reply, request, started),
-        )
-        if fate is None:
-            return  # computed for a connection that is gone: the broker requeued it
-        self._in_flight -= 1
-        if reply is _CANCELLED:  # cancelled while it waited for the compute thread
-            self._count_abandoned(request.algo, props)
-            if fate:
-                self.link.ack(tag)
-        elif reply is None:
-            self.stats.expired += 1
-            self.tally.count(request.algo, "expired")
-            self._metrics.discarded(request.algo, "expired")
-            if fate:
-                self.link.ack(tag)
-            self._skipped(props, tag, started)
-        else:
-            self._reply(
-                tag if fate else None,
-                props,
-                reply,
-                request.algo,
-                len(request.ns),
-                started,
-                request.batch,
-            )
-
-    def _reply(
-        self,
-        tag: int | None,
-        props: Any,
-        reply: Reply,
-        algo: str,
-        values: int,
-        started: float,
-        batch: bool = False,
-    ) -> None:
-        """Publish the reply, then ack the request: a crash between the two costs a
-        duplicate reply (which clients drop), never a lost one. ``algo``, ``values`` (the
-        number of n asked for, 0 if not decoded), ``started`` (``perf_counter`` when the
-        request was taken) and ``batch`` (a list of n) are for the metrics and the trace.
-        ``tag`` None: already acked (or its channel is gone with its queue)."""
-        self.tally.answered(algo, reply.error, time.perf_counter() - started)
-        if reply.error is None:
-            self.stats.served += 1
-            if self._debug:
-                log.debug("computed %r: %d value(s) with %r", props.correlation_id, values, algo)
-        else:
-            self.stats.errors += 1
-            log.info("refused %r: %s", props.correlation_id, reply.error)
-        self.link.reply(props, reply.body, reply.content_type)
-        if tag is not None:
-            self.link.ack(tag)
-            self._replied.append(props)
-        self._metrics.answered(algo, reply.error or "ok", time.perf_counter() - started, values)
-        if self._debug:
-            log.debug("replied %r to %r", props.correlation_id, props.reply_to)
-        self._trace(
-            props,
-            tag,
-            started,
-            reply.error or "ok",
-            values=values,
-            batch=batch,
-            algo=None if algo == metrics.UNKNOWN_ALGO else algo,
-            error=reply.body if reply.error else None,
-        )
-
-    def _skipped(self, props: Any, tag: int, started: float) -> None:
-        """Log and trace a request skipped because its caller had given up (acked)."""
-        if self._debug:
-            log.debug("skipped %r: its deadline had passed", props.correlation_id)
-        self._trace(props, tag, started, "expired")
-
-    def _trace(
-        self, props: Any, tag: int | None, started: float, outcome: str, **details: Any
-    ) -> None:
-        """Record the request's span if a tracer provider is set: the one check per
-        request (``fibrpc.tracing.record_request`` says what ``details`` are)."""
-        tracer = tracing.tracer()
-        if tracer is not None:
-            tracing.record_request(
-                tracer,
-                queue=self.settings.queue,
-                url=self.url,
-                props=props,
-                tag=tag,
-                started=started,
-                outcome=outcome,
-                **details,
-            )
-
-
-def _expired(headers: dict[str, Any], budget: int | None, received: float) -> bool:
-    deadline = headers.get(DEADLINE_HEADER)
-    return deliveries.expired(
-        now_wall_ms=time.time() * 1000,
-        now=time.monotonic(),
-        received=received,
-        deadline_ms=deadline if deliveries.is_int(deadline) else None,
-        budget_ms=budget,
-    )
-
-
-#: What the compute thread returns for a request cancelled before it started.
-_CANCELLED: Final = cast(Reply, object())
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Answer:
-    """The properties ``WorkerLink.reply`` reads, for a reply to a forwarded message."""
-
-    reply_to: str
-    correlation_id: str | None
-
-
-def _version() -> str:
-    from fibrpc import __version__  # noqa: PLC0415  # fibrpc/__init__ imports this module
-
-    return __version__
 
 
 def die_with_parent() -> None:

@@ -47,7 +47,7 @@ class ChannelClosedError(Exception):
 
 
 class AmqpWorkerLink:
-    """The ``fibrpc.server.WorkerLink`` over a real RabbitMQ connection (see the module
+    """The ``fibrpc.workerlink.WorkerLink`` over a real RabbitMQ connection (see the module
     docstring)."""
 
     def __init__(

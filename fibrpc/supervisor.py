@@ -53,7 +53,8 @@ from fibrpc.errors import (
     ConfigError,
 )
 from fibrpc.exitcodes import ExitCode
-from fibrpc.server import Worker, WorkerSettings, die_with_parent, install_stop_handlers
+from fibrpc.server import Worker, die_with_parent, install_stop_handlers
+from fibrpc.workerstate import WorkerSettings
 
 log = logging.getLogger(__name__)
 

@@ -592,8 +592,8 @@ def test_a_reply_to_that_names_no_queue_or_the_request_queue_costs_nothing(pinne
 # -- server bugs found while building the fuzzer ----------------------------------------------
 #
 # Regression tests: each of these once wedged a server with a single message (fixed in
-# fibrpc/amqp.py: valid_reply_to and the tolerant header decoder; and in server.py: a
-# poison request is acked before its refusal is published).
+# fibrpc/amqp.py: valid_reply_to and the tolerant header decoder; and in the worker, now
+# fibrpc/requestpath.py: a poison request is acked before its refusal is published).
 
 
 def test_a_reply_to_address_the_broker_rejects_costs_that_request_alone(serve, queue):

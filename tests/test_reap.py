@@ -11,8 +11,8 @@ import pytest
 
 from fibrpc import inflight
 from fibrpc.exitcodes import ExitCode
-from fibrpc.server import WorkerSettings
 from fibrpc.supervisor import MAX_BOOT_FAILURES, Slot, Supervisor, after_death
+from fibrpc.workerstate import WorkerSettings
 
 
 class FakeProcess:

@@ -22,8 +22,9 @@ import pytest
 from fibrpc import backoff, inflight, protocol
 from fibrpc.errors import BrokerError, BrokerRefusedError, BrokerUnreachableError
 from fibrpc.handler import Handler
-from fibrpc.server import Worker, WorkerSettings
+from fibrpc.server import Worker
 from fibrpc.serverlink import ChannelClosedError, LinkLostError
+from fibrpc.workerstate import WorkerSettings
 
 REPLY_TO = "amq.rabbitmq.reply-to.g2dkAA1yYWJiaXRAbG9jYWxob3N0AAAPSQAAAAAAAAAA.abc"
 #: Every test ends within this; a worker that does not is a failure, not a hang.

@@ -1,0 +1,117 @@
+"""The heavy path: a request computed on the compute thread.
+
+A heavy request (large n, naive recursion) is computed on a single compute thread while
+the I/O loop keeps turning, so heartbeats flow and the connection survives; its reply is
+handed back to the I/O thread with ``WorkerLink.call_threadsafe``. One skipped while it
+waited (its deadline passed, or its caller cancelled it) is not computed. A part of
+``fibrpc.server.Worker`` (``fibrpc.workerstate.WorkerParts``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any, Final, cast
+
+from fibrpc import describe, inflight
+from fibrpc.handler import Reply
+from fibrpc.workerstate import Running, WorkerParts, expired
+
+
+class HeavyPath(WorkerParts):
+    """A request offloaded to the compute thread, and its reply back on the I/O thread."""
+
+    def _offload(
+        self,
+        tag: int,
+        props: Any,
+        request: Any,
+        headers: dict[str, Any] | None,
+        budget: int | None,
+        started: float,
+    ) -> None:
+        """Compute on the compute thread; the reply comes back to the I/O thread."""
+        received = time.monotonic()
+        self._in_flight += 1
+        generation = self._generation
+        key = inflight.key(props.reply_to, props.correlation_id)
+        running = Running(
+            key, tag, props, request.algo, headers or {}, budget, received, generation
+        )
+        future = self._compute.submit(self._compute_unless_expired, request, running)
+
+        def done(f: concurrent.futures.Future[Reply | None]) -> None:
+            if f.cancelled():
+                return
+            reply = f.result()
+            self.link.call_threadsafe(
+                lambda: self._finish_heavy(generation, tag, props, reply, request, started)
+            )
+
+        future.add_done_callback(done)
+
+    def _compute_unless_expired(self, request: Any, running: Running) -> Reply | None:
+        """On the compute thread: skip a request whose deadline passed while it waited
+        (or that was cancelled: ``_finish_heavy`` tells them apart); mark it on the board
+        and as ``_running`` while it is computed."""
+        headers, budget = running.headers, running.budget
+        if (headers or budget is not None) and expired(headers, budget, running.received):
+            return None
+        if self.desk.cancelled(running.props.reply_to, running.props.correlation_id):
+            return _CANCELLED
+        slot = self._slot
+        self._busy_until = time.time() + (
+            budget / 1000.0 if budget is not None else describe.EXPECTED_WITHOUT_DEADLINE
+        )
+        self._running = running
+        if slot is not None:
+            slot.begin(inflight.HEAVY, running.key)
+        try:
+            return self.handler.compute(request)
+        finally:
+            self._running = None
+            self._busy_until = None
+            if slot is not None:
+                slot.end(inflight.HEAVY)
+
+    def _finish_heavy(
+        self,
+        generation: int,
+        tag: int,
+        props: Any,
+        reply: Reply | None,
+        request: Any,
+        started: float,
+    ) -> None:
+        fate = self._fate_of(
+            generation,
+            lambda: self._finish_heavy(generation, tag, props, reply, request, started),
+        )
+        if fate is None:
+            return  # computed for a connection that is gone: the broker requeued it
+        self._in_flight -= 1
+        if reply is _CANCELLED:  # cancelled while it waited for the compute thread
+            self._count_abandoned(request.algo, props)
+            if fate:
+                self.link.ack(tag)
+        elif reply is None:
+            self.stats.expired += 1
+            self.tally.count(request.algo, "expired")
+            self._metrics.discarded(request.algo, "expired")
+            if fate:
+                self.link.ack(tag)
+            self._skipped(props, tag, started)
+        else:
+            self._reply(
+                tag if fate else None,
+                props,
+                reply,
+                request.algo,
+                len(request.ns),
+                started,
+                request.batch,
+            )
+
+
+#: What the compute thread returns for a request cancelled before it started.
+_CANCELLED: Final = cast(Reply, object())
