@@ -171,6 +171,7 @@ class CoalescedCalls(WorkerParts):
             answers = answers + [coalesce.Answer(c.id, error=c.error) for c in plan.refused]
             order = {call.id: call.index for call in (*plan.light, *plan.refused)}
             answers.sort(key=lambda answer: order[answer.id])
+        replied = time.perf_counter()
         if answers:
             self.link.reply(props, coalesce.encode_answers(answers), coalesce.CALLS)
         if tag is not None:
@@ -178,4 +179,4 @@ class CoalescedCalls(WorkerParts):
             self._replied.append(props)
         if self._debug:
             log.debug("answered %d call(s) of %r", len(answers), props.correlation_id)
-        self._trace(props, tag, started, "ok", values=len(answers), batch=True)
+        self._trace(props, tag, started, "ok", values=len(answers), batch=True, replied=replied)

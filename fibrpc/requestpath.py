@@ -249,6 +249,7 @@ class RequestPath(WorkerParts):
         else:
             self.stats.errors += 1
             log.info("refused %r: %s", props.correlation_id, reply.error)
+        replied = time.perf_counter()
         self.link.reply(props, reply.body, reply.content_type)
         if tag is not None:
             self.link.ack(tag)
@@ -265,6 +266,7 @@ class RequestPath(WorkerParts):
             batch=batch,
             algo=None if algo == metrics.UNKNOWN_ALGO else algo,
             error=reply.body if reply.error else None,
+            replied=replied,
         )
 
     def _skipped(self, props: Any, tag: int, started: float) -> None:

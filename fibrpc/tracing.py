@@ -287,9 +287,13 @@ def record_request(
     batch: bool = False,
     algo: str | None = None,
     error: bytes | None = None,
+    replied: float | None = None,
 ) -> None:
     """Record a worker's span for one request, as the child of the context its headers
-    carry: from ``started`` (``time.perf_counter`` when the request was taken) to now.
+    carry: from ``started`` (``time.perf_counter`` when the request was taken) to
+    ``replied`` (``time.perf_counter`` just before its reply was published), or to now.
+    The span ends where the reply leaves, not after the ack and the bookkeeping, so that
+    it lies within the caller's span, whose end the reply may reach first.
     ``outcome``: ``ok``, the wire code of a refusal (then ``error`` is the reply's body,
     whose message becomes the status's description), or ``expired`` (skipped). Never
     raises: a span that cannot be recorded is logged (once) and left out."""
@@ -332,7 +336,8 @@ def record_request(
         if error is not None:
             span.set_attribute(ERROR_TYPE, outcome)
             span.set_status(status.ERROR, f"{outcome}: {_error_message(error)}")
-        span.end(end_time=now)
+        late = 0 if replied is None else int((time.perf_counter() - replied) * 1e9)
+        span.end(end_time=now - late)
     except Exception:
         _failure("recording a request's span")
 
