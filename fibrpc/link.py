@@ -20,8 +20,8 @@ from typing import Any, Final
 from fibrpc import amqp, protocol, tracing
 from fibrpc.calls import Call, wants_binary
 from fibrpc.config import DEFAULT_REPLY_QUEUE
-from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
+from fibrpc.linkapi import LinkEvents, LinkLost
 from fibrpc.tls import TLSOptions
 from fibrpc.urls import redact
 
@@ -31,7 +31,7 @@ MAX_TTL_MS: Final = 315_360_000_000
 
 
 class AmqpLink:
-    """The ``fibrpc.driver.Link`` over a real RabbitMQ connection (see the module
+    """The ``fibrpc.linkapi.Link`` over a real RabbitMQ connection (see the module
     docstring)."""
 
     def __init__(
