@@ -23,8 +23,8 @@ settles each call once.
 A request never outlives the chance of its answer: one published while the queue has no
 consumer carries a TTL of at most ``NO_SERVER_GRACE`` (the broker drops it if no server
 comes by then), and a call fails with ``NoServerError`` before its deadline only once its
-request is gone from the queue; a request still queued (sent while a server consumed) is
-given its whole time, a server that restarts answering it.
+request is gone from the queue (``fibrpc.noserver``: the consumer probe and the requests
+returned).
 
 Light single calls taken from the outbox at the same turn share messages
 (``fibrpc.coalescing``, in the form of ``fibrpc.coalesce``), with no waiting added: a
@@ -43,11 +43,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from fibrpc import backoff, callerrors, protocol, refusals
+from fibrpc import backoff, callerrors, refusals
 from fibrpc.callerrors import too_large
-from fibrpc.calls import Call, Registry, read_reply
-from fibrpc.coalescing import Coalescer
-from fibrpc.config import NO_SERVER_GRACE
+from fibrpc.calls import Call, Registry
 from fibrpc.controlbox import ControlBox
 from fibrpc.errors import (
     AccessRefusedError,
@@ -56,13 +54,12 @@ from fibrpc.errors import (
     BrokerUnreachableError,
     CallTimeoutError,
     ClientClosedError,
-    ErrorCode,
     FibrpcError,
     NoServerError,
-    RequestError,
 )
+from fibrpc.inbound import Inbound
 from fibrpc.linkapi import Link, LinkEvents, LinkLost
-from fibrpc.protocol import U64
+from fibrpc.noserver import RECONNECT_GRACE, ServerWatch
 
 __all__ = [
     "RECONNECT_GRACE",
@@ -77,11 +74,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_PROBE_INTERVAL: Final = 0.5
-#: After a reconnect, seconds before an empty queue counts as "no server": the servers
-#: are reconnecting to the same broker at the same time.
-RECONNECT_GRACE: Final = 10.0
-_RETURN_RETRY: Final = 0.2
 #: The longest a turn waits for I/O (the link's tick), and a waiting thread's poll.
 TICK: Final = 0.05
 #: Seconds the idle I/O thread sleeps between turns that keep heartbeats flowing.
@@ -91,11 +83,6 @@ _IDLE: Final = 1.0
 _RECONNECT_CAP: Final = 2.0
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
-#: Seconds past the end of its request's TTL after which a call is sure its request is
-#: gone from the queue (the broker counts the TTL from a moment after the publish).
-_TTL_MARGIN: Final = 0.1
-#: The longest a new connection waits for its first answer on the queue's consumers.
-_FIRST_PROBE: Final = 1.0
 
 
 class Wakeup:
@@ -128,21 +115,8 @@ class Driver:
     def __init__(self, link: Link, registry: Registry) -> None:
         self.link = link
         self.registry = registry
-        self.dropped_unknown = 0
-        self.dropped_duplicates = 0
-        self.prefix = ""  # the client's correlation id prefix: tells duplicates apart
-        self.max_message = 0  # the broker's largest message, once it has named one
-        #: The coalesced messages in flight, and whether light calls share messages.
-        self._coalescer = Coalescer(
-            link,
-            registry,
-            expiry=self._expiry,
-            publish=self._publish,
-            count_stray=self._count_stray,
-        )
-        #: Whether batches go in the binary form: until a server refuses it (an older
-        #: fibrpc, or another server on the queue), then as JSON for good.
-        self.binary_requests = True
+        #: The consumer probe, the requests returned, and the TTL a request gets.
+        self._watch = ServerWatch(link, registry, self._publish)
         self._outbox: collections.deque[Call] = collections.deque()
         self._lock = threading.Lock()  # guards the outbox
         # ``_turn`` is where threads wait, for their reply or for the turn; the driver
@@ -153,26 +127,20 @@ class Driver:
         self._last_step = time.monotonic()
         self._broken = False  # the link was lost: the I/O thread reconnects
         self.closing = False
-        self._next_probe = 0.0
-        #: Why the broker refused to count the queue's consumers, once it has: the driver
-        #: asks no more, and cannot tell that no server runs.
-        self.probe_refused: str | None = None
-        self._no_consumer_since: float | None = None
-        #: The last answer on the queue's consumers said none (outside a reconnect's
-        #: grace): requests published now get a TTL of at most ``NO_SERVER_GRACE``.
-        self._unserved = False
-        self._asked = False  # a question on the consumers is on its way
-        self._grace_until = 0.0
         #: Why the link is down, while it is: the last reconnect's error.
         self._down: BrokerError | None = None
         self._shut = False  # the link is closed for good: calls handed over fail at once
-        self._returned: collections.deque[tuple[float, str]] = collections.deque()
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         #: Cancels of calls given up on and control messages, sent at the next turn
         #: (``fibrpc.controlbox``); guarded by ``_lock`` too.
         self._controls = ControlBox(self._lock)
+        #: Replies and channel closes; the coalesced messages in flight.
+        self._inbound = Inbound(
+            link, registry, self._controls, publish=self._publish, expiry=self._watch.expiry
+        )
+        self._coalescer = self._inbound.coalescer
         #: When to try the broker again after losing it (a few times a second at most).
         self.retry = backoff.Backoff(cap=_RECONNECT_CAP)
         #: The thread inside a turn (``_step``), if any; and what to call after each turn
@@ -210,6 +178,42 @@ class Driver:
     def in_flight(self) -> int:
         """Calls sent (or about to be) and not yet settled."""
         return len(self.registry) + len(self._outbox)
+
+    @property
+    def prefix(self) -> str:
+        """The client's correlation id prefix: tells duplicate replies from unknown ones."""
+        return self._inbound.prefix
+
+    @prefix.setter
+    def prefix(self, prefix: str) -> None:
+        self._inbound.prefix = prefix
+
+    @property
+    def dropped_unknown(self) -> int:
+        """Replies dropped: their correlation id is not one of this client's."""
+        return self._inbound.dropped_unknown
+
+    @property
+    def dropped_duplicates(self) -> int:
+        """Replies dropped: to calls of this client's settled already."""
+        return self._inbound.dropped_duplicates
+
+    @property
+    def max_message(self) -> int:
+        """The broker's largest message (bytes), once it has named one; else 0."""
+        return self._inbound.max_message
+
+    @property
+    def binary_requests(self) -> bool:
+        """Whether batches go in the binary form: until a server refuses it (an older
+        fibrpc, or another server on the queue), then as JSON for good."""
+        return self._inbound.binary_requests
+
+    @property
+    def probe_refused(self) -> str | None:
+        """Why the broker refused to count the queue's consumers, once it has: the driver
+        asks no more, and cannot tell that no server runs."""
+        return self._watch.probe_refused
 
     @property
     def coalescing(self) -> bool:
@@ -359,7 +363,7 @@ class Driver:
         down = self._down
         if self._broken and down is not None:
             return self._down_error(call, down)
-        if self._unserved and not self._broken:
+        if self._watch.unserved and not self._broken:
             return self._no_server(missing=False)
         return self.timed_out(call)
 
@@ -434,7 +438,7 @@ class Driver:
         return bool(
             len(self.registry)
             or self._outbox
-            or self._returned
+            or self._watch.returned
             or self._broken
             or self._controls.pending
         )
@@ -446,7 +450,8 @@ class Driver:
         reconnect when it is lost, and keep heartbeats flowing while the client idles."""
         try:
             self._open()
-            self._first_probe()
+            if not self._watch.first_probe():
+                self._broken = True  # the I/O thread reconnects
         except BaseException as exc:
             self._start_error = exc
             self.link.close()
@@ -490,23 +495,6 @@ class Driver:
         self.link.open(self)
         self.retry.up()
 
-    def _first_probe(self) -> None:
-        """Ask whether anyone consumes the queue and wait (up to ``_FIRST_PROBE``) for the
-        answer: the first requests then get the TTL that fits (see the module
-        docstring). No answer in time: they get their whole time."""
-        self._ask_consumers()
-        until = time.monotonic() + _FIRST_PROBE
-        try:
-            while self._asked and time.monotonic() < until:
-                self.link.turn(wait=True)
-        except LinkLost:
-            self._broken = True  # the I/O thread reconnects
-        self._next_probe = time.monotonic() + _PROBE_INTERVAL
-
-    def _ask_consumers(self) -> None:
-        self._asked = True
-        self.link.ask_consumers()
-
     def _reconnect(self) -> None:
         """Reconnect with backoff (``backoff.Backoff``: a pause before every try, doubling
         up to ``_RECONNECT_CAP`` with jitter, from the shortest again only after a
@@ -516,7 +504,7 @@ class Driver:
         link's reply-to of the new connection). A broker that refuses the client
         (``AccessRefusedError``) fails every call at once: waiting cannot help them."""
         self.link.close()
-        self._unserved = False
+        self._watch.lost()
         while not self.closing:
             self._adopt_outbox()
             self._expire(time.monotonic())
@@ -535,10 +523,7 @@ class Driver:
             log.info("reconnected; re-sending %d call(s)", len(self.registry))
             # Servers reconnect too (and redeclare the queue, which a broker restart may
             # have deleted): give them time before calling the queue unserved.
-            self._grace_until = time.monotonic() + RECONNECT_GRACE
-            self._next_probe = self._grace_until
-            self._no_consumer_since = None
-            self._asked = False
+            self._watch.reconnected()
             self._broken = False
             self._down = None
             self._coalescer.clear()  # their replies went with the old connection
@@ -602,32 +587,18 @@ class Driver:
                 self.after_step()
         reason = self.link.channel_closed()
         if reason is not None:
-            self._on_channel_closed(reason)
+            self._inbound.on_channel_closed(reason)
         self._last_step = now = time.monotonic()
-        if self._returned and now >= self._returned[0][0]:
-            self._resend_returned(now)
         if registry.next_deadline() <= now:
             self._expire(now)
-        if len(registry) and now >= self._next_probe and self.probe_refused is None:
-            self._next_probe = now + _PROBE_INTERVAL
-            self._ask_consumers()
+        self._watch.step(now)
         if registry.settled != settled and self._wanting:
             self._notify()  # some waiter's reply may be in
 
     def _publish(self, call: Call) -> None:
-        """Publish ``call``'s request with the TTL that fits (``_expiry``)."""
-        self._expiry(call, time.monotonic())
+        """Publish ``call``'s request with the TTL that fits (``ServerWatch.expiry``)."""
+        self._watch.expiry(call, time.monotonic())
         self.link.publish(call)
-
-    def _expiry(self, call: Call, now: float) -> float:
-        """Set when ``call``'s request, published ``now``, is to leave the queue (see the
-        module docstring): at its deadline, or within ``NO_SERVER_GRACE`` while the queue
-        has no consumer. Returns it."""
-        if self._unserved:
-            call.expires = min(call.deadline, now + NO_SERVER_GRACE)
-        else:
-            call.expires = call.deadline
-        return call.expires
 
     def _send(self, calls: list[Call]) -> None:
         """Publish ``calls`` (the caller has the turn).
@@ -647,77 +618,16 @@ class Driver:
             except Exception as exc:  # this call cannot be sent; the others can
                 registry.fail(call.corr_id, ClientClosedError(f"The call could not be sent: {exc}"))
 
-    def _on_channel_closed(self, reason: FibrpcError) -> None:
-        """The broker closed the channel: a refusal (a permission, most likely) fails
-        every call in flight with the broker's reason; then a fresh channel keeps the
-        client usable.
-
-        A request over the broker's ``max_message_size`` closes the channel too: then
-        only the calls too large for the broker fail (``body_too_large``, naming its
-        limit, which later calls are checked against before sending), and the others are
-        sent again on the new channel, since their replies were bound to the old one."""
-        largest = refusals.max_message_size(str(getattr(reason, "reply_text", "")))
-        registry = self.registry
-        self._coalescer.clear()  # their calls are sent again (or fail) one by one
-        if largest is not None:
-            self.max_message = largest
-            self.link.reopen()
-            for call in registry.calls():
-                if len(call.body) > largest:
-                    registry.fail(call.corr_id, too_large(len(call.body), largest))
-                else:
-                    self._publish(call)
-            return
-        error: FibrpcError = reason
-        if not isinstance(reason, AccessRefusedError | BrokerRefusedError):
-            error = ClientClosedError(f"RabbitMQ closed the client's channel: {reason}")
-        log.warning("%s", error)
-        for call in registry.calls():
-            registry.fail(call.corr_id, error)
-        self.link.reopen()
-
     # -- what the link reports (the thread that has the turn) ----------------------------
 
     def on_reply(self, corr_id: str | None, content_type: str | None, body: bytes) -> None:
-        call = self.registry.pop(corr_id)
-        if call is None:
-            members = self._coalescer.pop(corr_id)
-            listener = self._controls.listener(corr_id)
-            if members is not None:
-                self._coalescer.on_reply(members, content_type, body)
-            elif listener is not None:
-                listener(content_type, body)
-            else:
-                self._count_stray(corr_id)
-            return
-        try:
-            result = read_reply(body, content_type, call.as_)
-        except RequestError as exc:
-            if exc.code == ErrorCode.UNSUPPORTED_CONTENT_TYPE and call.content_type == U64:
-                self._resend_as_json(call)
-                return
-            self.registry.settle(call, exc, ok=False)
-        except Exception as exc:
-            error = callerrors.unreadable(call, exc, self.url, self.link.queue)
-            self.registry.settle(call, error, ok=False)
-        else:
-            self.registry.settle(call, result, ok=True)
-
-    def _resend_as_json(self, call: Call) -> None:
-        """A server does not read batches in the binary form: send ``call`` again as
-        JSON, and every later batch too."""
-        if self.binary_requests:
-            log.info("a server on %r does not read binary batches: sending JSON", self.link.queue)
-        self.binary_requests = False
-        call.body, call.content_type, call.msg_type = protocol.encode_request(call.n, call.algo)
-        self.registry.track(call)
-        self._publish(call)
+        self._inbound.on_reply(corr_id, content_type, body)
 
     def on_return(self, corr_id: str | None) -> None:
         """The broker returned a request: no queue of that name exists. Just after a
         reconnect the servers may not have redeclared it yet, so it is sent again a
-        little later; otherwise the call fails with ``NoServerError``."""
-        now = time.monotonic()
+        little later; otherwise the call fails with ``NoServerError``
+        (``ServerWatch.on_return``)."""
         if corr_id is None:
             return
         members = self._coalescer.pop(corr_id)
@@ -725,10 +635,7 @@ class Driver:
             for call in members:
                 self.on_return(call.corr_id)
             return
-        if now < self._grace_until and corr_id in self.registry:
-            self._returned.append((now + _RETURN_RETRY, corr_id))
-            return
-        self.registry.fail(corr_id, self._no_server(missing=True))
+        self._watch.on_return(corr_id)
 
     def on_consumers(self, consumers: int | None) -> None:
         """Fail the calls whose request is gone from the queue (past its TTL) with
@@ -738,37 +645,21 @@ class Driver:
         waits for a server up to its deadline (then ``deadline_error`` says there was
         none). A queue deleted under calls already routed gets the same grace: its
         workers answer what they hold and declare it again (a quorum queue takes a
-        moment)."""
-        self._asked = False
-        now = time.monotonic()
-        if now < self._grace_until:
-            return
-        if consumers:
-            self._no_consumer_since = None
-            self._unserved = False
-            return
-        self._unserved = True
-        if self._no_consumer_since is None:
-            self._no_consumer_since = now
-            return
-        if now - self._no_consumer_since < NO_SERVER_GRACE:
-            return
-        error = self._no_server(missing=consumers is None)
-        for call in self.registry.calls():
-            if consumers is None or call.expires + _TTL_MARGIN <= now:
-                self.registry.fail(call.corr_id, error)
+        moment). See ``ServerWatch.on_consumers``."""
+        self._watch.on_consumers(consumers)
 
     def on_probe_refused(self, reply_code: int, reply_text: str) -> None:
         """The broker refused the question of ``on_consumers`` (a permission RabbitMQ
         4.2.6 and later want): said once, in a warning naming the permission to add;
         calls go on, but one to a queue without a consumer now waits for its timeout."""
-        if self.probe_refused is not None:
+        if self._watch.probe_refused is not None:
             return
-        self.probe_refused = refusals.probe_refused(self.link.queue, reply_code, reply_text)
+        refused = refusals.probe_refused(self.link.queue, reply_code, reply_text)
+        self._watch.probe_refused = refused
         log.warning(
             "%s Until then this client cannot tell that no server consumes the queue: "
             "calls go through, but one to a queue without a consumer waits for its timeout.",
-            self.probe_refused,
+            refused,
         )
 
     def on_blocked(self, reason: str | None) -> None:
@@ -781,23 +672,6 @@ class Driver:
             )
         self._blocked = reason
 
-    def _count_stray(self, corr_id: str | None) -> None:
-        """A reply to nothing waiting: a duplicate (one of ours, already settled) or an
-        unknown id. Dropped, counted, logged at debug."""
-        mine = corr_id is not None and bool(self.prefix) and corr_id.startswith(self.prefix)
-        if mine:
-            self.dropped_duplicates += 1
-        else:
-            self.dropped_unknown += 1
-        log.debug("dropped a %s reply %r", "duplicate" if mine else "unknown", corr_id)
-
-    def _resend_returned(self, now: float) -> None:
-        while self._returned and now >= self._returned[0][0]:
-            _, corr_id = self._returned.popleft()
-            call = self.registry.get(corr_id)
-            if call is not None:
-                self._publish(call)
-
     def _expire(self, now: float) -> None:
         due = self.registry.due(now)
         for call in due:
@@ -806,7 +680,7 @@ class Driver:
             self._controls.cancel(call.corr_id for call in due)
 
     def _no_server(self, *, missing: bool) -> NoServerError:
-        return callerrors.no_server(self.url, self.link.queue, missing=missing)
+        return self._watch.no_server(missing=missing)
 
     def _shutdown(self) -> None:
         closed = ClientClosedError("The client was closed with this call in flight.")
