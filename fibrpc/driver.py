@@ -29,7 +29,8 @@ returned).
 Light single calls taken from the outbox at the same turn share messages
 (``fibrpc.coalescing``, in the form of ``fibrpc.coalesce``), with no waiting added: a
 call alone goes out alone, as it always has. Cancels and control messages are gathered
-from any thread and sent at the next turn (``fibrpc.controlbox``). What a call that fails
+from any thread and sent at the next turn (``fibrpc.controlbox``). Replies and the
+channel's closes are taken in by ``fibrpc.inbound``. What a call that fails
 without a server's answer is told is built by ``fibrpc.callerrors``; the ``Link`` the
 driver turns is defined in ``fibrpc.linkapi``.
 """

@@ -4,7 +4,7 @@ direct reply-to, or with ``reply_queue="exclusive"`` a server-named exclusive qu
 declared on each new connection), publishing requests, and asking how many consumers
 the queue has. Everything of pika the
 client needs goes through ``fibrpc.amqp`` from here; the driver (``fibrpc.driver``) sees
-only the ``Link`` protocol it defines, which tests implement without a broker.
+only the ``Link`` protocol (``fibrpc.linkapi``), which tests implement without a broker.
 
 Every pika error that means the connection is gone leaves here as ``LinkLost``; a refusal
 on the channel is reported by ``channel_closed`` and the channel reopened with ``reopen``.
