@@ -34,6 +34,7 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from fibrpc import amqp, control, describe, protocol, tracing
+from fibrpc.callerrors import too_large
 from fibrpc.calls import AS_INT, AS_INTS, AS_TEXT, Call, Registry
 from fibrpc.config import (
     BROKER_MAX_MESSAGE_BYTES,
@@ -45,7 +46,7 @@ from fibrpc.config import (
     DEFAULT_WINDOW,
     REPLY_QUEUES,
 )
-from fibrpc.driver import TICK, Driver, too_large
+from fibrpc.driver import TICK, Driver
 from fibrpc.errors import CallTimeoutError, ClientClosedError, ConfigError, ErrorCode, RequestError
 from fibrpc.link import AmqpLink
 from fibrpc.numbers import DEFAULT_ALGORITHM, estimate_digits

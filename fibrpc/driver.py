@@ -23,31 +23,31 @@ settles each call once.
 A request never outlives the chance of its answer: one published while the queue has no
 consumer carries a TTL of at most ``NO_SERVER_GRACE`` (the broker drops it if no server
 comes by then), and a call fails with ``NoServerError`` before its deadline only once its
-request is gone from the queue; a request still queued (sent while a server consumed) is
-given its whole time, a server that restarts answering it.
+request is gone from the queue (``fibrpc.noserver``: the consumer probe and the requests
+returned).
 
 Light single calls taken from the outbox at the same turn share messages
-(``fibrpc.coalesce``: at most ``coalesce.MAX_CALLS`` a message), with no waiting added: a
-call alone goes out alone, as it always has. Each call stays a call of its own (its
-entry in the registry, its slot of the window, its deadline and its outcome); the
-driver keeps only which calls each coalesced message carried, to fail them together
-when the message is refused whole, and to send them again one message each to a server
-that does not read the form (as it does for binary batches).
+(``fibrpc.coalescing``, in the form of ``fibrpc.coalesce``), with no waiting added: a
+call alone goes out alone, as it always has. Cancels and control messages are gathered
+from any thread and sent at the next turn (``fibrpc.controlbox``). Replies and the
+channel's closes are taken in by ``fibrpc.inbound``. What a call that fails
+without a server's answer is told is built by ``fibrpc.callerrors``; the ``Link`` the
+driver turns is defined in ``fibrpc.linkapi``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from fibrpc import backoff, coalesce, control, protocol, refusals, tracing
-from fibrpc.calls import AS_TEXT, Call, Registry, read_reply
-from fibrpc.config import NO_SERVER_GRACE
+from fibrpc import backoff, callerrors, refusals
+from fibrpc.callerrors import too_large
+from fibrpc.calls import Call, Registry
+from fibrpc.controlbox import ControlBox
 from fibrpc.errors import (
     AccessRefusedError,
     BrokerError,
@@ -55,21 +55,26 @@ from fibrpc.errors import (
     BrokerUnreachableError,
     CallTimeoutError,
     ClientClosedError,
-    ErrorCode,
     FibrpcError,
     NoServerError,
-    RequestError,
-    UnreadableReplyError,
 )
-from fibrpc.protocol import U64
+from fibrpc.inbound import Inbound
+from fibrpc.linkapi import Link, LinkEvents, LinkLost
+from fibrpc.noserver import RECONNECT_GRACE, ServerWatch
+
+__all__ = [
+    "RECONNECT_GRACE",
+    "TICK",
+    "Driver",
+    "Link",
+    "LinkEvents",
+    "LinkLost",
+    "Wakeup",
+    "too_large",
+]
 
 log = logging.getLogger(__name__)
 
-_PROBE_INTERVAL: Final = 0.5
-#: After a reconnect, seconds before an empty queue counts as "no server": the servers
-#: are reconnecting to the same broker at the same time.
-RECONNECT_GRACE: Final = 10.0
-_RETURN_RETRY: Final = 0.2
 #: The longest a turn waits for I/O (the link's tick), and a waiting thread's poll.
 TICK: Final = 0.05
 #: Seconds the idle I/O thread sleeps between turns that keep heartbeats flowing.
@@ -79,17 +84,6 @@ _IDLE: Final = 1.0
 _RECONNECT_CAP: Final = 2.0
 #: Seconds past its deadline after which a waiting thread fails its call itself.
 _LATE: Final = 0.25
-#: Seconds past the end of its request's TTL after which a call is sure its request is
-#: gone from the queue (the broker counts the TTL from a moment after the publish).
-_TTL_MARGIN: Final = 0.1
-#: The longest a new connection waits for its first answer on the queue's consumers.
-_FIRST_PROBE: Final = 1.0
-#: Seconds between two cancel messages at most: the cancels gathered meanwhile go in one
-#: (a storm of 10,000 futures cancelled one by one is a few messages, not one per turn).
-CANCEL_EVERY: Final = 0.1
-#: The coalesced messages remembered are pruned of those wholly settled when they
-#: outnumber the calls in flight by this many.
-_MESSAGES_SLACK: Final = 1024
 
 
 class Wakeup:
@@ -116,77 +110,14 @@ class Wakeup:
             self._lock.release()  # settled: later waits return at once
 
 
-class LinkLost(Exception):  # noqa: N818 - internal, never raised out of the driver
-    """The link's connection is gone (the driver reconnects). Never leaves fibrpc."""
-
-
-class LinkEvents(Protocol):
-    """What a link reports, on the thread that turns it."""
-
-    def on_reply(self, corr_id: str | None, content_type: str | None, body: bytes) -> None: ...
-    def on_return(self, corr_id: str | None) -> None: ...
-    def on_consumers(self, consumers: int | None) -> None: ...
-    def on_probe_refused(self, reply_code: int, reply_text: str) -> None: ...
-    def on_blocked(self, reason: str | None) -> None: ...
-
-
-class Link(Protocol):
-    """The broker, as the driver sees it (``fibrpc.link.AmqpLink`` is the real one)."""
-
-    url: str
-    queue: str
-    described: str  #: the node connected to (or to try), its password hidden
-
-    def open(self, events: LinkEvents) -> None:
-        """Connect; raise ``BrokerError``."""
-
-    def publish(self, call: Call) -> None:
-        """Queue the request of ``call``; raise ``LinkLost``."""
-
-    def turn(self, *, wait: bool) -> None:
-        """Write, wait up to a tick if ``wait``, read; raise ``LinkLost``."""
-
-    def channel_closed(self) -> FibrpcError | None:
-        """Why the broker closed the channel (a ``BrokerError``), or None."""
-
-    def reopen(self) -> None:
-        """A new channel after ``channel_closed``; raise ``LinkLost``."""
-
-    def ask_consumers(self) -> None:
-        """Ask how many consumers the queue has (answered by ``on_consumers``, or once
-        by ``on_probe_refused``)."""
-
-    def publish_control(
-        self, content_type: str, body: bytes, corr_id: str | None, ttl_ms: int
-    ) -> None:
-        """Queue a control message (``fibrpc.control``) to the request queue, with the
-        calls' reply address; raise ``LinkLost``."""
-
-    def wake(self) -> None:
-        """Make a waiting ``turn`` return (thread-safe)."""
-
-    def close(self) -> None:
-        """Close within about a second."""
-
-
 class Driver:
     """Turns a ``Link`` for a client's calls (see the module docstring)."""
 
     def __init__(self, link: Link, registry: Registry) -> None:
         self.link = link
         self.registry = registry
-        self.dropped_unknown = 0
-        self.dropped_duplicates = 0
-        self.prefix = ""  # the client's correlation id prefix: tells duplicates apart
-        self.max_message = 0  # the broker's largest message, once it has named one
-        #: Whether light single calls share messages: until a server refuses the form.
-        self.coalescing = True
-        self.coalesced = 0  #: coalesced messages sent (for tests and bench)
-        #: The coalesced messages in flight: their correlation id, and their calls.
-        self._messages: dict[str, list[Call]] = {}
-        #: Whether batches go in the binary form: until a server refuses it (an older
-        #: fibrpc, or another server on the queue), then as JSON for good.
-        self.binary_requests = True
+        #: The consumer probe, the requests returned, and the TTL a request gets.
+        self._watch = ServerWatch(link, registry, self._publish)
         self._outbox: collections.deque[Call] = collections.deque()
         self._lock = threading.Lock()  # guards the outbox
         # ``_turn`` is where threads wait, for their reply or for the turn; the driver
@@ -197,32 +128,20 @@ class Driver:
         self._last_step = time.monotonic()
         self._broken = False  # the link was lost: the I/O thread reconnects
         self.closing = False
-        self._next_probe = 0.0
-        #: Why the broker refused to count the queue's consumers, once it has: the driver
-        #: asks no more, and cannot tell that no server runs.
-        self.probe_refused: str | None = None
-        self._no_consumer_since: float | None = None
-        #: The last answer on the queue's consumers said none (outside a reconnect's
-        #: grace): requests published now get a TTL of at most ``NO_SERVER_GRACE``.
-        self._unserved = False
-        self._asked = False  # a question on the consumers is on its way
-        self._grace_until = 0.0
         #: Why the link is down, while it is: the last reconnect's error.
         self._down: BrokerError | None = None
         self._shut = False  # the link is closed for good: calls handed over fail at once
-        self._returned: collections.deque[tuple[float, str]] = collections.deque()
         self._blocked: str | None = None  # why RabbitMQ blocks publishing, while it does
         self._start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        #: Correlation ids of calls given up on, to cancel at the next turn (one message
-        #: per turn for however many: ``fibrpc.control``); guarded by ``_lock``.
-        self._cancels: list[str] = []
-        #: Control messages to send at the next turn: content type, body, id, TTL.
-        self._controls: list[tuple[str, bytes, str, int]] = []
-        #: Who hears the replies to a control message (a describe), by correlation id.
-        self._listeners: dict[str, Callable[[str | None, bytes], None]] = {}
-        self.cancels_sent = 0  #: cancel messages sent (for tests and the bench)
-        self._next_cancel = 0.0  # monotonic: no cancel message before this
+        #: Cancels of calls given up on and control messages, sent at the next turn
+        #: (``fibrpc.controlbox``); guarded by ``_lock`` too.
+        self._controls = ControlBox(self._lock)
+        #: Replies and channel closes; the coalesced messages in flight.
+        self._inbound = Inbound(
+            link, registry, self._controls, publish=self._publish, expiry=self._watch.expiry
+        )
+        self._coalescer = self._inbound.coalescer
         #: When to try the broker again after losing it (a few times a second at most).
         self.retry = backoff.Backoff(cap=_RECONNECT_CAP)
         #: The thread inside a turn (``_step``), if any; and what to call after each turn
@@ -260,6 +179,57 @@ class Driver:
     def in_flight(self) -> int:
         """Calls sent (or about to be) and not yet settled."""
         return len(self.registry) + len(self._outbox)
+
+    @property
+    def prefix(self) -> str:
+        """The client's correlation id prefix: tells duplicate replies from unknown ones."""
+        return self._inbound.prefix
+
+    @prefix.setter
+    def prefix(self, prefix: str) -> None:
+        self._inbound.prefix = prefix
+
+    @property
+    def dropped_unknown(self) -> int:
+        """Replies dropped: their correlation id is not one of this client's."""
+        return self._inbound.dropped_unknown
+
+    @property
+    def dropped_duplicates(self) -> int:
+        """Replies dropped: to calls of this client's settled already."""
+        return self._inbound.dropped_duplicates
+
+    @property
+    def max_message(self) -> int:
+        """The broker's largest message (bytes), once it has named one; else 0."""
+        return self._inbound.max_message
+
+    @property
+    def binary_requests(self) -> bool:
+        """Whether batches go in the binary form: until a server refuses it (an older
+        fibrpc, or another server on the queue), then as JSON for good."""
+        return self._inbound.binary_requests
+
+    @property
+    def probe_refused(self) -> str | None:
+        """Why the broker refused to count the queue's consumers, once it has: the driver
+        asks no more, and cannot tell that no server runs."""
+        return self._watch.probe_refused
+
+    @property
+    def coalescing(self) -> bool:
+        """Whether light single calls share messages: until a server refuses the form."""
+        return self._coalescer.coalescing
+
+    @property
+    def coalesced(self) -> int:
+        """Coalesced messages sent (for tests and bench)."""
+        return self._coalescer.coalesced
+
+    @property
+    def cancels_sent(self) -> int:
+        """Cancel messages sent (for tests and the bench)."""
+        return self._controls.cancels_sent
 
     # -- submitting and waiting (any thread) ---------------------------------------------
 
@@ -366,10 +336,7 @@ class Driver:
         """Tell the servers that the calls ``corr_ids`` (sent, and settled here already)
         are given up on: sent at the next turn, with whatever else is cancelled by then
         (any thread)."""
-        with self._lock:
-            first = not self._cancels
-            self._cancels.extend(corr_ids)
-        if first:
+        if self._controls.cancel(corr_ids):
             self._kick()
 
     def control(
@@ -383,15 +350,12 @@ class Driver:
         """Send a control message at the next turn; ``listener(content_type, body)``
         hears every reply carrying ``corr_id`` (on the thread that drives the link)
         until ``unlisten`` (any thread)."""
-        if listener is not None:
-            self._listeners[corr_id] = listener
-        with self._lock:
-            self._controls.append((content_type, body, corr_id, ttl_ms))
+        self._controls.control(content_type, body, corr_id, ttl_ms, listener)
         self._kick()
 
     def unlisten(self, corr_id: str) -> None:
         """Stop hearing the replies of ``corr_id``; later ones are dropped as unknown."""
-        self._listeners.pop(corr_id, None)
+        self._controls.unlisten(corr_id)
 
     def deadline_error(self, call: Call) -> FibrpcError:
         """What ``call``, past its deadline, is told: the broker unreachable (or refusing)
@@ -400,33 +364,18 @@ class Driver:
         down = self._down
         if self._broken and down is not None:
             return self._down_error(call, down)
-        if self._unserved and not self._broken:
+        if self._watch.unserved and not self._broken:
             return self._no_server(missing=False)
         return self.timed_out(call)
 
     def _down_error(self, call: Call, down: BrokerError) -> BrokerError:
         """The error of ``call`` while the connection is down: ``down``'s kind, saying
         what happened to the call."""
-        error = type(down)(
-            f"No reply to {call.describe()}: the connection to RabbitMQ was lost and "
-            f"reconnecting fails: {down.message}",
-            url=down.url or self.url,
-            queue=self.link.queue,
-        )
-        error.__cause__ = down
-        return error
+        return callerrors.down_error(call, down, self.url, self.link.queue)
 
     def timed_out(self, call: Call) -> CallTimeoutError:
         """The error of ``call`` past its deadline, with a connection and a server."""
-        blocked = self._blocked
-        why = f" RabbitMQ blocks this client's publishing ({blocked})." if blocked else ""
-        return CallTimeoutError(
-            f"No reply to {call.describe()} within {call.timeout} s from queue "
-            f"{self.link.queue!r} at {self.url}.{why}",
-            url=self.url,
-            queue=self.link.queue,
-            timeout=call.timeout,
-        )
+        return callerrors.timed_out(call, self.url, self.link.queue, self._blocked)
 
     # -- whose turn it is ----------------------------------------------------------------
 
@@ -490,11 +439,9 @@ class Driver:
         return bool(
             len(self.registry)
             or self._outbox
-            or self._returned
+            or self._watch.returned
             or self._broken
-            or self._cancels
-            or self._controls
-            or self._listeners
+            or self._controls.pending
         )
 
     # -- the I/O thread ------------------------------------------------------------------
@@ -504,7 +451,8 @@ class Driver:
         reconnect when it is lost, and keep heartbeats flowing while the client idles."""
         try:
             self._open()
-            self._first_probe()
+            if not self._watch.first_probe():
+                self._broken = True  # the I/O thread reconnects
         except BaseException as exc:
             self._start_error = exc
             self.link.close()
@@ -548,23 +496,6 @@ class Driver:
         self.link.open(self)
         self.retry.up()
 
-    def _first_probe(self) -> None:
-        """Ask whether anyone consumes the queue and wait (up to ``_FIRST_PROBE``) for the
-        answer: the first requests then get the TTL that fits (see the module
-        docstring). No answer in time: they get their whole time."""
-        self._ask_consumers()
-        until = time.monotonic() + _FIRST_PROBE
-        try:
-            while self._asked and time.monotonic() < until:
-                self.link.turn(wait=True)
-        except LinkLost:
-            self._broken = True  # the I/O thread reconnects
-        self._next_probe = time.monotonic() + _PROBE_INTERVAL
-
-    def _ask_consumers(self) -> None:
-        self._asked = True
-        self.link.ask_consumers()
-
     def _reconnect(self) -> None:
         """Reconnect with backoff (``backoff.Backoff``: a pause before every try, doubling
         up to ``_RECONNECT_CAP`` with jitter, from the shortest again only after a
@@ -574,7 +505,7 @@ class Driver:
         link's reply-to of the new connection). A broker that refuses the client
         (``AccessRefusedError``) fails every call at once: waiting cannot help them."""
         self.link.close()
-        self._unserved = False
+        self._watch.lost()
         while not self.closing:
             self._adopt_outbox()
             self._expire(time.monotonic())
@@ -593,13 +524,10 @@ class Driver:
             log.info("reconnected; re-sending %d call(s)", len(self.registry))
             # Servers reconnect too (and redeclare the queue, which a broker restart may
             # have deleted): give them time before calling the queue unserved.
-            self._grace_until = time.monotonic() + RECONNECT_GRACE
-            self._next_probe = self._grace_until
-            self._no_consumer_since = None
-            self._asked = False
+            self._watch.reconnected()
             self._broken = False
             self._down = None
-            self._messages.clear()  # their replies went with the old connection
+            self._coalescer.clear()  # their replies went with the old connection
             for call in self.registry.calls():
                 self._publish(call)  # each alone
             return
@@ -647,8 +575,8 @@ class Driver:
                 calls = list(self._outbox)
                 self._outbox.clear()
             self._send(calls)
-        if self._controls or (self._cancels and time.monotonic() >= self._next_cancel):
-            self._send_controls()
+        if self._controls.due():
+            self._controls.send(self.link)
         registry = self.registry
         settled = registry.settled
         self.stepping = threading.get_ident()
@@ -660,32 +588,18 @@ class Driver:
                 self.after_step()
         reason = self.link.channel_closed()
         if reason is not None:
-            self._on_channel_closed(reason)
+            self._inbound.on_channel_closed(reason)
         self._last_step = now = time.monotonic()
-        if self._returned and now >= self._returned[0][0]:
-            self._resend_returned(now)
         if registry.next_deadline() <= now:
             self._expire(now)
-        if len(registry) and now >= self._next_probe and self.probe_refused is None:
-            self._next_probe = now + _PROBE_INTERVAL
-            self._ask_consumers()
+        self._watch.step(now)
         if registry.settled != settled and self._wanting:
             self._notify()  # some waiter's reply may be in
 
     def _publish(self, call: Call) -> None:
-        """Publish ``call``'s request with the TTL that fits (``_expiry``)."""
-        self._expiry(call, time.monotonic())
+        """Publish ``call``'s request with the TTL that fits (``ServerWatch.expiry``)."""
+        self._watch.expiry(call, time.monotonic())
         self.link.publish(call)
-
-    def _expiry(self, call: Call, now: float) -> float:
-        """Set when ``call``'s request, published ``now``, is to leave the queue (see the
-        module docstring): at its deadline, or within ``NO_SERVER_GRACE`` while the queue
-        has no consumer. Returns it."""
-        if self._unserved:
-            call.expires = min(call.deadline, now + NO_SERVER_GRACE)
-        else:
-            call.expires = call.deadline
-        return call.expires
 
     def _send(self, calls: list[Call]) -> None:
         """Publish ``calls`` (the caller has the turn).
@@ -695,8 +609,8 @@ class Driver:
         registry = self.registry
         for call in calls:
             registry.track(call)
-        if self.coalescing and len(calls) > 1:
-            calls = self._coalesce(calls)
+        if self._coalescer.coalescing and len(calls) > 1:
+            calls = self._coalescer.pack(calls)
         for call in calls:
             try:
                 self._publish(call)
@@ -705,235 +619,24 @@ class Driver:
             except Exception as exc:  # this call cannot be sent; the others can
                 registry.fail(call.corr_id, ClientClosedError(f"The call could not be sent: {exc}"))
 
-    def _send_controls(self) -> None:
-        """Publish the cancels gathered since the last turn (``control.MAX_CANCEL_IDS``
-        to a message) and the control messages waiting. A cancel lost with the link is
-        not sent again: it would only have saved the servers some work."""
-        with self._lock:
-            cancels, self._cancels = self._cancels, []
-            controls, self._controls = self._controls, []
-        step = control.MAX_CANCEL_IDS
-        if cancels:
-            self._next_cancel = time.monotonic() + CANCEL_EVERY
-        for start in range(0, len(cancels), step):
-            body = control.encode_cancel(cancels[start : start + step])
-            self.link.publish_control(control.CANCEL, body, None, control.CANCEL_TTL_MS)
-            self.cancels_sent += 1
-        for content_type, body, corr_id, ttl_ms in controls:
-            self.link.publish_control(content_type, body, corr_id, ttl_ms)
-
-    def _coalesce(self, calls: list[Call]) -> list[Call]:
-        """Publish the light calls of ``calls`` in coalesced messages (when more than one
-        is light); return the calls still to publish one message each."""
-        light = [call for call in calls if call.light]
-        if len(light) < 2:
-            return calls
-        alone = [call for call in calls if not call.light]
-        for start in range(0, len(light), coalesce.MAX_CALLS):
-            chunk = light[start : start + coalesce.MAX_CALLS]
-            if len(chunk) == 1:
-                alone.append(chunk[0])
-            else:
-                self._publish_coalesced(chunk)
-        return alone
-
-    def _publish_coalesced(self, calls: list[Call]) -> None:
-        """Publish ``calls`` (tracked already) in one coalesced message; its TTL is
-        the longest of theirs. Raises ``LinkLost`` (the calls stay pending: re-sent
-        after the reconnect, each alone)."""
-        now = time.monotonic()
-        wall_ms = int(time.time() * 1000)
-        outgoing = []
-        latest = 0.0
-        for call in calls:
-            n: int = call.n  # type: ignore[assignment]  # a light call has one n
-            expires = self._expiry(call, now)
-            if expires == math.inf:
-                latest = math.inf
-                outgoing.append(coalesce.Outgoing(call.corr_id, n, call.algo))
-                continue
-            latest = max(latest, expires)
-            left_ms = max(1, int((expires - now) * 1000))
-            outgoing.append(
-                coalesce.Outgoing(call.corr_id, n, call.algo, wall_ms + left_ms, left_ms)
-            )
-        message_id = calls[0].corr_id + "+"
-        body = coalesce.encode_calls(outgoing)
-        message = Call(message_id, [], "", AS_TEXT, math.inf, (body, coalesce.CALLS, None))
-        message.deadline = message.expires = latest
-        messages = self._messages
-        if len(messages) > len(self.registry) + _MESSAGES_SLACK:
-            self._messages = messages = {
-                key: members
-                for key, members in messages.items()
-                if not all(member.done for member in members)
-            }
-        messages[message_id] = calls
-        for call in calls:
-            if call.span is not None:
-                tracing.coalesced(call.span, message_id, len(calls), self.url)
-        self.link.publish(message)
-        self.coalesced += 1
-
-    def _on_channel_closed(self, reason: FibrpcError) -> None:
-        """The broker closed the channel: a refusal (a permission, most likely) fails
-        every call in flight with the broker's reason; then a fresh channel keeps the
-        client usable.
-
-        A request over the broker's ``max_message_size`` closes the channel too: then
-        only the calls too large for the broker fail (``body_too_large``, naming its
-        limit, which later calls are checked against before sending), and the others are
-        sent again on the new channel, since their replies were bound to the old one."""
-        largest = refusals.max_message_size(str(getattr(reason, "reply_text", "")))
-        registry = self.registry
-        self._messages.clear()  # their calls are sent again (or fail) one by one
-        if largest is not None:
-            self.max_message = largest
-            self.link.reopen()
-            for call in registry.calls():
-                if len(call.body) > largest:
-                    registry.fail(call.corr_id, too_large(len(call.body), largest))
-                else:
-                    self._publish(call)
-            return
-        error: FibrpcError = reason
-        if not isinstance(reason, AccessRefusedError | BrokerRefusedError):
-            error = ClientClosedError(f"RabbitMQ closed the client's channel: {reason}")
-        log.warning("%s", error)
-        for call in registry.calls():
-            registry.fail(call.corr_id, error)
-        self.link.reopen()
-
     # -- what the link reports (the thread that has the turn) ----------------------------
 
     def on_reply(self, corr_id: str | None, content_type: str | None, body: bytes) -> None:
-        call = self.registry.pop(corr_id)
-        if call is None:
-            messages = self._messages
-            members = messages.pop(corr_id, None) if messages and corr_id else None
-            listener = self._listeners.get(corr_id) if corr_id is not None else None
-            if members is not None:
-                self._on_coalesced_reply(members, content_type, body)
-            elif listener is not None:
-                listener(content_type, body)
-            else:
-                self._count_stray(corr_id)
-            return
-        try:
-            result = read_reply(body, content_type, call.as_)
-        except RequestError as exc:
-            if exc.code == ErrorCode.UNSUPPORTED_CONTENT_TYPE and call.content_type == U64:
-                self._resend_as_json(call)
-                return
-            self.registry.settle(call, exc, ok=False)
-        except Exception as exc:
-            error = UnreadableReplyError(
-                f"The reply to {call.describe()} could not be read: {exc}",
-                url=self.url,
-                queue=self.link.queue,
-            )
-            error.__cause__ = exc
-            self.registry.settle(call, error, ok=False)
-        else:
-            self.registry.settle(call, result, ok=True)
-
-    def _on_coalesced_reply(
-        self, members: list[Call], content_type: str | None, body: bytes
-    ) -> None:
-        """The reply to a coalesced message: settle each call its entries name. A call
-        with no entry is settled later (by its deadline, or by a reply of its own). A
-        reply refusing the message whole fails each of its calls still in flight, but
-        ``unsupported_content_type``, which sends them again one message each."""
-        registry = self.registry
-        if protocol.media_type(content_type) == coalesce.CALLS:
-            try:
-                answers = coalesce.decode_answers(body)
-            except ValueError as exc:
-                self._fail_members(members, exc)
-                return
-            for answer in answers:
-                call = registry.pop(answer.id)
-                if call is None:
-                    self._count_stray(answer.id)
-                elif answer.error is not None:
-                    registry.settle(call, answer.error, ok=False)
-                else:
-                    try:
-                        result: Any = answer.result
-                        if call.as_ != AS_TEXT:
-                            result = protocol.to_int(answer.result)  # type: ignore[arg-type]
-                    except ValueError as exc:
-                        registry.settle(call, self._unreadable(call, exc), ok=False)
-                    else:
-                        registry.settle(call, result, ok=True)
-            return
-        try:
-            protocol.decode_reply(body, content_type)
-        except RequestError as exc:
-            if exc.code == ErrorCode.UNSUPPORTED_CONTENT_TYPE:
-                self._uncoalesce(members)
-                return
-            for call in members:
-                registry.fail(call.corr_id, RequestError(exc.code, exc.message))
-            return
-        except Exception as exc:
-            self._fail_members(members, exc)
-            return
-        self._fail_members(members, ValueError("one result for a coalesced message"))
-
-    def _fail_members(self, members: list[Call], cause: Exception) -> None:
-        """Fail the calls of a coalesced message whose reply could not be read."""
-        for call in members:
-            if call.corr_id in self.registry:
-                self.registry.fail(call.corr_id, self._unreadable(call, cause))
-
-    def _unreadable(self, call: Call, exc: Exception) -> UnreadableReplyError:
-        error = UnreadableReplyError(
-            f"The reply to {call.describe()} could not be read: {exc}",
-            url=self.url,
-            queue=self.link.queue,
-        )
-        error.__cause__ = exc
-        return error
-
-    def _uncoalesce(self, members: list[Call]) -> None:
-        """A server does not read coalesced messages: send ``members`` again one message
-        each, and stop coalescing."""
-        if self.coalescing:
-            log.info(
-                "a server on %r does not read coalesced calls: sending each alone", self.link.queue
-            )
-        self.coalescing = False
-        for call in members:
-            if call.corr_id in self.registry:
-                self._publish(call)
-
-    def _resend_as_json(self, call: Call) -> None:
-        """A server does not read batches in the binary form: send ``call`` again as
-        JSON, and every later batch too."""
-        if self.binary_requests:
-            log.info("a server on %r does not read binary batches: sending JSON", self.link.queue)
-        self.binary_requests = False
-        call.body, call.content_type, call.msg_type = protocol.encode_request(call.n, call.algo)
-        self.registry.track(call)
-        self._publish(call)
+        self._inbound.on_reply(corr_id, content_type, body)
 
     def on_return(self, corr_id: str | None) -> None:
         """The broker returned a request: no queue of that name exists. Just after a
         reconnect the servers may not have redeclared it yet, so it is sent again a
-        little later; otherwise the call fails with ``NoServerError``."""
-        now = time.monotonic()
+        little later; otherwise the call fails with ``NoServerError``
+        (``ServerWatch.on_return``)."""
         if corr_id is None:
             return
-        members = self._messages.pop(corr_id, None) if self._messages else None
+        members = self._coalescer.pop(corr_id)
         if members is not None:  # a coalesced message: each call as if returned alone
             for call in members:
                 self.on_return(call.corr_id)
             return
-        if now < self._grace_until and corr_id in self.registry:
-            self._returned.append((now + _RETURN_RETRY, corr_id))
-            return
-        self.registry.fail(corr_id, self._no_server(missing=True))
+        self._watch.on_return(corr_id)
 
     def on_consumers(self, consumers: int | None) -> None:
         """Fail the calls whose request is gone from the queue (past its TTL) with
@@ -943,37 +646,21 @@ class Driver:
         waits for a server up to its deadline (then ``deadline_error`` says there was
         none). A queue deleted under calls already routed gets the same grace: its
         workers answer what they hold and declare it again (a quorum queue takes a
-        moment)."""
-        self._asked = False
-        now = time.monotonic()
-        if now < self._grace_until:
-            return
-        if consumers:
-            self._no_consumer_since = None
-            self._unserved = False
-            return
-        self._unserved = True
-        if self._no_consumer_since is None:
-            self._no_consumer_since = now
-            return
-        if now - self._no_consumer_since < NO_SERVER_GRACE:
-            return
-        error = self._no_server(missing=consumers is None)
-        for call in self.registry.calls():
-            if consumers is None or call.expires + _TTL_MARGIN <= now:
-                self.registry.fail(call.corr_id, error)
+        moment). See ``ServerWatch.on_consumers``."""
+        self._watch.on_consumers(consumers)
 
     def on_probe_refused(self, reply_code: int, reply_text: str) -> None:
         """The broker refused the question of ``on_consumers`` (a permission RabbitMQ
         4.2.6 and later want): said once, in a warning naming the permission to add;
         calls go on, but one to a queue without a consumer now waits for its timeout."""
-        if self.probe_refused is not None:
+        if self._watch.probe_refused is not None:
             return
-        self.probe_refused = refusals.probe_refused(self.link.queue, reply_code, reply_text)
+        refused = refusals.probe_refused(self.link.queue, reply_code, reply_text)
+        self._watch.probe_refused = refused
         log.warning(
             "%s Until then this client cannot tell that no server consumes the queue: "
             "calls go through, but one to a queue without a consumer waits for its timeout.",
-            self.probe_refused,
+            refused,
         )
 
     def on_blocked(self, reason: str | None) -> None:
@@ -986,40 +673,15 @@ class Driver:
             )
         self._blocked = reason
 
-    def _count_stray(self, corr_id: str | None) -> None:
-        """A reply to nothing waiting: a duplicate (one of ours, already settled) or an
-        unknown id. Dropped, counted, logged at debug."""
-        mine = corr_id is not None and bool(self.prefix) and corr_id.startswith(self.prefix)
-        if mine:
-            self.dropped_duplicates += 1
-        else:
-            self.dropped_unknown += 1
-        log.debug("dropped a %s reply %r", "duplicate" if mine else "unknown", corr_id)
-
-    def _resend_returned(self, now: float) -> None:
-        while self._returned and now >= self._returned[0][0]:
-            _, corr_id = self._returned.popleft()
-            call = self.registry.get(corr_id)
-            if call is not None:
-                self._publish(call)
-
     def _expire(self, now: float) -> None:
         due = self.registry.due(now)
         for call in due:
             self.registry.settle(call, self.deadline_error(call), ok=False)
         if due:
-            with self._lock:
-                self._cancels.extend(call.corr_id for call in due)
+            self._controls.cancel(call.corr_id for call in due)
 
     def _no_server(self, *, missing: bool) -> NoServerError:
-        queue = self.link.queue
-        state = "does not exist" if missing else "has no consumer"
-        return NoServerError(
-            f"No fibrpc server is serving queue {queue!r} at {self.url} (the queue "
-            f"{state}). Start one with: fibrpc serve --url URL --queue {queue}",
-            url=self.url,
-            queue=queue,
-        )
+        return self._watch.no_server(missing=missing)
 
     def _shutdown(self) -> None:
         closed = ClientClosedError("The client was closed with this call in flight.")
@@ -1035,21 +697,10 @@ class Driver:
             self.registry.fail(call.corr_id, closed)
         if in_flight and not self._broken:
             # Tell the servers, as the last thing on this connection (best effort).
-            with self._lock:
-                self._cancels.extend(call.corr_id for call in in_flight)
+            self._controls.cancel(call.corr_id for call in in_flight)
             try:
-                self._send_controls()
+                self._controls.send(self.link)
                 self.link.turn(wait=False)
             except Exception:
                 log.debug("the cancel of the calls in flight was not sent", exc_info=True)
         self.link.close()
-
-
-def too_large(size: int, largest: int) -> RequestError:
-    """The error of a request over the broker's ``max_message_size`` (``largest``)."""
-    return RequestError(
-        ErrorCode.BODY_TOO_LARGE,
-        f"The request body has {size:,} bytes; the broker accepts messages of at most "
-        f"{largest:,} bytes (RabbitMQ's max_message_size). Send fewer values of n per "
-        "call (map's batch_size).",
-    )

@@ -4,7 +4,7 @@ direct reply-to, or with ``reply_queue="exclusive"`` a server-named exclusive qu
 declared on each new connection), publishing requests, and asking how many consumers
 the queue has. Everything of pika the
 client needs goes through ``fibrpc.amqp`` from here; the driver (``fibrpc.driver``) sees
-only the ``Link`` protocol it defines, which tests implement without a broker.
+only the ``Link`` protocol (``fibrpc.linkapi``), which tests implement without a broker.
 
 Every pika error that means the connection is gone leaves here as ``LinkLost``; a refusal
 on the channel is reported by ``channel_closed`` and the channel reopened with ``reopen``.
@@ -20,8 +20,8 @@ from typing import Any, Final
 from fibrpc import amqp, protocol, tracing
 from fibrpc.calls import Call, wants_binary
 from fibrpc.config import DEFAULT_REPLY_QUEUE
-from fibrpc.driver import LinkEvents, LinkLost
 from fibrpc.errors import BrokerError
+from fibrpc.linkapi import LinkEvents, LinkLost
 from fibrpc.tls import TLSOptions
 from fibrpc.urls import redact
 
@@ -31,7 +31,7 @@ MAX_TTL_MS: Final = 315_360_000_000
 
 
 class AmqpLink:
-    """The ``fibrpc.driver.Link`` over a real RabbitMQ connection (see the module
+    """The ``fibrpc.linkapi.Link`` over a real RabbitMQ connection (see the module
     docstring)."""
 
     def __init__(
