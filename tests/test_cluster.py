@@ -37,6 +37,7 @@ from conftest import paced, start_server
 from privatenode import PrivateNode, private_cluster
 
 from fibrpc import Client
+from fibrpc.errors import CallTimeoutError
 from fibrpc.numbers import FAST_TABLE
 
 #: Broker tests; a cluster's boot (30-60 s), two servers and 20,000 calls take more than
@@ -129,6 +130,27 @@ def _consumers(nodes: list[PrivateNode]) -> int | None:
             finally:
                 conn.close()
     return None
+
+
+def _state(nodes: list[PrivateNode]) -> str:
+    """What the live nodes say of the request queue (for a failure's message)."""
+    lines = []
+    for node in nodes:
+        if node.proc is not None and node.proc.poll() is None:
+            result = node.ctl(
+                "list_queues",
+                "name",
+                "type",
+                "leader",
+                "members",
+                "online",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+                timeout=30,
+            )
+            lines.append(f"{node.name}: {result.stdout}{result.stderr}")
+    return "\n".join(lines)
 
 
 def _live(nodes: list[PrivateNode]) -> PrivateNode:
@@ -229,7 +251,13 @@ def _under_load(
     servers: list,
     reply_queue: str,
     caplog: pytest.LogCaptureFixture,
+    lossy: bool = False,
 ) -> None:
+    """Run ``CALLS`` pipelined calls over ``urls`` and ``fault()`` among them; assert
+    what the module docstring says. ``lossy``: the fault kills the node that leads the
+    queue on RabbitMQ 3.10, which may lose the requests in flight then (see
+    ``LOST_ON_3_10``): calls that stall that way, and only that way, are an expected
+    failure."""
     ns = [i % 91 for i in range(CALLS)]
     results: list[int] = []
     stamps: list[float] = []
@@ -281,10 +309,13 @@ def _under_load(
                 .stdout
             )
             logs = "\n".join(server.text[-3000:] for server in servers)
-            raise AssertionError(
+            stalled = (
                 f"{len(results):,} of {CALLS:,} calls answered, then none more (dropped "
                 f"unknown, duplicates, in flight: {dropped}):\n{queues}\n{logs}"
             )
+            if lossy and _emptied(queues) and 0 < dropped[2] <= LOST_ON_3_10:
+                pytest.xfail(f"RabbitMQ 3.10 lost requests with the leader: {stalled}")
+            raise AssertionError(stalled)
         new_reply_to = client._driver.link.reply_to  # type: ignore[attr-defined]
     assert not errors, errors
     assert results == [FAST_TABLE[n] for n in ns]  # each once, in order, correct
@@ -308,6 +339,24 @@ def _under_load(
         f"the fault, both servers consuming after {capacity:.2f} s, longest gap between "
         f"answers {gap:.2f} s"
     )
+
+
+#: On RabbitMQ 3.10, killing the node that leads the quorum queue may lose requests a
+#: client on another node had just published (fibrpc publishes without confirms): seen
+#: in 1 of 5 runs: 11 calls in flight never answered, the queue empty, both servers
+#: consuming, their counts short of serving them. Those calls wait out their
+#: timeout (docs/scaling.md). At most a window's worth; never seen on 4.x.
+LOST_ON_3_10 = 200
+
+
+def _emptied(queues: str) -> bool:
+    """Whether ``rabbitmqctl list_queues name messages_ready messages_unacknowledged
+    consumers`` says the request queue holds nothing and has both servers."""
+    for row in queues.splitlines():
+        fields = row.split()
+        if fields and fields[0] == QUEUE:
+            return fields[1:] == ["0", "0", "2"]
+    return False
 
 
 def _urls(*nodes: PrivateNode) -> list[str]:
@@ -341,7 +390,7 @@ def test_losing_the_leader_node_of_a_server_while_the_client_is_on_another_loses
         """kill -9 of the leader (a server's node, not the client's)"""
         leader.kill()
 
-    _under_load(urls, fault, leader, cluster, servers, LINES[line][0], caplog)
+    _under_load(urls, fault, leader, cluster, servers, LINES[line][0], caplog, lossy=True)
     assert all(server.proc.poll() is None for server in servers)
 
 
@@ -436,8 +485,19 @@ def test_a_server_rides_out_an_outage_of_its_quorum_queue_s_majority(cluster, tm
         assert server.proc.poll() is None, server.text[-4000:]
         for node in lost:
             node.start()
-        with Client([survivor.url(), *_urls(*lost)], queue=QUEUE, timeout=120) as client:
-            assert client.call(90) == FAST_TABLE[90]
+        # A call each 20 s until one is answered: a request published while the queue
+        # elects its leader may be lost on 3.10 (``LOST_ON_3_10``), and this test is
+        # about the server, not that.
+        with Client([survivor.url(), *_urls(*lost)], queue=QUEUE, timeout=20) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    assert client.call(90) == FAST_TABLE[90]
+                    break
+                except CallTimeoutError as exc:
+                    if time.monotonic() > deadline:
+                        state = _state(cluster)
+                        raise AssertionError(f"{exc}\n{state}\n{server.text[-6000:]}") from exc
         assert server.proc.poll() is None, server.text[-4000:]
         assert server.text.count("died") == 1, server.text[-4000:]  # only the one killed
         server.wait_for_log("RabbitMQ answers again", count=2, timeout=60)
