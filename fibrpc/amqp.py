@@ -11,7 +11,7 @@ This module uses pika's public API only. The hot path goes through here too (``r
 of these hands over to ``fibrpc.fastpath``, the one module that touches pika's private
 names (frames encoded by ``fibrpc.frames`` and written together at the end of a turn,
 pika's I/O loop turned directly, deliveries taken in whole); with ``FIBRPC_FAST_PATH=0``,
-or a pika whose internals differ, each is pika's own public method. tests/test_fastpath.py
+or a pika whose internals differ, each is pika's own public method. tests/test_boundary.py
 checks that this module reaches no private name.
 """
 

@@ -96,7 +96,7 @@ TESTED_PIKA: Final = "1.4."
 #: Every private name of pika used in this module, by where pika defines it: a module's
 #: attribute, or a class's (a method, a class attribute, or an attribute pika's own code
 #: of the class or its bases assigns to ``self``). ``missing_internals`` checks them all;
-#: tests/test_fastpath.py checks that this names every private name the module uses.
+#: tests/test_boundary.py checks that this names every private name the module uses.
 INTERNALS: Final[Mapping[str, tuple[str, ...]]] = {
     "pika.adapters.utils.io_services_utils": ("_AsyncPlaintextTransport",),
     "pika.adapters.utils.io_services_utils._AsyncPlaintextTransport": (
