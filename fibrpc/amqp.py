@@ -520,6 +520,22 @@ def consume_direct(
     return tag
 
 
+def ask_within(
+    connection: Any, channel: Any, method: str, timeout: float, **arguments: Any
+) -> bool:
+    """Send the synchronous method ``method`` of a ``BlockingChannel`` (``queue_declare``,
+    ``queue_bind``, ``exchange_declare``) with ``arguments`` on ``channel`` and wait for
+    the broker's answer: True, or False when none came within ``timeout`` seconds (the
+    channel is then left waiting; do not use it again). A queue's declare can go
+    unanswered: RabbitMQ 4.0 does not answer one for a durable classic queue whose node
+    is down. With the fast path only: pika's stock paths wait as long as the broker
+    does. Raises what the ``BlockingChannel`` method raises."""
+    if fastpath.enabled():
+        return fastpath.ask(connection, channel, method, timeout, **arguments)
+    getattr(channel, method)(**arguments)
+    return True
+
+
 def cancel_direct(connection: Any, channel: Any, tag: str, timeout: float) -> None:
     """Cancel a ``consume_direct`` consumer and wait for the broker's cancel-ok: up to
     ``timeout`` seconds with the fast path; on pika's stock paths ``basic_cancel``, which

@@ -47,8 +47,7 @@ class Desk:
         if refusal is not None and not self._warned:
             self._warned = True
             log.warning(
-                "no control path (%s): cancels and describes reach only the worker that "
-                "takes them; give the server's user the permissions of docs/security.md",
+                "no control path (%s): cancels and describes reach only the worker that takes them",
                 refusal,
             )
         self.path_open = refusal is None

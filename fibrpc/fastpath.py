@@ -341,6 +341,21 @@ def consume(
     return tag
 
 
+def ask(connection: Any, channel: Any, method: str, timeout: float, **arguments: Any) -> bool:
+    """Send the synchronous AMQP method ``method`` (``queue_declare``, ``queue_bind``,
+    ``exchange_declare``: the name of pika's ``Channel`` method) with ``arguments`` on
+    ``channel`` and wait up to ``timeout`` seconds for its answer; True if it came.
+    Raises the broker's close of the channel (``ChannelClosedByBroker``) and what pika
+    raises when the connection is lost."""
+    answered: list[object] = []
+    getattr(channel._impl, method)(callback=answered.append, **arguments)
+    _turn_until(connection, lambda: bool(answered) or channel.is_closed, timeout)
+    reason = closing_reason(channel)
+    if not answered and channel.is_closed and isinstance(reason, BaseException):
+        raise reason
+    return bool(answered)
+
+
 def cancel(connection: Any, channel: Any, tag: str, timeout: float) -> None:
     """Cancel a ``consume`` consumer and wait (up to ``timeout`` seconds) for the
     broker's cancel-ok. pika rejects, to be requeued, what still arrives for it

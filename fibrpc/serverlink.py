@@ -32,6 +32,15 @@ CLOSE_WITHIN: Final = 2.0
 NOT_FOUND: Final = 404
 
 
+#: Seconds the control path's declares may take: a worker's loop waits meanwhile (it
+#: still answers requests), so neither its drain nor its reports may hang on them.
+CONTROL_WITHIN: Final = 5.0
+
+
+class _UnansweredError(Exception):
+    """A declare of the control path went unanswered (``CONTROL_WITHIN``)."""
+
+
 class LinkLostError(Exception):
     """The link's connection is gone (the worker reconnects). Never leaves fibrpc."""
 
@@ -177,8 +186,10 @@ class AmqpWorkerLink:
         reaches ``on_control(routing_key, body)`` during ``turn``.
 
         Returns None, or why the control path could not be opened (the server's user may
-        not configure those names, say): then it is off, and the worker answers control
-        messages on its own. Raises ``LinkLostError`` if the connection is lost."""
+        not configure those names, say, or RabbitMQ did not answer a declare within
+        ``CONTROL_WITHIN`` seconds): then it is off until the next connection, and the
+        worker answers control messages on its own. Raises ``LinkLostError`` if the
+        connection is lost."""
         exchange = control.exchange_name(self.queue)
         names = [(control.worker_queue_name(self.queue, uuid.uuid4().hex), control.ROUTE_CANCEL)]
         if server:
@@ -187,23 +198,35 @@ class AmqpWorkerLink:
         def on_message(channel: Any, method: Any, props: Any, body: bytes) -> None:
             on_control(method.routing_key, body)
 
+        conn = self._conn
+
+        def ask(method: str, **arguments: Any) -> None:
+            if not amqp.ask_within(conn, channel, method, CONTROL_WITHIN, **arguments):
+                raise _UnansweredError(
+                    f"RabbitMQ at {amqp.redact(self.url)} did not answer {method} of "
+                    f"{arguments.get('queue') or arguments.get('exchange')!r} within "
+                    f"{CONTROL_WITHIN:.0f} s; on a cluster, the node that holds it may be down"
+                )
+
         try:
             with amqp.translating(self.url):
-                channel = self._conn.channel()
-                channel.exchange_declare(exchange, "direct", auto_delete=True)
+                channel = conn.channel()
+                ask("exchange_declare", exchange=exchange, exchange_type="direct", auto_delete=True)
                 for name, route in names:
                     if route == control.ROUTE_CANCEL:
-                        channel.queue_declare(name, exclusive=True, auto_delete=True)
+                        ask("queue_declare", queue=name, exclusive=True, auto_delete=True)
                     else:
                         expires = {"x-expires": control.SERVER_QUEUE_EXPIRES_MS}
-                        channel.queue_declare(name, durable=True, arguments=expires)
-                    channel.queue_bind(name, exchange, routing_key=route)
+                        ask("queue_declare", queue=name, durable=True, arguments=expires)
+                    ask("queue_bind", queue=name, exchange=exchange, routing_key=route)
                 for name, _ in names:
-                    amqp.consume_direct(self._conn, channel, name, on_message, auto_ack=True)
+                    amqp.consume_direct(conn, channel, name, on_message, auto_ack=True)
         except BrokerUnreachableError as exc:
             raise LinkLostError(str(exc)) from exc
-        except BrokerError as exc:
+        except _UnansweredError as exc:
             return str(exc)
+        except BrokerError as exc:
+            return f"{exc}; give the server's user the permissions of docs/security.md"
         self._control = channel
         return None
 
