@@ -52,10 +52,11 @@ RECOVERY = 15.0
 #: machine's own RabbitMQ, Debian 12's 3.10; "trixie" is Debian trixie's 4.0, "sid"
 #: Debian sid's, 4.3.6 in December 2026) and the client's reply queues on each, the first
 #: the one every fault runs with. Every session runs every line: scripts/dev.sh runs this
-#: module once.
+#: module once. The exclusive reply queue runs on 3.10, where it is the advice, and on
+#: 4.3, today's line; direct reply-to on 4.0 and 4.3 (CI's time is short).
 LINES: dict[str | None, tuple[str, ...]] = {
     None: ("exclusive",),
-    "trixie": ("direct", "exclusive"),
+    "trixie": ("direct",),
     "sid": ("direct", "exclusive"),
 }
 _NAMES: dict[str | None, str] = {None: "3.10", "trixie": "4.0", "sid": "4.3"}  # test ids
@@ -286,7 +287,11 @@ def _under_load(
         at = len(results)
         marks = [len(server.text) for server in servers]
         fault()
-        _wait(lambda: len(results) > at, RECOVERY, "an answer after the fault")
+        try:
+            _wait(lambda: len(results) > at, RECOVERY, "an answer after the fault")
+        except AssertionError as exc:
+            logs = "\n".join(server.text[-3000:] for server in servers)
+            raise AssertionError(f"{exc}\n{_state(cluster)}\n{logs}") from None
         first = stamps[at] - faulted
         try:
             _wait(
@@ -450,6 +455,9 @@ def _retrying(text: str) -> set[str]:
     return {line.split(" ")[2] for line in text.splitlines() if "Retrying" in line}
 
 
+# Not on 3.10: in 1 of 3 runs there, RabbitMQ did not bring the restarted nodes' queue
+# members online within 2 minutes (docs/scaling.md), which is no test of fibrpc.
+@on_lines(*LINES_4)
 def test_a_server_rides_out_an_outage_of_its_quorum_queue_s_majority(cluster, tmp_path):
     """Two of three nodes ``kill -9``: the quorum queue has no majority, so no worker's
     open is answered (no consume-ok). A worker killed meanwhile is restarted into the
@@ -490,8 +498,8 @@ def test_a_server_rides_out_an_outage_of_its_quorum_queue_s_majority(cluster, tm
         for node in lost:
             node.start()
         # A call each 20 s until one is answered: a request published while the queue
-        # elects its leader may be lost on 3.10 (``LOST_ON_3_10``), and this test is
-        # about the server, not that.
+        # elects its leader may be lost (seen on 3.10: ``LOST_ON_3_10``), and this test
+        # is about the server, not that.
         with Client([survivor.url(), *_urls(*lost)], queue=QUEUE, timeout=20) as client:
             deadline = time.monotonic() + 120
             while True:
