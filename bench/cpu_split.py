@@ -22,16 +22,17 @@ the cost of one request in one worker is the sum of the two. Linux only (/proc).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
+
+from fibrpc import serving
+from fibrpc.config import DEFAULT_URL
+from fibrpc.errors import SpawnError
+from fibrpc.urls import split_urls
 
 TICK = os.sysconf("SC_CLK_TCK")
 DEFAULT_CALLS = {
@@ -76,27 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         env["FIBRPC_URL"] = args.url
     broker = args.broker_pid or broker_pid()
-    queue = f"fibrpc-cpu-{uuid.uuid4().hex[:8]}"
+    queue = serving.private_queue("fibrpc-cpu")
+    urls = split_urls(args.url) if args.url else []
     with tempfile.TemporaryDirectory(prefix="fibrpc-cpu-") as tmp:
-        log = Path(tmp) / "serve.log"
-        with log.open("wb") as out:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "fibrpc", "serve", "--workers", "2", "--queue", queue],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-            )
+        server = serving.start(urls, queue, log=Path(tmp) / "serve.log", workers=2)
         try:
-            deadline = time.monotonic() + 60
-            while b"ready:" not in log.read_bytes():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"cpu_split: the server did not start:\n{log.read_text()}")
-                time.sleep(0.1)
-            ps = ["ps", "-o", "pid=", "--ppid", str(server.pid)]
-            listed = subprocess.run(ps, capture_output=True, text=True, check=False)
-            workers = [int(p) for p in listed.stdout.split()]
+            try:
+                server.wait_ready(serving.READY_TIMEOUT)
+            except SpawnError as exc:
+                raise SystemExit(f"cpu_split: the server did not start: {exc}") from exc
+            workers = server.worker_pids()
             pids = {"broker": broker} | {f"worker {i}": w for i, w in enumerate(workers, 1)}
             runs = []
             for calls in (n1, n2):
@@ -114,13 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(used)
                 print(done.stdout.strip())
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                server.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(30)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            server.stop(30)
+            serving.delete_queue(urls or [DEFAULT_URL], queue)
     print(f"\nCPU per call, {args.scenario} (runs of {n1:,} and {n2:,} calls):")
     total = 0.0
     for name in ["client", *pids]:
