@@ -22,10 +22,12 @@ from typing import Any
 
 import jsonschema
 import pytest
+import referencing
 from conftest import delete_queue, run_cli, start_private_node
 from privatenode import PrivateNode
+from test_coalesce_form import EXAMPLE_REPLY, EXAMPLE_REQUEST
 
-from fibrpc import Client, control, describe, protocol
+from fibrpc import Client, coalesce, control, describe, protocol
 from fibrpc.aio import AsyncClient
 from fibrpc.config import Limits
 from fibrpc.errors import ErrorCode, RequestError
@@ -162,10 +164,19 @@ def test_the_asyncio_client_describes_the_servers_too(two_servers, users, queue)
 # -- the schema -------------------------------------------------------------------------
 
 
+def _registry() -> referencing.Registry[Any]:
+    """Every schema of docs/schema/ under its ``$id``, for the ``$ref`` between them."""
+    resources = []
+    for path in sorted(SCHEMA.glob("*.json")):
+        document = json.loads(path.read_text())
+        jsonschema.Draft202012Validator.check_schema(document)
+        resources.append((document["$id"], referencing.Resource.from_contents(document)))
+    return referencing.Registry().with_resources(resources)
+
+
 def schema(name: str) -> jsonschema.Draft202012Validator:
     document = json.loads((SCHEMA / f"{name}.json").read_text())
-    jsonschema.Draft202012Validator.check_schema(document)
-    return jsonschema.Draft202012Validator(document)
+    return jsonschema.Draft202012Validator(document, registry=_registry())
 
 
 def raw_descriptions(client: Client, wait: float = 2.0) -> list[bytes]:
@@ -203,6 +214,46 @@ def test_the_code_s_requests_replies_and_control_messages_match_the_schema():
         reply.validate(json.loads(protocol.encode_error(RequestError(code, "Why."))))
     schema("cancel").validate(json.loads(control.encode_cancel(["a.1", "a.2"])))
     schema("describe").validate(json.loads(control.encode_describe()))
+
+
+def test_coalesced_calls_and_their_replies_match_the_schema():
+    calls, answers = schema("calls"), schema("calls-reply")
+    calls.validate(json.loads(EXAMPLE_REQUEST))
+    answers.validate(json.loads(EXAMPLE_REPLY))
+    sent = [
+        coalesce.Outgoing("a.1", 30, "fast"),
+        coalesce.Outgoing("a.2", 0, "naive", deadline_ms=1, ttl_ms=2),
+    ]
+    calls.validate(json.loads(coalesce.encode_calls(sent)))
+    answered = [coalesce.Answer("a.1", "832040")]
+    answered += [coalesce.Answer("a.2", error=RequestError(code, "Why.")) for code in ErrorCode]
+    answers.validate(json.loads(coalesce.encode_answers(answered)))
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("calls", [{"id": "a.1", "n": "30"}]),  # n as text
+        ("calls", [{"n": 30}]),  # no id
+        ("calls", [{"id": "a.1", "n": 30, "window": 8}]),  # a key added
+        ("calls", {"id": "a.1", "n": 30}),  # not an array
+        ("calls-reply", [{"id": "a.1", "result": 832040}]),  # a number, not decimal text
+        ("calls-reply", [{"id": "a.1", "error": {"code": "late", "message": "x"}}]),
+        ("calls-reply", [{"result": "832040"}]),  # no id
+    ],
+    ids=[
+        "n-text",
+        "no-id",
+        "key-added",
+        "not-array",
+        "result-number",
+        "code-unknown",
+        "no-id-reply",
+    ],
+)
+def test_the_schema_fails_coalesced_calls_that_changed_shape(name, body):
+    with pytest.raises(jsonschema.ValidationError):
+        schema(name).validate(body)
 
 
 def a_description() -> dict[str, Any]:
