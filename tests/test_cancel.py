@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import URL
+from test_metrics import free_port, key, value, wait_for_scrape
 
 from fibrpc import CallTimeoutError, Client, ClientClosedError
 from fibrpc.aio import AsyncClient
@@ -32,9 +33,16 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def server(serve: Any, state_dir: Path) -> Any:
-    """One worker, naive up to 40, reporting to its own state directory."""
-    return serve(*HEAVY, workers=1, env={"FIBRPC_STATE_DIR": str(state_dir)})
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def server(serve: Any, state_dir: Path, metrics_port: int) -> Any:
+    """One worker, naive up to 40, reporting to its own state directory and serving its
+    Prometheus metrics on ``metrics_port``."""
+    options = (*HEAVY, "--metrics-port", str(metrics_port))
+    return serve(*options, workers=1, env={"FIBRPC_STATE_DIR": str(state_dir)})
 
 
 def described(client: Client) -> Description:
@@ -82,12 +90,20 @@ def freed(client: Client, server: Any) -> Description:
     return description
 
 
-def test_a_timed_out_heavy_call_frees_its_worker_and_is_never_charged(server):
+def test_a_timed_out_heavy_call_frees_its_worker_and_is_never_charged(server, metrics_port):
     with Client(URL, queue=server.queue, timeout=BOUND) as client:
         with pytest.raises(CallTimeoutError):
             client.call(40, algo="naive", timeout=1)
         freed(client, server)
         assert "its deadline passed while it was computed" in server.text
+    # Prometheus counts it too, though the worker that abandoned it is gone.
+    samples = wait_for_scrape(
+        metrics_port, {key("fibrpc_requests_total", algo="naive", outcome="abandoned"): 1}
+    )
+    assert value(samples, "fibrpc_requests_total", algo="naive", outcome="ok") == 1
+    # the abandoning worker was replaced once (a restart; freed() checked that nothing
+    # was charged as a crash)
+    assert value(samples, "fibrpc_worker_restarts_total") == 1
 
 
 def test_a_cancelled_future_frees_its_worker(server):

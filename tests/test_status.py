@@ -23,7 +23,7 @@ from typing import ClassVar
 import pytest
 from conftest import URL, run_cli
 
-from fibrpc import Client, state
+from fibrpc import Client, describe, state
 from fibrpc.exitcodes import ExitCode
 from fibrpc.kernels import FAST_TABLE
 from fibrpc.status import management_stats, parse_queue_stats
@@ -330,3 +330,46 @@ def test_a_queue_without_traffic_yet_has_zero_rates():
         "rates": {"publish": 0.0, "deliver": 0.0, "ack": 0.0, "redeliver": 0.0},
         "messages_unacknowledged": 0,
     }
+
+
+def test_status_watch_refreshes_and_shows_a_worker_that_stopped_answering_as_stuck(
+    serve, queue, state_dir
+):
+    # A stopped worker (SIGSTOP: alive, but its I/O loop no longer turns) stops reporting;
+    # its neighbour answers the describe and says so once SILENT_AFTER has passed.
+    server = serve(workers=2, env={"FIBRPC_STATE_DIR": str(state_dir)})
+    stopped, _ = server.worker_pids()
+    cmd = [sys.executable, "-m", "fibrpc", "status", "--url", URL, "--queue", queue]
+    watch = subprocess.Popen(
+        [*cmd, "--watch", "0.5"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "FIBRPC_STATE_DIR": str(state_dir)},
+    )
+    shown: list[bytes] = []
+    reader = threading.Thread(target=lambda: shown.extend(iter(watch.stdout.readline, b"")))
+    reader.start()
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + describe.SILENT_AFTER + 40
+        while b"STUCK" not in b"".join(shown):
+            assert watch.poll() is None, b"".join(shown)[-2000:]
+            assert time.monotonic() < deadline, b"".join(shown)[-2000:]
+            time.sleep(0.2)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        watch.send_signal(signal.SIGINT)
+        code = watch.wait(10)
+        reader.join(10)
+        watch.stdout.close()
+    text = b"".join(shown).decode()
+    # Each screen ends with this line (on a pipe, click leaves out the escape codes that
+    # clear the terminal before each).
+    screens = text.split("(every 0.5 s; Ctrl-C ends)")
+    assert len(screens) >= 3  # refreshed
+    last = screens[-2]  # the last whole screen
+    assert "2 worker(s), 1 STUCK" in last, last
+    [stuck] = [line for line in last.splitlines() if "STUCK:" in line]
+    assert f"pid {stopped}," in stuck and "stopped answering" in stuck, last
+    assert "STUCK" not in screens[0]  # it was not stuck before it stopped
+    assert code == ExitCode.OK
