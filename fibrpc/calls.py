@@ -192,7 +192,11 @@ class Registry:
     def __init__(self, window: int) -> None:
         self.window = window
         self._free = window
-        self._window = threading.Condition(threading.Lock())
+        # The window's lock is taken bare on the hot path (a Condition's own enter and
+        # exit are Python code); it is waited on only when the window is full.
+        self._lock = threading.Lock()
+        self._window = threading.Condition(self._lock)
+        self._blocked = 0  # threads waiting for a slot: only then is a release notified
         self.closed = False
         self._pending: dict[str, Call] = {}
         self._deadlines: list[tuple[float, str]] = []
@@ -205,13 +209,17 @@ class Registry:
         """Take a slot of the window, waiting up to ``timeout`` seconds (``math.inf``:
         as long as it takes) if ``block``. Returns False if none came free. Raises
         ``ClientClosedError`` once the registry is closed, waiting or not."""
-        with self._window:
+        with self._lock:
             if not block or self._free:
                 return self._take()
-            if timeout == math.inf or timeout >= threading.TIMEOUT_MAX:
-                self._window.wait_for(self._ready)
-            else:
-                self._window.wait_for(self._ready, timeout)
+            self._blocked += 1
+            try:
+                if timeout == math.inf or timeout >= threading.TIMEOUT_MAX:
+                    self._window.wait_for(self._ready)
+                else:
+                    self._window.wait_for(self._ready, timeout)
+            finally:
+                self._blocked -= 1
             return self._take()
 
     def _ready(self) -> bool:
@@ -227,11 +235,12 @@ class Registry:
 
     def release(self) -> None:
         """Give back a slot taken for a call that was never sent."""
-        with self._window:
+        with self._lock:
             if self._free >= self.window:
                 raise ValueError("a slot of the window was given back twice")
             self._free += 1
-            self._window.notify()
+            if self._blocked:
+                self._window.notify()
 
     def close(self) -> None:
         """No more calls: every ``reserve``, waiting or to come, raises

@@ -89,20 +89,21 @@ class Coalescer:
         after the reconnect, each alone)."""
         now = time.monotonic()
         wall_ms = int(time.time() * 1000)
-        outgoing = []
+        expiry = self._expiry
+        outgoing: list[tuple[str, int, str, int | None, int | None]] = []
+        append = outgoing.append
         latest = 0.0
         for call in calls:
             n: int = call.n  # type: ignore[assignment]  # a light call has one n
-            expires = self._expiry(call, now)
+            expires = expiry(call, now)
             if expires == math.inf:
                 latest = math.inf
-                outgoing.append(coalesce.Outgoing(call.corr_id, n, call.algo))
+                append((call.corr_id, n, call.algo, None, None))
                 continue
             latest = max(latest, expires)
-            left_ms = max(1, int((expires - now) * 1000))
-            outgoing.append(
-                coalesce.Outgoing(call.corr_id, n, call.algo, wall_ms + left_ms, left_ms)
-            )
+            left_ms = int((expires - now) * 1000)
+            left_ms = max(left_ms, 1)
+            append((call.corr_id, n, call.algo, wall_ms + left_ms, left_ms))
         message_id = calls[0].corr_id + "+"
         body = coalesce.encode_calls(outgoing)
         message = Call(message_id, [], "", AS_TEXT, math.inf, (body, coalesce.CALLS, None))
