@@ -18,6 +18,7 @@ import heapq
 import math
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
 from fibrpc import coalesce, protocol, tracing
@@ -233,14 +234,14 @@ class Registry:
         self._free -= 1
         return True
 
-    def release(self) -> None:
-        """Give back a slot taken for a call that was never sent."""
+    def release(self, count: int = 1) -> None:
+        """Give back ``count`` slots (taken for calls settled, or never sent)."""
         with self._lock:
-            if self._free >= self.window:
+            if self._free + count > self.window:
                 raise ValueError("a slot of the window was given back twice")
-            self._free += 1
+            self._free += count
             if self._blocked:
-                self._window.notify()
+                self._window.notify(count)
 
     def close(self) -> None:
         """No more calls: every ``reserve``, waiting or to come, raises
@@ -275,6 +276,18 @@ class Registry:
         if call.settle(outcome, ok=ok):
             self.release()
             self.settled += 1
+
+    def settle_each(self, outcomes: Iterable[tuple[Call, Any, bool]]) -> None:
+        """``settle`` each (call, outcome, ok), their slots freed together: one lock for
+        a coalesced reply's calls, which a thread taking slots would otherwise contend
+        for call by call."""
+        freed = 0
+        for call, outcome, ok in outcomes:
+            if call.settle(outcome, ok=ok):
+                freed += 1
+        if freed:
+            self.release(freed)
+            self.settled += freed
 
     def fail(self, corr_id: str, error: BaseException) -> bool:
         """Fail the call ``corr_id`` if it is still in flight; whether it was."""

@@ -138,6 +138,9 @@ def encode(
     it: ``out_of_range``), an ``algo`` that is not a str, and a body over
     ``max_message`` bytes (the broker's limit once it has named one; else RabbitMQ's
     default, 16 MiB). ``binary``: a batch goes in the binary form (``protocol.U64``)."""
+    if type(n) is int and 0 <= n < _SMALL_N_END and as_ != AS_INTS and type(algo) is str:
+        # The usual call, a small n: its request is the table's (encode_request's text).
+        return n, (_SMALL_BODIES[n], None, None if algo == DEFAULT_ALGORITHM else algo)
     check_algo(algo)
     if as_ != AS_INTS or not isinstance(n, list):
         n = check_n(n)
@@ -159,6 +162,10 @@ def encode(
         raise too_large(len(encoded[0]), largest)
     return n, encoded
 
+
+#: The n whose request bodies are made once (``encode``): those of light calls and more.
+_SMALL_N_END: Final = 128
+_SMALL_BODIES: Final = tuple(str(n).encode("ascii") for n in range(_SMALL_N_END))
 
 #: The largest n a request may carry: 2**64 - 1 (F(n) past it would have quintillions of
 #: digits; every server's bound is far lower).

@@ -105,12 +105,14 @@ def decode_answers(body: bytes) -> list[Answer]:
         raise ValueError(f"a coalesced reply is a JSON array, not {type(doc).__name__}")
     out: list[Answer] = []
     append = out.append
+    new = tuple.__new__  # Answer(call_id, result) without its __new__ in Python (a tenth
+    # of the client's time per coalesced call went there)
     for entry in doc:
         if type(entry) is not dict or type(call_id := entry.get("id")) is not str:
             raise ValueError(f"an entry of a coalesced reply has no string id: {entry!r:.80}")
         result = entry.get("result")
         if type(result) is str:
-            append(Answer(call_id, result))
+            append(new(Answer, (call_id, result, None)))
             continue
         error = entry.get("error")
         if type(error) is not dict or "code" not in error or "message" not in error:

@@ -134,21 +134,25 @@ class Coalescer:
             except ValueError as exc:
                 self._fail_members(members, exc)
                 return
+            outcomes: list[tuple[Call, Any, bool]] = []
+            settle = outcomes.append
+            pop = registry.pop
             for answer in answers:
-                call = registry.pop(answer.id)
+                call = pop(answer.id)
                 if call is None:
                     self._count_stray(answer.id)
                 elif answer.error is not None:
-                    registry.settle(call, answer.error, ok=False)
+                    settle((call, answer.error, False))
                 else:
                     try:
                         result: Any = answer.result
                         if call.as_ != AS_TEXT:
                             result = protocol.to_int(answer.result)  # type: ignore[arg-type]
                     except ValueError as exc:
-                        registry.settle(call, self._unreadable(call, exc), ok=False)
+                        settle((call, self._unreadable(call, exc), False))
                     else:
-                        registry.settle(call, result, ok=True)
+                        settle((call, result, True))
+            registry.settle_each(outcomes)
             return
         try:
             protocol.decode_reply(body, content_type)
