@@ -387,49 +387,80 @@ class AsyncClient:
     # -- on the loop ----------------------------------------------------------------------
 
     async def _one(self, n: object, algo: str, timeout: float | None, as_: int) -> Any:
+        # One coroutine frame for the whole call when a slot is free (the usual case):
+        # the frames of _send, _reserve and _wait cost the loop a tenth of a call.
         seconds = self.timeout if timeout is None else check_timeout(timeout)
-        call, future = await self._send(n, algo, seconds, as_, waits=True)
+        driver = self._open_driver()
+        n, encoded = encode(n, algo, as_, driver.max_message, binary=driver.binary_requests)
+        if not self._slots.try_take():
+            await self._reserve(seconds)
         try:
-            return await self._wait(call, future)
+            while (made := self._make(driver, n, algo, seconds, as_, encoded, True)) is None:
+                await asyncio.sleep(TICK)  # rare: see _make
+        except BaseException:
+            self._slots.give()
+            raise
+        call, future = made
+        waiting = self._waiting
+        waiting.add(call)
+        if self._watchdog is None and seconds != math.inf:
+            self._arm_watchdog()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._abandon(call, ClientClosedError("The call was cancelled."))
+            raise
         finally:
+            waiting.discard(call)
             self._slots.give()
 
     async def _send(
-        self, n: object, algo: str, seconds: float, as_: int, *, waits: bool = False
+        self, n: object, algo: str, seconds: float, as_: int
     ) -> tuple[Call, asyncio.Future[Any]]:
         """Check, encode and hand over one call, once a slot of the window is free;
         nothing is reserved before every argument is checked. The caller releases the
-        slot once it is done with the call. ``waits``: the caller awaits this one call
-        (``call``, ``call_text``), which makes its span, if traced, a CLIENT span."""
+        slot once it is done with the call."""
         driver = self._open_driver()
         n, encoded = encode(n, algo, as_, driver.max_message, binary=driver.binary_requests)
         await self._reserve(seconds)
         try:
-            if self._closing:
-                raise ClientClosedError("The client is closed.")
-            while not driver.registry.reserve(seconds, block=False):
-                # Rare: a call cancelled while the I/O thread was publishing it holds
-                # its registry slot until its reply or deadline, a moment later.
-                await asyncio.sleep(TICK)
-            loop = self._loop
-            assert loop is not None
-            future = loop.create_future()
-            call = Call(
-                f"{self._prefix}{next(self._ids)}",
-                n,
-                algo,
-                as_,
-                seconds,
-                encoded,
-                _Waiter(self, future),
-            )
-            tracing.start_call(call, self.queue, waits=waits)  # waits: call, call_text
-            if not self._outbox:
-                loop.call_soon(self._hand_over)
-            self._outbox.append(call)
+            while (made := self._make(driver, n, algo, seconds, as_, encoded, False)) is None:
+                await asyncio.sleep(TICK)  # rare: see _make
         except BaseException:
             self._slots.give()
             raise
+        return made
+
+    def _make(
+        self,
+        driver: Driver,
+        n: int | list[int],
+        algo: str,
+        seconds: float,
+        as_: int,
+        encoded: tuple[bytes, str | None, str | None],
+        waits: bool,
+    ) -> tuple[Call, asyncio.Future[Any]] | None:
+        """The call of ``n`` (checked and encoded, its slot of the window taken), queued
+        for the next hand-over to the I/O thread, and its future; None if the registry
+        has no slot free yet (rare: a call cancelled while the I/O thread was publishing
+        it holds its slot until its reply or deadline, a moment later: try again after a
+        pause). ``waits``: the caller awaits this one call (``call``, ``call_text``),
+        which makes its span, if traced, a CLIENT span. The caller gives the slot back
+        if this raises."""
+        if self._closing:
+            raise ClientClosedError("The client is closed.")
+        if not driver.registry.reserve(seconds, block=False):
+            return None
+        loop = self._loop
+        assert loop is not None
+        future = loop.create_future()
+        corr_id = f"{self._prefix}{next(self._ids)}"
+        call = Call(corr_id, n, algo, as_, seconds, encoded, _Waiter(self, future))
+        tracing.start_call(call, self.queue, waits=waits)  # waits: call, call_text
+        if not self._outbox:
+            loop.call_soon(self._hand_over)
+        self._outbox.append(call)
         return call, future
 
     def _hand_over(self) -> None:
