@@ -49,6 +49,7 @@ import itertools
 import logging
 import os
 import re
+import sys
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -206,13 +207,20 @@ def _has(owner: Any, name: str) -> bool:
     for klass in owner.__mro__:
         if not klass.__module__.startswith("pika"):
             continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        if assigned.search(source):
+        if assigned.search(_module_source(klass.__module__)):
             return True
     return False
+
+
+@functools.cache
+def _module_source(module: str) -> str:
+    """The source of pika's module ``module`` ("" if unreadable). The whole module, not
+    the class: ``inspect.getsource`` of a class parses its module, and that was most of
+    a client's start-up (0.3 s of ``fibrpc call``'s 0.5 s)."""
+    try:
+        return inspect.getsource(sys.modules[module])
+    except (KeyError, OSError, TypeError):
+        return ""
 
 
 def install(connection: Any) -> None:
