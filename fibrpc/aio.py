@@ -40,6 +40,8 @@ from fibrpc import control, describe, tracing
 from fibrpc.calls import AS_INT, AS_TEXT, Call, Registry
 from fibrpc.client import (
     END,
+    check_heartbeat,
+    check_queue,
     check_reply_queue,
     check_timeout,
     check_urls,
@@ -182,9 +184,9 @@ class AsyncClient:
         self.window = check_window(window)
         self.urls = check_urls(url, tls)
         self.url = self.urls[0]
-        self.queue = queue
+        self.queue = check_queue(queue)
         self.reply_queue = check_reply_queue(reply_queue)
-        self._heartbeat = heartbeat
+        self._heartbeat = check_heartbeat(heartbeat)
         self._tls = tls
         self._prefix = uuid.uuid4().hex[:12] + "."
         self._ids = itertools.count()

@@ -240,7 +240,7 @@ Examples:
 @option(
     "--heartbeat",
     env="FIBRPC_HEARTBEAT",
-    type=click.IntRange(0),
+    type=click.IntRange(0, 65535),
     default=config.DEFAULT_HEARTBEAT,
     show_default=True,
     help="AMQP heartbeat in seconds.",

@@ -66,6 +66,8 @@ _FORK_LOCK = threading.Lock()
 def check_timeout(timeout: object) -> float:
     """``timeout`` as seconds: any positive number; ``math.inf`` for no deadline.
 
+    A timeout longer than ``MAX_TIMEOUT`` (about 292 years) is no deadline (``math.inf``):
+    none that long can be kept, and its milliseconds would overflow a message's TTL.
     Raises ``ConfigError`` for zero, a negative number, NaN or anything not a number
     (a bool included), before anything is sent.
     """
@@ -79,7 +81,34 @@ def check_timeout(timeout: object) -> float:
         raise ConfigError(
             f"A timeout must be more than 0 seconds (math.inf: no deadline); got {timeout!r}."
         )
-    return seconds
+    return seconds if seconds <= MAX_TIMEOUT else math.inf
+
+
+#: The longest timeout kept as a deadline, in seconds (threading's limit, 2**63 ns).
+MAX_TIMEOUT: Final = threading.TIMEOUT_MAX
+
+
+def check_heartbeat(heartbeat: object) -> int:
+    """``heartbeat`` as whole seconds, 0 (none) to 65,535 (AMQP's field is 16 bits);
+    else ``ConfigError``."""
+    if type(heartbeat) is not int or not 0 <= heartbeat <= MAX_HEARTBEAT:
+        raise ConfigError(
+            f"heartbeat must be a whole number of seconds from 0 (none) to {MAX_HEARTBEAT}; "
+            f"got {heartbeat!r}."
+        )
+    return heartbeat
+
+
+#: The longest AMQP heartbeat, in seconds: connection.tune's field is a short.
+MAX_HEARTBEAT: Final = 65535
+
+
+def check_queue(queue: object) -> str:
+    """``queue`` if it names a queue (1 to 255 bytes of UTF-8); else ``ConfigError``
+    (an empty name would be one the broker makes up)."""
+    if type(queue) is not str or not 0 < len(queue.encode("utf-8", "replace")) <= 255:
+        raise ConfigError(f"queue must be a queue's name, 1 to 255 bytes; got {queue!r}.")
+    return queue
 
 
 def check_urls(url: str | Sequence[str], tls: TLSOptions | None) -> tuple[str, ...]:
@@ -302,9 +331,9 @@ class Client:
         self.window = check_window(window)
         self.urls = check_urls(url, tls)  # a bad URL: ConfigError, here
         self.url = self.urls[0]
-        self.queue = queue
+        self.queue = check_queue(queue)
         self.reply_queue = check_reply_queue(reply_queue)
-        self._heartbeat = heartbeat
+        self._heartbeat = check_heartbeat(heartbeat)
         self._tls = tls
         self._start()
 

@@ -48,6 +48,8 @@ from fibrpc import __version__, describe, protocol
 from fibrpc.calls import AS_INT, AS_TEXT, read_reply, wants_binary
 from fibrpc.client import (
     END,
+    check_heartbeat,
+    check_queue,
     check_reply_queue,
     check_timeout,
     check_urls,
@@ -129,8 +131,9 @@ class _Stub:
         self.window = check_window(window)
         self.urls = check_urls(url, tls)  # as Client: ConfigError for a URL or TLS option
         self.url = self.urls[0]
-        self.queue = queue
+        self.queue = check_queue(queue)
         self.reply_queue = check_reply_queue(reply_queue)  # taken, and unused: no broker
+        check_heartbeat(heartbeat)  # likewise
         self.limits = limits or Limits()
         self._memo_bytes = memo_bytes
         self._handler: Handler | None = None

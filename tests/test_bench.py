@@ -187,3 +187,17 @@ def test_bench_spawn_with_the_broker_down_exits_6_at_once_saying_so() -> None:
     assert time.monotonic() - started < 15  # the interpreter's start, then one refusal
     assert f"127.0.0.1:{port}" in result.stderr
     assert "guest:guest" not in result.stderr
+
+
+def test_bench_on_a_queue_nobody_serves_says_so_after_one_call_not_ten(queue: str) -> None:
+    with broker_connection() as connection:
+        connection.channel().queue_declare(queue)  # there, and no consumer
+    started = time.monotonic()
+    result = run_cli(
+        "bench", "--url", URL, "--queue", queue, "--scenario", "sequential", "--calls", "10",
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == ExitCode.NO_SERVER, result.stderr
+    assert "No fibrpc server is serving queue" in result.stderr
+    # One warm-up call's no-server wait (about 1.5 s), not ten of them in a row (15 s).
+    assert time.monotonic() - started < 10

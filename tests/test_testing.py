@@ -29,6 +29,7 @@ from fibrpc import (
     RequestError,
 )
 from fibrpc.aio import AsyncClient
+from fibrpc.client import MAX_TIMEOUT, check_timeout
 from fibrpc.config import Limits
 from fibrpc.kernels import FAST_TABLE
 from fibrpc.pytest_plugin import FibrpcServer
@@ -213,6 +214,12 @@ def test_a_bad_batch_size_is_the_same_config_error(real, stub, batch_size):
         {"window": 0},
         {"window": True},
         {"window": 1.5},
+        {"heartbeat": -1},
+        {"heartbeat": 65536},
+        {"heartbeat": 1.5},
+        {"heartbeat": "30"},
+        {"queue": ""},
+        {"queue": "q" * 256},
         {"url": "http://127.0.0.1/"},
         {"url": "amqp://"},
         {"url": ["amqp://127.0.0.1", "redis://x"]},
@@ -228,6 +235,14 @@ def test_bad_settings_are_the_same_config_error(settings):
     with pytest.raises(ConfigError) as stub:
         AsyncStubClient(url, **settings)
     assert str(stub.value) == str(real.value)
+
+
+def test_a_timeout_too_long_to_keep_is_no_deadline():
+    # Past threading's limit (292 years) no deadline can be kept, and its milliseconds
+    # would overflow a message's TTL: it is math.inf, on every client alike.
+    assert check_timeout(1e308) == check_timeout(2e305) == check_timeout(10**400) == math.inf
+    assert check_timeout(MAX_TIMEOUT) == MAX_TIMEOUT
+    assert check_timeout(30) == 30.0
 
 
 def test_a_call_slower_than_its_timeout_is_a_call_timeout_error_on_both(real, stub):
