@@ -191,7 +191,7 @@ def test_bench_spawn_with_the_broker_down_exits_6_at_once_saying_so() -> None:
 
 def test_bench_on_a_queue_nobody_serves_says_so_after_one_call_not_ten(queue: str) -> None:
     with broker_connection() as connection:
-        connection.channel().queue_declare(queue)  # there, and no consumer
+        connection.channel().queue_declare(queue, durable=True)  # there, and no consumer
     started = time.monotonic()
     result = run_cli(
         "bench", "--url", URL, "--queue", queue, "--scenario", "sequential", "--calls", "10",
