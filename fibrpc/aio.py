@@ -396,12 +396,9 @@ class AsyncClient:
         n, encoded = encode(n, algo, as_, driver.max_message, binary=driver.binary_requests)
         if not self._slots.try_take():
             await self._reserve(seconds)
-        try:
-            while (made := self._make(driver, n, algo, seconds, as_, encoded, True)) is None:
-                await asyncio.sleep(TICK)  # rare: see _make
-        except BaseException:
-            self._slots.give()
-            raise
+        made = self._make(driver, n, algo, seconds, as_, encoded, True)
+        if made is None:  # rare: see _make
+            made = await self._make_later(driver, n, algo, seconds, as_, encoded, True)
         call, future = made
         waiting = self._waiting
         waiting.add(call)
@@ -425,13 +422,33 @@ class AsyncClient:
         driver = self._open_driver()
         n, encoded = encode(n, algo, as_, driver.max_message, binary=driver.binary_requests)
         await self._reserve(seconds)
-        try:
-            while (made := self._make(driver, n, algo, seconds, as_, encoded, False)) is None:
-                await asyncio.sleep(TICK)  # rare: see _make
-        except BaseException:
-            self._slots.give()
-            raise
+        made = self._make(driver, n, algo, seconds, as_, encoded, False)
+        if made is None:  # rare: see _make
+            made = await self._make_later(driver, n, algo, seconds, as_, encoded, False)
         return made
+
+    async def _make_later(
+        self,
+        driver: Driver,
+        n: int | list[int],
+        algo: str,
+        seconds: float,
+        as_: int,
+        encoded: tuple[bytes, str | None, str | None],
+        waits: bool,
+    ) -> tuple[Call, asyncio.Future[Any]]:
+        """``_make`` again after a pause, until the registry has a slot; the window's
+        slot is given back if the wait is cancelled (``_make`` gives it back if it
+        raises)."""
+        while True:
+            try:
+                await asyncio.sleep(TICK)
+            except BaseException:
+                self._slots.give()
+                raise
+            made = self._make(driver, n, algo, seconds, as_, encoded, waits)
+            if made is not None:
+                return made
 
     def _make(
         self,
@@ -448,18 +465,22 @@ class AsyncClient:
         has no slot free yet (rare: a call cancelled while the I/O thread was publishing
         it holds its slot until its reply or deadline, a moment later: try again after a
         pause). ``waits``: the caller awaits this one call (``call``, ``call_text``),
-        which makes its span, if traced, a CLIENT span. The caller gives the slot back
-        if this raises."""
-        if self._closing:
-            raise ClientClosedError("The client is closed.")
-        if not driver.registry.reserve(seconds, block=False):
-            return None
-        loop = self._loop
-        assert loop is not None
-        future = loop.create_future()
-        corr_id = f"{self._prefix}{next(self._ids)}"
-        call = Call(corr_id, n, algo, as_, seconds, encoded, _Waiter(self, future))
-        tracing.start_call(call, self.queue, waits=waits)  # waits: call, call_text
+        which makes its span, if traced, a CLIENT span. If this raises, the window's
+        slot is given back."""
+        try:
+            if self._closing:
+                raise ClientClosedError("The client is closed.")
+            if not driver.registry.reserve(seconds, block=False):
+                return None
+            loop = self._loop
+            assert loop is not None
+            future = loop.create_future()
+            corr_id = f"{self._prefix}{next(self._ids)}"
+            call = Call(corr_id, n, algo, as_, seconds, encoded, _Waiter(self, future))
+            tracing.start_call(call, self.queue, waits=waits)  # waits: call, call_text
+        except BaseException:
+            self._slots.give()
+            raise
         if not self._outbox:
             loop.call_soon(self._hand_over)
         self._outbox.append(call)
