@@ -139,7 +139,7 @@ class CoalescedCalls(WorkerParts):
         def done(f: concurrent.futures.Future[list[coalesce.Answer]]) -> None:
             if not f.cancelled():
                 answers = f.result()
-                self.link.call_threadsafe(lambda: finish(answers))
+                self._hand_back(lambda: finish(answers))
 
         self._compute.submit(compute).add_done_callback(done)
 

@@ -389,7 +389,22 @@ def _turn_until(connection: Any, done: Callable[[], bool], timeout: float) -> No
         ioloop.process_timeouts()
         ioloop.remove_timeout(timer)
         if impl.is_closed:
-            connection.process_data_events(time_limit=0)  # raises why it closed
+            _raise_closed(connection)
+
+
+def _raise_closed(connection: Any) -> None:
+    """Raise why ``connection`` closed, if it has (the broker's close, such as RabbitMQ
+    4.3's 541 at a consume racing its quorum queue's deletion, or the stream's loss):
+    pika's ``process_data_events`` would raise a bare ``ConnectionWrongStateError``."""
+    closed = connection._closed_result
+    if closed.ready:
+        error = closed.value.error
+        connection._cleanup()  # as pika does: closes the loop's wake-up socket pair
+        if isinstance(error, BaseException):
+            raise error
+        raise pika.exceptions.StreamLostError(f"The connection closed: {error!r}")
+    if connection._impl.is_closed:
+        connection.process_data_events(time_limit=0)  # raises what pika knows of it
 
 
 def run_io(connection: Any) -> None:
@@ -401,13 +416,7 @@ def run_io(connection: Any) -> None:
     impl.ioloop.poll()
     impl.ioloop.process_timeouts()
     _flush(impl)
-    closed = connection._closed_result
-    if closed.ready:
-        error = closed.value.error
-        connection._cleanup()  # as pika does: closes the loop's wake-up socket pair
-        if isinstance(error, BaseException):
-            raise error
-        raise pika.exceptions.StreamLostError(f"The connection closed: {error!r}")
+    _raise_closed(connection)
 
 
 def _flush(impl: Any) -> None:

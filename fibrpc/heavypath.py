@@ -2,7 +2,7 @@
 
 A heavy request (large n, naive recursion) is computed on a single compute thread while
 the I/O loop keeps turning, so heartbeats flow and the connection survives; its reply is
-handed back to the I/O thread with ``WorkerLink.call_threadsafe``. One skipped while it
+handed back to the I/O thread (``Worker._hand_back``). One skipped while it
 waited (its deadline passed, or its caller cancelled it) is not computed. A part of
 ``fibrpc.server.Worker`` (``fibrpc.workerstate.WorkerParts``).
 """
@@ -44,7 +44,7 @@ class HeavyPath(WorkerParts):
             if f.cancelled():
                 return
             reply = f.result()
-            self.link.call_threadsafe(
+            self._hand_back(
                 lambda: self._finish_heavy(generation, tag, props, reply, request, started)
             )
 

@@ -20,7 +20,7 @@ request's path and its reply), ``fibrpc.coalesced`` (coalesced calls),
 A light request (almost all of them) is answered inside the link's delivery callback. A
 heavy one (large n, naive recursion) is computed on a single compute thread while the I/O
 loop keeps turning, so heartbeats flow and the connection survives; its reply is handed
-back to the I/O thread with ``WorkerLink.call_threadsafe``.
+back to the I/O thread (``Worker._hand_back``, woken by ``WorkerLink.call_threadsafe``).
 
 Faults a worker absorbs by itself, without dying:
 
@@ -141,11 +141,14 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
         self._in_flight = 0
         self._generation = 0  # per connection and cancelled consumer: stale results dropped
         #: Generations whose consumer RabbitMQ cancelled (their queue was deleted): what
-        #: they hold never comes back, so it is answered on this connection whatever
-        #: happens to their channel, and never acked (``_fate_of``).
+        #: they hold never comes back, so it is answered whatever happens to their channel
+        #: or connection, and never acked (``_fate_of``); and how many are still held.
         self._orphans: set[int] = set()
+        self._orphans_held = 0
         #: Orphans' results that came while the link had no open channel (``_fate_of``).
         self._deferred: list[Callable[[], None]] = []
+        #: Results of the compute thread, waiting for the I/O thread (``_hand_back``).
+        self._handed_back: collections.deque[Callable[[], None]] = collections.deque()
         self._resubscribe = backoff.Backoff()
         self._resubscribe_at: float | None = None  # when to consume again, after a 404
         self._compute = concurrent.futures.ThreadPoolExecutor(1, "fibrpc-compute")
@@ -225,15 +228,16 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
 
     def _open(self) -> None:
         """Connect and consume. Requests may arrive before ``open`` returns: they belong
-        to this connection's generation."""
+        to this connection's generation. What the last connection held is the broker's
+        to deliver again, except orphans (``_fate_of``): still held, and answered on this
+        connection."""
         self._generation += 1
-        self._in_flight = 0
-        self._orphans.clear()
-        self._deferred.clear()
+        self._in_flight = self._orphans_held
         self._consumer_cancelled = False
         self._resubscribe_at = None
         self.link.open(self._on_request, self._on_cancelled)
         self._retry.up()
+        self._run_deferred()
         if self._outage_since is None:
             log.info("consuming %r at %s", self.settings.queue, amqp.redact(self.url))
             return
@@ -326,6 +330,8 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
         self.desk.opened(self.link.open_control(self.settings.server_id, self.desk.heard))
         while not self._stopping:
             self.link.turn()  # returns within a quarter of a second
+            if self._handed_back:  # a wake-up lost with the last connection
+                self._run_handed_back()
             if self._running is not None or self.desk.busy():
                 self._manners()
             if self._consumer_cancelled and time.monotonic() >= (self._resubscribe_at or 0.0):
@@ -361,11 +367,10 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
             )
             self.stats.reconnects += 1
             self._orphans.add(self._generation)
+            self._orphans_held = self._in_flight  # older orphans' included
             self._generation += 1
         consumed = self.link.consume_again()
-        deferred, self._deferred = self._deferred, []
-        for finish in deferred:  # results that came while the channel was closed
-            finish()
+        self._run_deferred()
         if consumed:
             self._consumer_cancelled = False
             self._resubscribe_at = None
@@ -379,21 +384,44 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
             delay,
         )
 
+    def _hand_back(self, finish: Callable[[], None]) -> None:
+        """From the compute thread: run ``finish`` (a result's reply) on the I/O thread.
+        It waits here, not in the connection, whose callbacks go with it: an orphan's
+        result that comes while the worker reconnects is still answered."""
+        self._handed_back.append(finish)
+        self.link.call_threadsafe(self._run_handed_back)
+
+    def _run_handed_back(self) -> None:
+        handed_back = self._handed_back
+        while handed_back:
+            handed_back.popleft()()
+
     def _fate_of(self, generation: int, finish: Callable[[], None]) -> bool | None:
         """What to do with a result computed for a request of ``generation``: True,
-        reply and ack (its consumer is this one); False, reply only (its consumer was
-        cancelled with its queue: nothing requeues it, nothing may ack it); None, drop it
-        (its connection is gone and the broker requeued it). An orphan's result that
-        comes while the channel is closed (between a 404 and the fresh channel) is kept,
-        and ``finish`` run again once the link has a channel: None meanwhile."""
+        reply and ack (its consumer is this one); False, reply only (an orphan: its
+        consumer was cancelled with its queue, so nothing requeues it and nothing may ack
+        it); None, drop it (its connection is gone and the broker requeued it). An
+        orphan's result that comes while the link has no channel (between a 404 and the
+        fresh channel, or while reconnecting: RabbitMQ 4.3 closes the connection, 541,
+        at a consume racing a quorum queue's deletion) is kept, and ``finish`` run again
+        once the link has one: None meanwhile."""
         if generation in self._orphans:
-            if self.link.is_open():
-                return False
-            self._deferred.append(finish)
-            return None
+            if not self.link.is_open():
+                self._deferred.append(finish)
+                return None
+            self._orphans_held -= 1
+            if not self._orphans_held:
+                self._orphans.clear()
+            return False
         if generation != self._generation or not self.link.is_open():
             return None
         return True
+
+    def _run_deferred(self) -> None:
+        """Answer the orphans' results that came while the link had no channel."""
+        deferred, self._deferred = self._deferred, []
+        for finish in deferred:
+            finish()
 
     def _drain(self) -> None:
         """Cancel the consumer (what reaches us after that is rejected, to be requeued),
@@ -402,6 +430,7 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
         self.link.cancel(self.settings.drain_timeout)
         while self._in_flight and time.monotonic() < deadline:
             self.link.turn()
+            self._run_handed_back()
         if self._in_flight:
             log.warning(
                 "drain timed out with %d request(s) unanswered; the broker requeues them",

@@ -65,6 +65,7 @@ class FakeLink:
         self.stop_when: Callable[[FakeLink], bool] = lambda link: not link.pending
         self.reconsumed = 0
         self.reconsume_failures = 0  # consume_again()s that find the queue gone again
+        self.reconsume_lost: list[Exception] = []  # raised by the next consume_again()s
         self.channel_open = True
         self._on_request: Callable[[Any, Any, Any, bytes], None] | None = None
         self._on_cancel: Callable[[], None] | None = None
@@ -86,6 +87,8 @@ class FakeLink:
             raise self.open_failures.pop(0)
         self._on_request, self._on_cancel = on_request, on_cancel
         self.channel_open = True
+        with self._lock:  # as pika's: a new connection runs none of the last one's callbacks
+            self._callbacks.clear()
 
     def turn(self) -> None:
         assert time.monotonic() < self._deadline, "the worker did not stop in time"
@@ -128,6 +131,9 @@ class FakeLink:
 
     def consume_again(self) -> bool:
         self.reconsumed += 1
+        if self.reconsume_lost:
+            self.channel_open = False
+            raise self.reconsume_lost.pop(0)
         if self.reconsume_failures:  # the queue went again before the consume: a new channel
             self.reconsume_failures -= 1
             self.done.append(("new channel",))
@@ -541,6 +547,57 @@ def test_a_request_held_when_its_queue_is_deleted_is_answered_and_never_acked(go
     run(make_worker(link, handler=handler))
     assert link.opened == 1 and link.reconsumed == 1 + gone_again
     assert link.done == [("new channel",)] * gone_again + [
+        ("reply", "c1", b"75025"),
+        ("reply", "c2", b"55"),
+        ("ack", 1),
+        ("cancel",),
+    ]
+
+
+def test_a_request_held_when_its_queue_is_deleted_is_answered_after_a_reconnect():
+    """RabbitMQ 4.3 closes the whole connection (541 INTERNAL_ERROR, "failed consuming
+    from quorum queue ...: noproc") at a consume racing the deletion of a quorum queue.
+    What the cancelled consumer held never comes back: computed while the worker
+    reconnects (the lost connection drops its callbacks), it is answered on the next
+    connection, unacked. Before: dropped as if the broker had requeued it (CI, 14 of 40
+    calls timed out)."""
+    link = FakeLink()
+    handler = Handler()
+    release, computed = threading.Event(), threading.Event()
+    compute = handler.compute
+
+    def held(request: Any) -> Any:
+        assert release.wait(BOUND)
+        try:
+            return compute(request)
+        finally:
+            computed.set()
+
+    handler.compute = held  # type: ignore[method-assign]
+    link.deliver(b"25", Props(type="naive"), tag=3)
+    link.reconsume_lost = [LinkLostError("ConnectionClosedByBroker: (541) INTERNAL_ERROR")]
+    original_turn, original_open = link.turn, link.open
+
+    def turn() -> None:
+        if not link.reconsumed and not link.pending:
+            link.cancel_consumer()  # the request is held on the compute thread by now
+        if link.opened == 2 and len(link.replies()) == 1 and not link.pending:
+            link.deliver(b"10", Props(correlation_id="c2"), tag=1)  # to the new consumer
+        original_turn()
+
+    def reopen(*args: Any) -> None:
+        if link.opened:  # reconnecting: the result comes meanwhile
+            release.set()
+            assert computed.wait(BOUND)
+            time.sleep(0.05)  # its hand-back reached the old connection
+        original_open(*args)
+
+    link.turn = turn  # type: ignore[method-assign]
+    link.open = reopen  # type: ignore[method-assign]
+    link.stop_when = lambda link: len(link.replies()) == 2
+    run(make_worker(link, handler=handler))
+    assert link.opened == 2 and link.reconsumed == 1
+    assert link.done == [
         ("reply", "c1", b"75025"),
         ("reply", "c2", b"55"),
         ("ack", 1),
