@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 READY_TIMEOUT: Final = 60.0
 #: Seconds a server may take to drain after SIGTERM before its process group is killed.
 STOP_TIMEOUT: Final = 20.0
+#: Seconds the processes of a killed server's group may take to be gone (reaped).
+GONE_WITHIN: Final = 5.0
 #: What a server logs once it consumes (``fibrpc serve``'s supervisor, at info).
 READY: Final = "ready:"
 #: Characters of a server's log quoted in an error.
@@ -150,9 +152,20 @@ class ServerProcess:
         return self.proc.wait(5)
 
     def kill_group(self) -> None:
-        """SIGKILL every process left in the server's process group (workers too)."""
+        """SIGKILL every process left in the server's process group (workers too), and
+        wait up to ``GONE_WITHIN`` seconds until none is left: the supervisor is reaped
+        here, and a worker it left behind is gone only once init has reaped it."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + GONE_WITHIN
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(GONE_WITHIN)  # this process's child: a zombie until then
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.01)
 
 
 def start(

@@ -220,6 +220,18 @@ def test_state_files_of_a_supervisor_that_is_gone_are_ignored(tmp_path):
             sleeper.kill()
 
 
+def test_a_killed_server_leaves_no_process_once_kill_group_returns(serve):
+    """``ServerProcess.kill_group`` (the pytest plugin's and bench's last step) returns
+    only once the whole group is gone, reaped: a worker orphaned by its supervisor's
+    kill -9 included (CI once found one still there after the plugin's teardown)."""
+    server = serve(workers=2)
+    assert len(server.worker_pids()) == 2
+    os.kill(server.pid, signal.SIGKILL)  # the workers are orphaned, and told to drain
+    server.kill_group()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.pid, 0)
+
+
 def test_a_starting_server_removes_the_files_a_killed_one_left(serve, state_dir):
     killed = serve(workers=1, env={"FIBRPC_STATE_DIR": str(state_dir)})
     killed.kill_group()  # SIGKILL: no clean-up
