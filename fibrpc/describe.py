@@ -38,8 +38,8 @@ EXPECTED_WITHOUT_DEADLINE: Final = 60.0
 #: Seconds of slack past a request's expected end before its worker counts as stuck.
 STUCK_SLACK: Final = 5.0
 #: What a request may carry, and what a reply may be (for the description's ``forms``).
-REQUEST_TYPES: Final = ("text/plain", protocol.JSON, protocol.U64)
-REPLY_TYPES: Final = ("text/plain", protocol.JSON, protocol.U64, protocol.INTS)
+REQUEST_TYPES: Final = ("text/plain", protocol.JSON, protocol.U64, protocol.CALLS)
+REPLY_TYPES: Final = ("text/plain", protocol.JSON, protocol.U64, protocol.INTS, protocol.CALLS)
 CONTROL_TYPES: Final = (control.CANCEL, control.DESCRIBE)
 
 

@@ -148,6 +148,14 @@ def test_client_describe_returns_each_server_typed_with_its_counts(two_servers, 
         }  # fmt: skip
         assert description.max_batch == Limits().max_batch
         assert control.CANCEL in description.control_types
+        # every form a server of this version reads, the coalesced calls' included
+        assert set(description.request_types) == {
+            "text/plain",
+            protocol.JSON,
+            protocol.U64,
+            protocol.CALLS,
+        }
+        assert protocol.CALLS in description.reply_types
         assert description.uptime >= 0
     refused = [d.counts["unknown"].refused for d in found if "unknown" in d.counts]
     assert refused == [{ErrorCode.OUT_OF_RANGE: 1}]
