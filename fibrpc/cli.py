@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from fibrpc import config, logs
-from fibrpc.client import Client, check_timeout
+from fibrpc.client import Client, check_queue, check_timeout
 from fibrpc.errors import ConfigError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 from fibrpc.numbers import ALGORITHMS, DEFAULT_ALGORITHM
@@ -87,6 +87,7 @@ def broker_options(func: F) -> F:
         env="FIBRPC_QUEUE",
         default=config.DEFAULT_QUEUE,
         show_default=True,
+        callback=_queue,
         help="Request queue.",
     )(func)
     func = option(
@@ -101,6 +102,25 @@ def broker_options(func: F) -> F:
         "each, or separate them with commas (a comma in a password is %2C).",
     )(func)
     return func
+
+
+def _queue(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--queue``, a queue's name: an empty one would be a name the broker makes up (a
+    server would consume queues no client can find), a longer one no broker takes."""
+    try:
+        return check_queue(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _management_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--management-url``: http:// or https://, a host, a port that is a number."""
+    from fibrpc.status import check_management_url  # noqa: PLC0415 - keeps `call` light
+
+    try:
+        return None if value is None else check_management_url(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
 
 
 def _urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -484,6 +504,7 @@ Examples:
     "--management-url",
     env="FIBRPC_MANAGEMENT_URL",
     default=None,
+    callback=_management_url,
     help="RabbitMQ management API, for message rates (default: http://HOST:15672, HOST "
     "from --url; the user and password from --url unless this URL has its own).",
 )

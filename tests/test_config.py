@@ -12,6 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from fibrpc import status
 from fibrpc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,3 +139,43 @@ def test_readme_lists_no_variable_that_no_option_reads_and_no_command_twice():
         listed = re.findall(r"`(\w+)`", row["commands"])
         actual = sorted(c for c, o in OPTIONS if o.envvar == variable)
         assert sorted(listed) == actual, variable
+
+
+# -- values checked before anything starts -------------------------------------------------
+
+
+@pytest.mark.parametrize("queue", ["", "q" * 256, "é" * 128])
+@pytest.mark.parametrize("command", ["serve", "status", "call", "bench"])
+def test_a_queue_name_no_broker_would_keep_is_a_usage_error_of_every_command(command, queue):
+    # An empty name is one the broker makes up: a server would consume queues no client
+    # can find, and leave them behind; past 255 bytes, pika fails deep inside.
+    args = [command, *(["30"] if command == "call" else []), "--queue", queue]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "queue must be a queue's name, 1 to 255 bytes" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("notaurl", "is not an http:// or https:// URL with a host"),
+        ("ftp://127.0.0.1/", "is not an http:// or https:// URL with a host"),
+        ("127.0.0.1:15672", "is not an http:// or https:// URL with a host"),
+        ("http://127.0.0.1:abc", "cannot be read"),
+        ("http://127.0.0.1:99999", "cannot be read"),
+        ("http://[::1", "cannot be read"),
+        ("http://admin:secret@:15672", "is not an http:// or https:// URL with a host"),
+    ],
+)
+def test_a_management_url_that_names_no_api_is_a_usage_error_of_status(url, says):
+    result = CliRunner().invoke(main, ["status", "--management-url", url])
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert "secret" not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_management_stats_says_a_bad_management_url_in_its_error_and_never_raises():
+    found = status.management_stats("http://[::1", "amqp://127.0.0.1/%2F", "q")
+    assert found["reachable"] is False
+    assert "cannot be read" in found["error"]
