@@ -150,10 +150,33 @@ class ScenarioResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    #: Why calls failed: the first message of each kind of failure (a refusal's code, or
+    #: the error's class), e.g. ``{"out_of_range": "n = 36 is above ..."}``.
+    failures: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The result as the JSON object ``--json`` prints for a scenario."""
         return dataclasses.asdict(self)
+
+
+class Failures:
+    """The calls of one scenario that failed (``_CALL_ERRORS``): how many, and the first
+    message of each kind, so that a failed run says why. Failures are rare and may come
+    from several threads at once (``threads``): a lock, off the timed path."""
+
+    __slots__ = ("_lock", "count", "first")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def note(self, exc: BaseException, calls: int = 1) -> None:
+        """``calls`` calls failed with ``exc`` (a refused batch fails all its values)."""
+        kind = str(exc.code) if isinstance(exc, RequestError) else type(exc).__name__
+        with self._lock:
+            self.count += calls
+            self.first.setdefault(kind, str(exc))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,6 +191,14 @@ class Report:
     def errors(self) -> int:
         """Failed or wrong calls over every scenario; the command fails when non-zero."""
         return sum(r.errors for r in self.results)
+
+    def why(self) -> dict[str, str]:
+        """The first message of each kind of failure, over every scenario."""
+        found: dict[str, str] = {}
+        for result in self.results:
+            for kind, message in result.failures.items():
+                found.setdefault(kind, message)
+        return found
 
     def as_dict(self) -> dict[str, Any]:
         """The ``--json`` document: the scenarios first, then what they ran with."""
@@ -261,8 +292,15 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 
 
 def _result(
-    name: str, calls: int, seconds: float, latencies: list[float], errors: int
+    name: str,
+    calls: int,
+    seconds: float,
+    latencies: list[float],
+    errors: int,
+    failures: Failures,
 ) -> ScenarioResult:
+    """``errors``: the calls that failed or gave a wrong result; ``failures``: why the
+    failed ones did."""
     return ScenarioResult(
         name=name,
         calls=calls,
@@ -271,6 +309,7 @@ def _result(
         p50_ms=percentile_ms(latencies, 0.50),
         p99_ms=percentile_ms(latencies, 0.99),
         errors=errors,
+        failures=dict(failures.first),
     )
 
 
@@ -315,22 +354,22 @@ def run_sequential(client: Client, ns: list[int], algo: str, progress: Progress)
     count = len(ns)
     results: list[int | None] = [None] * count
     latencies = [0.0] * count
-    errors = 0
+    failures = Failures()
     clock = time.perf_counter
     started = clock()
     for i, n in enumerate(ns):
         t0 = clock()
         try:
             results[i] = client.call(n, algo)
-        except _CALL_ERRORS:
-            errors += 1
+        except _CALL_ERRORS as exc:
+            failures.note(exc)
         latencies[i] = clock() - t0
         if not i & 63:
             progress.update(i)
     seconds = clock() - started
     progress.close()
-    errors += count_mismatches(ns, results)
-    return _result("sequential", count, seconds, latencies, errors)
+    errors = failures.count + count_mismatches(ns, results)
+    return _result("sequential", count, seconds, latencies, errors, failures)
 
 
 def run_pipelined(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
@@ -364,8 +403,9 @@ def run_pipelined(client: Client, ns: list[int], algo: str, progress: Progress) 
     gave_up = clock()
     progress.close()
     results: list[int | None] = [None] * count
-    errors = len(stuck)
+    failures = Failures()
     if stuck:
+        failures.note(CallTimeoutError("never resolved, not even by its timeout"), len(stuck))
         log.warning("%d call(s) were never resolved, not even by their timeout", len(stuck))
     for i, future in enumerate(futures):
         if future in stuck:
@@ -375,13 +415,13 @@ def run_pipelined(client: Client, ns: list[int], algo: str, progress: Progress) 
         if exc is None:
             results[i] = future.result()
         elif isinstance(exc, _CALL_ERRORS):
-            errors += 1
+            failures.note(exc)
         else:
             raise exc
     seconds = max(done) - started
-    errors += count_mismatches(ns, results)
+    errors = failures.count + count_mismatches(ns, results)
     latencies = [d - s for d, s in zip(done, sent, strict=True)]
-    return _result("pipelined", count, seconds, latencies, errors)
+    return _result("pipelined", count, seconds, latencies, errors, failures)
 
 
 def run_batched(
@@ -398,7 +438,7 @@ def run_batched(
     drawn = [0.0] * len(batches)
     answered = [0.0] * len(batches)
     results: list[int | None] = []
-    errors = 0
+    failures = Failures()
     clock = time.perf_counter
 
     def stamped(first: int) -> Iterator[list[int]]:
@@ -418,16 +458,16 @@ def run_batched(
                 results.extend(itertools.islice(values, len(batches[k]) - 1))
                 k += 1
                 progress.update(len(results))
-        except _CALL_ERRORS:
+        except _CALL_ERRORS as exc:
             answered[k] = clock()
             results.extend([None] * len(batches[k]))
-            errors += len(batches[k])
+            failures.note(exc, len(batches[k]))
             k += 1
     seconds = clock() - started
     progress.close()
-    errors += count_mismatches(ns, results)
+    errors = failures.count + count_mismatches(ns, results)
     latencies = [a - d for a, d in zip(answered, drawn, strict=True)]
-    return _result("batched", len(ns), seconds, latencies, errors)
+    return _result("batched", len(ns), seconds, latencies, errors, failures)
 
 
 def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> ScenarioResult:
@@ -440,18 +480,17 @@ def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> S
     count = len(ns)
     results: list[int | None] = [None] * count
     latencies = [0.0] * count
-    errors = 0
+    failures = Failures()
     clock = time.perf_counter
     todo = iter(range(count))
 
     async def caller(client: AsyncClient) -> None:
-        nonlocal errors
         for i in todo:
             t0 = clock()
             try:
                 results[i] = await client.call(ns[i], settings.algo)
-            except _CALL_ERRORS:
-                errors += 1
+            except _CALL_ERRORS as exc:
+                failures.note(exc)
             latencies[i] = clock() - t0
             if not i & 255:
                 progress.update(i)
@@ -472,8 +511,8 @@ def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> S
 
     seconds = asyncio.run(main())
     progress.close()
-    errors += count_mismatches(ns, results)
-    return _result("asyncio", count, seconds, latencies, errors)
+    errors = failures.count + count_mismatches(ns, results)
+    return _result("asyncio", count, seconds, latencies, errors, failures)
 
 
 def run_tasks(settings: BenchSettings, ns: list[int], progress: Progress) -> ScenarioResult:
@@ -485,19 +524,18 @@ def run_tasks(settings: BenchSettings, ns: list[int], progress: Progress) -> Sce
     count = len(ns)
     results: list[int | None] = [None] * count
     latencies = [0.0] * count
-    errors = 0
+    failures = Failures()
     clock = time.perf_counter
     todo = iter(range(count))
     tasks = config.BENCH_TASKS
 
     async def caller(client: AsyncClient) -> None:
-        nonlocal errors
         for i in todo:
             t0 = clock()
             try:
                 results[i] = await client.call(ns[i], settings.algo)
-            except _CALL_ERRORS:
-                errors += 1
+            except _CALL_ERRORS as exc:
+                failures.note(exc)
             latencies[i] = clock() - t0
             if not i & 1023:
                 progress.update(i)
@@ -517,8 +555,8 @@ def run_tasks(settings: BenchSettings, ns: list[int], progress: Progress) -> Sce
 
     seconds = asyncio.run(main())
     progress.close()
-    errors += count_mismatches(ns, results)
-    return _result("tasks", count, seconds, latencies, errors)
+    errors = failures.count + count_mismatches(ns, results)
+    return _result("tasks", count, seconds, latencies, errors, failures)
 
 
 def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
@@ -527,13 +565,13 @@ def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) ->
     count = len(ns)
     results: list[int | None] = [None] * count
     latencies = [0.0] * count
-    failures = [0] * config.BENCH_THREADS
+    failures = Failures()
     crashed: list[BaseException] = []
     clock = time.perf_counter
     todo = iter(range(count))
     lock = threading.Lock()
 
-    def caller(k: int) -> None:
+    def caller() -> None:
         while True:
             with lock:  # next() of one iterator from many threads
                 i = next(todo, -1)
@@ -542,8 +580,8 @@ def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) ->
             t0 = clock()
             try:
                 results[i] = client.call(ns[i], algo)
-            except _CALL_ERRORS:
-                failures[k] += 1
+            except _CALL_ERRORS as exc:
+                failures.note(exc)
             except BaseException as exc:  # the run ends with it, below
                 crashed.append(exc)
                 return
@@ -551,9 +589,7 @@ def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) ->
             if not i & 1023:
                 progress.update(i)
 
-    threads = [
-        threading.Thread(target=caller, args=(k,), daemon=True) for k in range(config.BENCH_THREADS)
-    ]
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(config.BENCH_THREADS)]
     started = clock()
     for thread in threads:
         thread.start()
@@ -563,8 +599,8 @@ def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) ->
     progress.close()
     if crashed:
         raise crashed[0]
-    errors = sum(failures) + count_mismatches(ns, results)
-    return _result("threads", count, seconds, latencies, errors)
+    errors = failures.count + count_mismatches(ns, results)
+    return _result("threads", count, seconds, latencies, errors, failures)
 
 
 def _warm(client: Client, ns: list[int], algo: str, batch_size: int | None) -> None:

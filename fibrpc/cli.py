@@ -723,7 +723,9 @@ def bench(
     Scenarios: 'sequential' (one call at a time, like the tutorial), 'pipelined' (one
     message per call, WINDOW in flight), 'batched' (BATCH_SIZE values per message,
     BATCH_WINDOW in flight), 'asyncio' (pipelined through the asyncio client: WINDOW
-    tasks calling at once). Exit code 1 when any call failed or gave a wrong result.
+    tasks calling at once), 'tasks' and 'threads' (independent callers: 2,000 asyncio
+    tasks or 32 threads each awaiting single calls). Exit code 1 when any call failed or
+    gave a wrong result; the first failure of each kind is shown ('failures' in --json).
     """
     from fibrpc import bench as _bench  # noqa: PLC0415 - keeps `call` light
 
@@ -758,4 +760,6 @@ def bench(
         click.echo(report.table())
     if report.errors:
         click.echo(f"fibrpc: {report.errors:,} call(s) failed or were wrong.", err=True)
+        for kind, message in report.why().items():
+            click.echo(f"  {kind}, the first of them: {message}", err=True)
         sys.exit(int(ExitCode.FAILURE))

@@ -19,10 +19,13 @@ import pytest
 from conftest import URL, broker_connection, run_cli
 
 from fibrpc import bench
+from fibrpc.errors import ErrorCode
 from fibrpc.exitcodes import ExitCode
 from fibrpc.kernels import FAST_TABLE
 
-SCENARIO_KEYS = {"name", "calls", "seconds", "calls_per_s", "p50_ms", "p99_ms", "errors"}
+SCENARIO_KEYS = {
+    "name", "calls", "seconds", "calls_per_s", "p50_ms", "p99_ms", "errors", "failures"
+}  # fmt: skip
 
 
 def processes_naming(text: str) -> list[str]:
@@ -62,6 +65,7 @@ def test_bench_spawn_measures_every_scenario_and_leaves_nothing_behind() -> None
         assert set(scenario) == SCENARIO_KEYS
         assert scenario["calls"] == 200
         assert scenario["errors"] == 0
+        assert scenario["failures"] == {}
         assert scenario["calls_per_s"] > 0
         assert 0 < scenario["p50_ms"] <= scenario["p99_ms"]
     assert doc["spawn"] == 1
@@ -103,6 +107,11 @@ def test_bench_counts_refused_calls_as_errors_and_exits_1_without_stopping() -> 
     assert pipelined["errors"] == refused > 0
     assert batched["errors"] >= refused  # a refused batch fails all of its values
     assert "failed or were wrong" in result.stderr
+    # and says why: the first refusal of each kind, with the server's message
+    assert list(pipelined["failures"]) == [ErrorCode.OUT_OF_RANGE]
+    assert "'iter'" in pipelined["failures"][ErrorCode.OUT_OF_RANGE]
+    assert list(batched["failures"]) == [ErrorCode.OUT_OF_RANGE]
+    assert f"  {ErrorCode.OUT_OF_RANGE}, the first of them: " in result.stderr
 
 
 @pytest.mark.broker
