@@ -152,7 +152,7 @@ def check_n(n: object) -> int:
     raise RequestError(
         ErrorCode.NOT_AN_INTEGER,
         f"n must be an integer (an int, or a value operator.index takes, such as "
-        f"numpy.int64); got {n!r}, a {type(n).__name__}.",
+        f"numpy.int64); got {n!r}, of type {type(n).__name__}.",
     )
 
 
@@ -643,7 +643,7 @@ def messages(ns: Iterable[object], algo: str, batch_size: object) -> tuple[Chunk
     except TypeError:
         raise ConfigError(
             f"The values of n must come as an iterable (a list, a range, a generator...); "
-            f"got {_show(ns)}, a {type(ns).__name__}."
+            f"got {_show(ns)}, of type {type(ns).__name__}."
         ) from None
     check_algo(algo)
     chunks = Chunks(values, size, algo)
@@ -676,7 +676,7 @@ def check_algo(algo: object) -> str:
         raise RequestError(
             ErrorCode.UNKNOWN_ALGORITHM,
             f"algo must be the name of an algorithm (a str such as 'fast'); got "
-            f"{_show(algo)}, a {type(algo).__name__}.",
+            f"{_show(algo)}, of type {type(algo).__name__}.",
         )
     return algo
 
