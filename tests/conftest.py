@@ -45,6 +45,7 @@ from privatenode import PrivateNode, deny_deprecated, private_node, root_package
 
 from fibrpc.pytest_plugin import FibrpcServer, delete_queue, private_queue
 from fibrpc.pytest_plugin import start_server as _start_server
+from fibrpc.urls import redact
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 #: The broker lines ``FIBRPC_TEST_BROKER`` names, and the suite of their private nodes
@@ -162,11 +163,12 @@ def _describe_broker() -> str:
     """Which RabbitMQ ran: its version, the package it came from, and where."""
     version = f"RabbitMQ {BROKER_VERSION}" if BROKER_VERSION else "RabbitMQ (no answer)"
     if SESSION_NODE is None:
-        return f"{BROKER}: {version} at {URL}"
+        return f"{BROKER}: {version} at {redact(URL)}"
     package = root_package(SESSION_NODE.root_fs) if SESSION_NODE.root_fs else ""
     source = f"Debian {BROKER}'s rabbitmq-server {package}" if package else f"Debian {BROKER}"
     return (
-        f"{BROKER}: {version} ({source}, a private node denying every deprecated feature) at {URL}"
+        f"{BROKER}: {version} ({source}, a private node denying every deprecated feature) "
+        f"at {redact(URL)}"
     )
 
 
