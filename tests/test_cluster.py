@@ -192,12 +192,12 @@ def _leader(nodes: list[PrivateNode]) -> PrivateNode:
     raise AssertionError(f"no leader for {QUEUE} in:\n{out}")
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+def _wait(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> float:
     started = time.monotonic()
     while not predicate():
         if time.monotonic() - started > timeout:
             raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.1)
+        time.sleep(every)
     return time.monotonic() - started
 
 
@@ -294,16 +294,25 @@ def _under_load(
         thread = threading.Thread(target=run)
         thread.start()
         _wait(lambda: len(results) > 3000, 60, "3,000 answers before the fault")
+        # Any reply counts as an answer after the fault, not only the next one imap
+        # yields: imap yields in order, and from RabbitMQ 4.3 the call at the head of the
+        # line may be among the requests held for a minute (below), behind which every
+        # answer waits in imap; a CI run saw that (23 held, the head among them).
+        settled = client._driver.registry.settled  # type: ignore[attr-defined]
         faulted = time.monotonic()
-        at = len(results)
         marks = [len(server.text) for server in servers]
         fault()
         try:
-            _wait(lambda: len(results) > at, RECOVERY, "an answer after the fault")
+            _wait(
+                lambda: client._driver.registry.settled > settled,  # type: ignore[attr-defined]
+                RECOVERY,
+                "an answer after the fault",
+                every=0.01,
+            )
         except AssertionError as exc:
             logs = "\n".join(server.text[-3000:] for server in servers)
             raise AssertionError(f"{exc}\n{_state(cluster)}\n{logs}") from None
-        first = stamps[at] - faulted
+        first = time.monotonic() - faulted
         try:
             _wait(
                 lambda: _serving(servers, marks, victim) and (_consumers(cluster) or 0) >= 2,
