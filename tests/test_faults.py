@@ -166,6 +166,34 @@ def test_a_request_that_keeps_killing_workers_is_refused_as_poison_and_only_it(
     assert server.text.count("died computing request") == 3, server.text
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_a_request_is_charged_only_for_the_deaths_that_came_while_it_was_computed(
+    serve, queue, queue_type
+):
+    """Two heavy requests take turns being computed while the worker is killed three times:
+    each death charges the one being computed, never the other, which was only prefetched
+    (issue #21, "innocents refused as poison": a request charged once used to be charged
+    again at every later redelivery, and three deaths refused it as poison)."""
+    server = serve("--naive-max-n", "38", "--queue-type", queue_type, workers=1)
+    with Client(URL, queue=queue, timeout=120) as client:
+        heavy = {36: client.submit(36, algo="naive"), 35: client.submit(35, algo="naive")}
+        neighbours = {n: client.submit(n) for n in range(100_001, 100_021)}
+        for kill in range(3):
+            _wait_for(lambda k=kill: server.text.count("consuming") >= k + 1, 15, "a worker")
+            time.sleep(0.5)  # well inside a computation of either (about 1 s and 1.5 s)
+            [worker] = server.worker_pids()
+            os.kill(worker, signal.SIGKILL)
+            _wait_for(lambda w=worker: server.worker_pids() not in ([], [w]), 5, "a respawn")
+        for n, future in heavy.items():
+            assert future.result(60) == int(gmpy2.fib(n)), n
+        for n, future in neighbours.items():
+            assert future.result(30) == int(gmpy2.fib(n)), n
+    assert "refusing" not in server.text, server.text
+    assert server.text.count("died computing request") == 3, server.text
+    # one charge per death, of the request it died computing
+    assert server.text.count("was being computed when a worker died") == 3, server.text
+
+
 # -- 3. graceful shutdown ---------------------------------------------------------------
 
 
