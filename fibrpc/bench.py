@@ -293,14 +293,16 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 
 def _result(
     name: str,
-    calls: int,
+    ns: list[int],
+    results: list[int | None],
     seconds: float,
     latencies: list[float],
-    errors: int,
     failures: Failures,
 ) -> ScenarioResult:
-    """``errors``: the calls that failed or gave a wrong result; ``failures``: why the
-    failed ones did."""
+    """The figures of scenario ``name``: its calls of ``ns``, ``results`` checked against
+    the oracle (a call that failed or gave a wrong result is an error; ``failures`` says
+    why the failed ones did)."""
+    calls = len(ns)
     return ScenarioResult(
         name=name,
         calls=calls,
@@ -308,7 +310,7 @@ def _result(
         calls_per_s=round(calls / seconds, 1) if seconds > 0 else 0.0,
         p50_ms=percentile_ms(latencies, 0.50),
         p99_ms=percentile_ms(latencies, 0.99),
-        errors=errors,
+        errors=failures.count + count_mismatches(ns, results),
         failures=dict(failures.first),
     )
 
@@ -368,8 +370,7 @@ def run_sequential(client: Client, ns: list[int], algo: str, progress: Progress)
             progress.update(i)
     seconds = clock() - started
     progress.close()
-    errors = failures.count + count_mismatches(ns, results)
-    return _result("sequential", count, seconds, latencies, errors, failures)
+    return _result("sequential", ns, results, seconds, latencies, failures)
 
 
 def run_pipelined(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
@@ -419,9 +420,8 @@ def run_pipelined(client: Client, ns: list[int], algo: str, progress: Progress) 
         else:
             raise exc
     seconds = max(done) - started
-    errors = failures.count + count_mismatches(ns, results)
     latencies = [d - s for d, s in zip(done, sent, strict=True)]
-    return _result("pipelined", count, seconds, latencies, errors, failures)
+    return _result("pipelined", ns, results, seconds, latencies, failures)
 
 
 def run_batched(
@@ -465,9 +465,8 @@ def run_batched(
             k += 1
     seconds = clock() - started
     progress.close()
-    errors = failures.count + count_mismatches(ns, results)
     latencies = [a - d for a, d in zip(answered, drawn, strict=True)]
-    return _result("batched", len(ns), seconds, latencies, errors, failures)
+    return _result("batched", ns, results, seconds, latencies, failures)
 
 
 def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> ScenarioResult:
@@ -511,8 +510,7 @@ def run_asyncio(settings: BenchSettings, ns: list[int], progress: Progress) -> S
 
     seconds = asyncio.run(main())
     progress.close()
-    errors = failures.count + count_mismatches(ns, results)
-    return _result("asyncio", count, seconds, latencies, errors, failures)
+    return _result("asyncio", ns, results, seconds, latencies, failures)
 
 
 def run_tasks(settings: BenchSettings, ns: list[int], progress: Progress) -> ScenarioResult:
@@ -555,8 +553,7 @@ def run_tasks(settings: BenchSettings, ns: list[int], progress: Progress) -> Sce
 
     seconds = asyncio.run(main())
     progress.close()
-    errors = failures.count + count_mismatches(ns, results)
-    return _result("tasks", count, seconds, latencies, errors, failures)
+    return _result("tasks", ns, results, seconds, latencies, failures)
 
 
 def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) -> ScenarioResult:
@@ -599,8 +596,7 @@ def run_threads(client: Client, ns: list[int], algo: str, progress: Progress) ->
     progress.close()
     if crashed:
         raise crashed[0]
-    errors = failures.count + count_mismatches(ns, results)
-    return _result("threads", count, seconds, latencies, errors, failures)
+    return _result("threads", ns, results, seconds, latencies, failures)
 
 
 def _warm(client: Client, ns: list[int], algo: str, batch_size: int | None) -> None:

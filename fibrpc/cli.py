@@ -23,7 +23,7 @@ from fibrpc.errors import ConfigError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 from fibrpc.numbers import ALGORITHMS, DEFAULT_ALGORITHM
 from fibrpc.tls import TLSOptions
-from fibrpc.urls import split_urls
+from fibrpc.urls import check_management_url, split_urls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,7 +87,7 @@ def broker_options(func: F) -> F:
         env="FIBRPC_QUEUE",
         default=config.DEFAULT_QUEUE,
         show_default=True,
-        callback=_queue,
+        callback=_checked(check_queue),
         help="Request queue.",
     )(func)
     func = option(
@@ -97,38 +97,27 @@ def broker_options(func: F) -> F:
         multiple=True,
         default=[config.DEFAULT_URL],
         show_default=True,
-        callback=_urls,
+        callback=_checked(split_urls),  # one URL or more, each perhaps several
         help="Broker URL (amqp:// or amqps://); the nodes of a cluster: give it again for "
         "each, or separate them with commas (a comma in a password is %2C).",
     )(func)
     return func
 
 
-def _queue(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """``--queue``, a queue's name: an empty one would be a name the broker makes up (a
-    server would consume queues no client can find), a longer one no broker takes."""
-    try:
-        return check_queue(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message) from None
+def _checked(check: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback: the option's value through ``check`` (None, an option not given,
+    as it is); the ``ConfigError`` it raises is a usage error (exit 2) with its message.
+    Checked here, before anything starts: an empty ``--queue`` is a name the broker makes
+    up (a server would consume queues no client can find), and a bad ``--management-url``
+    failed deep in urllib."""
 
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            return None if value is None else check(value)
+        except ConfigError as exc:
+            raise click.BadParameter(exc.message) from None
 
-def _management_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """``--management-url``: http:// or https://, a host, a port that is a number."""
-    from fibrpc.status import check_management_url  # noqa: PLC0415 - keeps `call` light
-
-    try:
-        return None if value is None else check_management_url(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message) from None
-
-
-def _urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    """``--url``, given once or more, each perhaps several URLs separated by commas."""
-    try:
-        return split_urls(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message) from None
+    return callback
 
 
 def tls_options(func: F) -> F:
@@ -504,7 +493,7 @@ Examples:
     "--management-url",
     env="FIBRPC_MANAGEMENT_URL",
     default=None,
-    callback=_management_url,
+    callback=_checked(check_management_url),
     help="RabbitMQ management API, for message rates (default: http://HOST:15672, HOST "
     "from --url; the user and password from --url unless this URL has its own).",
 )

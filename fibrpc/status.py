@@ -35,7 +35,7 @@ from fibrpc.config import MANAGEMENT_PORT, MANAGEMENT_TIMEOUT
 from fibrpc.errors import AccessRefusedError, ConfigError, FibrpcError
 from fibrpc.exitcodes import ExitCode, for_error
 from fibrpc.tls import TLSOptions
-from fibrpc.urls import redact
+from fibrpc.urls import check_management_url, redact
 
 #: The management API's rate fields, as reported here.
 _RATES: Final = {
@@ -44,25 +44,6 @@ _RATES: Final = {
     "ack": "ack_details",
     "redeliver": "redeliver_details",
 }
-
-
-def check_management_url(url: str) -> str:
-    """``url`` if it can name a management API: ``http://`` or ``https://``, a host, and
-    a port that is a number (or none). Raises ``ConfigError`` naming it, its password
-    hidden (urllib's own errors say neither what nor where)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port  # reading it checks it: a number in 0..65535
-    except ValueError as exc:
-        raise ConfigError(f"The management URL {redact(url)} cannot be read: {exc}.") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"The management URL {redact(url)} is not an http:// or https:// URL with a "
-            "host, such as http://broker:15672."
-        )
-    if port == 0:
-        raise ConfigError(f"The management URL {redact(url)} names port 0.")
-    return url
 
 
 def default_management_url(url: str) -> str:
@@ -114,24 +95,20 @@ def management_stats(
 ) -> dict[str, Any]:
     """What the management API says of ``queue``: ``{"url", "reachable", "error",
     "rates", "messages_unacknowledged"}``. Never raises: a failure is in ``error``."""
-    try:
-        check_management_url(management_url)
-    except ConfigError as exc:
-        return {
-            "url": redact(management_url),
-            "reachable": False,
-            "error": exc.message,
-            "rates": None,
-            "messages_unacknowledged": None,
-        }
-    base, user, password = _management_target(management_url, url)
     result: dict[str, Any] = {
-        "url": redact(base),
+        "url": redact(management_url),
         "reachable": False,
         "error": None,
         "rates": None,
         "messages_unacknowledged": None,
     }
+    try:
+        check_management_url(management_url)
+    except ConfigError as exc:
+        result["error"] = exc.message
+        return result
+    base, user, password = _management_target(management_url, url)
+    result["url"] = redact(base)
     vhost = _vhost(url)
     address = (
         f"{base.rstrip('/')}/api/queues/"

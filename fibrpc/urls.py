@@ -56,17 +56,41 @@ def split_urls(value: str | Sequence[str]) -> tuple[str, ...]:
 def check_url(url: str) -> str:
     """``url`` if it is an AMQP URL fibrpc can use; else ``ConfigError`` naming it (its
     password hidden) and the form it should have."""
+    return _check(
+        url,
+        "broker URL",
+        ("amqp", "amqps"),
+        "is not an AMQP URL: it must read amqp://USER:PASSWORD@HOST:5672/VHOST (or amqps:// "
+        "for TLS)",
+    )
+
+
+def check_management_url(url: str) -> str:
+    """``url`` if it can name RabbitMQ's management API: ``http://`` or ``https://``, a
+    host, and a port that is a number other than 0 (or none); else ``ConfigError`` naming
+    it, its password hidden (urllib's own errors say neither what nor where)."""
+    _check(
+        url,
+        "management URL",
+        ("http", "https"),
+        "is not an http:// or https:// URL with a host, such as http://broker:15672",
+    )
+    if urllib.parse.urlsplit(url).port == 0:
+        raise ConfigError(f"The management URL {redact(url)} names port 0.", url=redact(url))
+    return url
+
+
+def _check(url: str, what: str, schemes: tuple[str, ...], form: str) -> str:
+    """``url`` if it reads as a URL of one of ``schemes`` with a host and a port that is a
+    number (or none); else ``ConfigError``: "The ``what`` URL cannot be read: ..." or
+    "The ``what`` ... ``form``."."""
     where = redact(url)
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname
         parts.port  # noqa: B018 - raises ValueError for a port that is no number
     except ValueError as exc:
-        raise ConfigError(f"The broker URL {where} cannot be read: {exc}.", url=where) from exc
-    if parts.scheme not in ("amqp", "amqps") or not host:
-        raise ConfigError(
-            f"The broker URL {where} is not an AMQP URL: it must read "
-            "amqp://USER:PASSWORD@HOST:5672/VHOST (or amqps:// for TLS).",
-            url=where,
-        )
+        raise ConfigError(f"The {what} {where} cannot be read: {exc}.", url=where) from exc
+    if parts.scheme not in schemes or not host:
+        raise ConfigError(f"The {what} {where} {form}.", url=where)
     return url
