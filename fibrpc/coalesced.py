@@ -172,11 +172,12 @@ class CoalescedCalls(WorkerParts):
             order = {call.id: call.index for call in (*plan.light, *plan.refused)}
             answers.sort(key=lambda answer: order[answer.id])
         replied = time.perf_counter()
+        if tag is not None:
+            self._replied.append(props)  # before the writes, as ``_reply`` does
         if answers:
             self.link.reply(props, coalesce.encode_answers(answers), coalesce.CALLS)
         if tag is not None:
             self.link.ack(tag)
-            self._replied.append(props)
         if self._debug:
             log.debug("answered %d call(s) of %r", len(answers), props.correlation_id)
         self._trace(props, tag, started, "ok", values=len(answers), batch=True, replied=replied)

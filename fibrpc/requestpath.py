@@ -250,10 +250,13 @@ class RequestPath(WorkerParts):
             self.stats.errors += 1
             log.info("refused %r: %s", props.correlation_id, reply.error)
         replied = time.perf_counter()
+        if tag is not None:
+            # Remembered before the writes: the broker's close may come during either
+            # (pika's stock path writes and waits), and the request then comes back.
+            self._replied.append(props)
         self.link.reply(props, reply.body, reply.content_type)
         if tag is not None:
             self.link.ack(tag)
-            self._replied.append(props)
         self._metrics.answered(algo, reply.error or "ok", time.perf_counter() - started, values)
         if self._debug:
             log.debug("replied %r to %r", props.correlation_id, props.reply_to)

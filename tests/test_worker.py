@@ -461,6 +461,36 @@ def test_the_requests_replied_after_the_one_the_broker_refused_are_not_charged(c
     assert all(("reply", g.correlation_id, b"55") in link.done for g in good)
 
 
+class LostDuringAckLink(RefusingLink):
+    """As ``RefusingLink``, but the broker's close of the connection comes while the ack
+    after the refused reply is being written, and the ack raises (pika's stock path:
+    ``basic_ack`` writes and waits, and sees the ``Connection.Close``)."""
+
+    def ack(self, tag: int) -> None:
+        super().ack(tag)
+        if self._replied_now:
+            self.closes += 1
+            self.queue += [
+                (dataclasses.replace(method, redelivered=True), props, body)
+                for method, props, body in self._acked_now
+            ]
+            self._replied_now, self._acked_now = False, []
+            self.channel_open = False
+            raise LinkLostError("ConnectionClosedByBroker: (541, 'INTERNAL_ERROR')")
+
+
+def test_a_request_whose_refused_reply_breaks_the_link_during_its_ack_is_still_charged(caplog):
+    # CI, run 3 (pika's stock paths): the close came during the ack, which raised before
+    # the reply was remembered; the request came back uncharged and was replied a 4th time.
+    link = LostDuringAckLink(b"10", Props(correlation_id="r1"))
+    with caplog.at_level(logging.WARNING, "fibrpc.server"):
+        worker = make_worker(link, board=inflight.Board(1), max_deliveries=3)
+        run(worker)
+    assert link.closes == 3, caplog.text
+    assert len(link.replies()) == 3
+    assert worker.stats.dropped == 1
+
+
 def test_every_reconnect_waits_a_growing_pause():
     link = FakeLink()
     link.deliver(b"10")
