@@ -117,7 +117,7 @@ def cluster(
     # Each line's defaults: on 4.0.5 a node with every deprecated feature denied fails
     # to start_app after join_cluster (failed_to_deny_deprecated_features); the denials
     # are proven on a single node (test_rabbitmq4.py).
-    with private_cluster(root, 3, "", version=line) as nodes:
+    with private_cluster(root, 3, _config(line), version=line) as nodes:
         yield nodes
 
 
@@ -154,8 +154,18 @@ def _state(nodes: list[PrivateNode]) -> str:
     return "\n".join(lines)
 
 
-#: RabbitMQ's default consumer_disconnected_timeout (4.3 on), in seconds.
-CONSUMER_DISCONNECTED_TIMEOUT = 60.0
+#: The consumer_disconnected_timeout (RabbitMQ 4.3 on) of the 4.3 cluster, in seconds:
+#: RabbitMQ's default is 60 s; docs/scaling.md advises this lower value where a minute is
+#: too long, and the held calls' test then waits 50 s less (CI's time is short).
+CONSUMER_DISCONNECTED_TIMEOUT = 10.0
+
+
+def _config(line: str | None) -> str:
+    """The rabbitmq.conf of ``line``'s cluster: the lower hold on sid (older lines do
+    not know the key and fail to boot on it)."""
+    if line != "sid":
+        return ""
+    return f"consumer_disconnected_timeout = {int(CONSUMER_DISCONNECTED_TIMEOUT * 1000)}\n"
 
 
 def _held_for(node: PrivateNode) -> float:
@@ -325,8 +335,8 @@ def _under_load(
             raise AssertionError(f"{exc}; consumers {_consumers(cluster)}\n{logs}") from None
         # Paced at about 2,000 calls a second; and from RabbitMQ 4.3 a quorum queue keeps
         # the requests delivered to a consumer whose node went down for its
-        # consumer_disconnected_timeout (60 s by default), in case the node comes back,
-        # before it delivers them again: the calls among them are answered after it.
+        # consumer_disconnected_timeout (60 s by default, 10 s here), in case the node
+        # comes back, before it delivers them again: the calls among them wait for it.
         thread.join(CALLS / 500 + _held_for(_live(cluster)))
         if thread.is_alive():
             dropped = (client.dropped_unknown, client.dropped_duplicates, client.in_flight)
