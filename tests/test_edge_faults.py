@@ -70,6 +70,7 @@ def test_a_client_given_a_silent_broker_raises_unreachable_within_its_timeout():
         assert time.monotonic() - started < 1.5 + MARGIN
 
 
+@pytest.mark.any_line
 def test_serve_rides_out_a_long_network_stall_without_counting_it_as_a_crash(serve, queue):
     proxy = _proxy_to(URL)
     try:
@@ -145,6 +146,7 @@ def test_close_returns_within_a_second_while_the_broker_blocks(private_broker, t
 # -- a half-open connection ---------------------------------------------------------------
 
 
+@pytest.mark.any_line
 def test_calls_keep_their_deadlines_over_a_half_open_connection_and_the_client_recovers(
     serve, queue
 ):
@@ -339,6 +341,7 @@ def test_a_lost_connection_fails_over_and_re_sends_the_calls_in_flight(serve, qu
         run(main)
 
 
+@pytest.mark.any_line
 def test_calls_keep_their_deadlines_over_a_half_open_connection(serve, queue):
     serve(workers=1)
     parts = urllib.parse.urlsplit(URL)

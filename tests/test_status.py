@@ -344,6 +344,7 @@ def test_a_queue_without_traffic_yet_has_zero_rates():
     }
 
 
+@pytest.mark.any_line
 def test_status_watch_refreshes_and_shows_a_worker_that_stopped_answering_as_stuck(
     serve, queue, state_dir
 ):
