@@ -14,25 +14,17 @@ from fibrpc.errors import ConfigError
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``, safe for logs and messages."""
+    """``url`` with its password replaced by ``***``, safe for logs and messages; the
+    rest as written (a bad port too: it is what an error about the URL is about)."""
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
     if parts.password is None:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is not None:
-        netloc += f":{port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def split_urls(value: str | Sequence[str]) -> tuple[str, ...]:

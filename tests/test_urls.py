@@ -36,6 +36,27 @@ def test_a_bad_url_is_a_config_error_naming_it_without_its_password(bad):
         )
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:hunter2@h:5672/%2F", "amqp://guest:***@h:5672/%2F"),
+        ("amqps://u%40x:hunter2@[::1]:5671/v", "amqps://u%40x:***@[::1]:5671/v"),
+        ("amqp://u:hunter2@h:99999/", "amqp://u:***@h:99999/"),  # the port it is about
+        ("amqp://u:hunter2@h:port/", "amqp://u:***@h:port/"),
+        ("amqp://u:p@ss:hunter2@h/", "amqp://u:***@h/"),
+        ("amqp://h/%2F", "amqp://h/%2F"),
+    ],
+)
+def test_a_url_is_shown_as_written_but_its_password(url, shown):
+    assert redact(url) == shown
+
+
+def test_an_out_of_range_port_is_named_in_the_usage_error():
+    result = run_cli("call", "30", "--url", "amqp://guest:hunter2@127.0.0.1:99999/")
+    assert result.returncode == ExitCode.USAGE
+    assert "amqp://guest:***@127.0.0.1:99999/" in result.stderr and "hunter2" not in result.stderr
+
+
 def test_the_command_line_refuses_a_bad_url_in_a_list_as_a_usage_error():
     result = run_cli("call", "30", "--url", f"{URL},http://x:hunter2@h/")
     assert result.returncode == ExitCode.USAGE
