@@ -63,6 +63,7 @@ case "$cmd" in
     broker=(
       tests/test_amqp.py          # declarations, error translation
       tests/test_privileges.py    # least privilege (passive declare: 4.2.6+)
+      tests/test_describe.py      # the server's documented permissions, control path included
       tests/test_faults.py        # kill -9, poison on classic and quorum queues
       tests/test_message_size.py  # the broker's max_message_size
       tests/test_client.py        # direct reply-to, no-server check, exit codes
@@ -88,8 +89,8 @@ case "$cmd" in
     # the same): run 4 takes the rest of the broker's files there.
     echo "== 4. what depends on the broker on the local RabbitMQ (3.10)"
     FIBRPC_TEST_BROKER=local exec "$venv/bin/pytest" --durations=15 -m "not any_line" "$@" \
-      tests/test_amqp.py tests/test_privileges.py tests/test_faults.py tests/test_status.py \
-      tests/test_tls.py
+      tests/test_amqp.py tests/test_privileges.py tests/test_describe.py tests/test_faults.py \
+      tests/test_status.py tests/test_tls.py
     ;;
   unit)
     install "[test]"
