@@ -10,12 +10,15 @@ waited (its deadline passed, or its caller cancelled it) is not computed. A part
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from typing import Any, Final, cast
 
 from fibrpc import describe, inflight
 from fibrpc.handler import Reply
-from fibrpc.workerstate import Running, WorkerParts, expired
+from fibrpc.workerstate import Latest, Running, WorkerParts, expired
+
+log = logging.getLogger("fibrpc.server")
 
 
 class HeavyPath(WorkerParts):
@@ -30,23 +33,51 @@ class HeavyPath(WorkerParts):
         budget: int | None,
         started: float,
     ) -> None:
-        """Compute on the compute thread; the reply comes back to the I/O thread."""
+        """Compute on the compute thread; the reply comes back to the I/O thread. A
+        request delivered again while this worker still computes it (the broker closed
+        the channel meanwhile: its consumer_timeout, say) joins that computation, whose
+        result answers and acks the latest delivery: computed again, it would be
+        dropped again at the next close, for ever."""
         received = time.monotonic()
         self._in_flight += 1
         generation = self._generation
         key = inflight.key(props.reply_to, props.correlation_id)
+        computing = self._computing
+        latest = computing.get(key)
+        if latest is not None and latest.generation != generation:
+            if latest.generation in self._orphans:
+                # Its consumer was cancelled (RabbitMQ 4.3 cancels a quorum queue's
+                # consumer past the timeout): answered with this delivery's ack now,
+                # not as an orphan, and counted in flight once.
+                self._in_flight -= 1
+                self._orphans_held -= 1
+                if not self._orphans_held:
+                    self._orphans.clear()
+            log.warning(
+                "request %r came back while this worker still computes it (its channel "
+                "was closed, or its consumer cancelled); the computation under way will "
+                "answer it",
+                props.correlation_id,
+            )
+            latest.generation, latest.tag = generation, tag
+            return
+        delivery = Latest(generation, tag)
+        computing.setdefault(key, delivery)  # a duplicate of the same channel: its own
         running = Running(
             key, tag, props, request.algo, headers or {}, budget, received, generation
         )
         future = self._compute.submit(self._compute_unless_expired, request, running)
 
+        def finish(reply: Reply | None) -> None:
+            if computing.get(key) is delivery:
+                del computing[key]
+            self._finish_heavy(delivery.generation, delivery.tag, props, reply, request, started)
+
         def done(f: concurrent.futures.Future[Reply | None]) -> None:
             if f.cancelled():
                 return
             reply = f.result()
-            self._hand_back(
-                lambda: self._finish_heavy(generation, tag, props, reply, request, started)
-            )
+            self._hand_back(lambda: finish(reply))
 
         future.add_done_callback(done)
 

@@ -83,7 +83,7 @@ from fibrpc.manners import Manners
 from fibrpc.requestpath import RequestPath
 from fibrpc.serverlink import AmqpWorkerLink, ChannelClosedError, LinkLostError
 from fibrpc.workerlink import WorkerLink
-from fibrpc.workerstate import Running, WorkerSettings, WorkerStats
+from fibrpc.workerstate import Latest, Running, WorkerSettings, WorkerStats
 
 __all__ = [
     "Running",
@@ -173,6 +173,9 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
         self._exit = exit
         #: The request the compute thread is computing (set and cleared by that thread).
         self._running: Running | None = None
+        #: The latest delivery of each heavy request being computed, by its key (a
+        #: redelivery joins the computation: ``HeavyPath._offload``).
+        self._computing: dict[bytes, Latest] = {}
         self._busy_until: float | None = None  # Unix time its computation should end by
         self._started = time.time()
 

@@ -100,6 +100,17 @@ def expired(headers: dict[str, Any], budget: int | None, received: float) -> boo
     )
 
 
+class Latest:
+    """The latest delivery of a request being computed: its connection's generation and
+    its delivery tag (``HeavyPath._offload``)."""
+
+    __slots__ = ("generation", "tag")
+
+    def __init__(self, generation: int, tag: int) -> None:
+        self.generation = generation
+        self.tag = tag
+
+
 class WorkerParts:
     """What the parts of ``fibrpc.server.Worker`` share: its state (set in
     ``Worker.__init__``) and, for the type checker only, the steps one part takes for
@@ -125,6 +136,9 @@ class WorkerParts:
     _debug: bool
     _exit: Callable[[int], NoReturn]
     _running: Running | None
+    _computing: dict[bytes, Latest]
+    _orphans: set[int]
+    _orphans_held: int
     _busy_until: float | None
     _started: float
 

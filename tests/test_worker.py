@@ -635,6 +635,95 @@ def test_a_request_held_when_its_queue_is_deleted_is_answered_after_a_reconnect(
     ]
 
 
+#: RabbitMQ 4.0.5's words when a delivery stays unacked past its consumer_timeout.
+TIMED_OUT = (
+    "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value "
+    "used: 5000 ms. This timeout value can be configured, see consumers doc guide to learn more"
+)
+
+
+def test_a_request_redelivered_while_still_computed_here_joins_that_computation():
+    """RabbitMQ closes the channel of a delivery unacked past its consumer_timeout (406;
+    measured on 4.0.5: once a minute) while the worker still computes it, and delivers
+    it again. Before, the worker queued a second computation behind the first, dropped
+    the first's result (its channel was gone), and the second's at the next close: a
+    computation longer than the timeout was never answered. Now the redelivery joins the
+    computation in progress, which answers it and acks the new delivery."""
+    link = FakeLink()
+    handler = Handler()
+    release = threading.Event()
+    computed: list[Any] = []
+    compute = handler.compute
+
+    def held(request: Any) -> Any:
+        computed.append(request)
+        assert release.wait(BOUND)
+        return compute(request)
+
+    handler.compute = held  # type: ignore[method-assign]
+    props = Props(correlation_id="long", type="naive")
+    link.deliver(b"25", props, tag=1)
+    original_turn = link.turn
+    redelivered = []
+
+    def turn() -> None:
+        if link.opened == 1 and computed and not link.fail_after_turn:
+            # Held past the consumer timeout: the broker closes the channel.
+            link.fail_after_turn = [ChannelClosedError(406, TIMED_OUT)]
+        elif link.opened == 2 and not redelivered:
+            link.deliver(b"25", props, tag=1, redelivered=True)
+            redelivered.append(True)
+        original_turn()
+        if redelivered and not link.pending:
+            release.set()  # the first computation ends after the redelivery came
+
+    link.turn = turn  # type: ignore[method-assign]
+    link.stop_when = lambda link: bool(link.replies())
+    run(make_worker(link, handler=handler, board=inflight.Board(1)))
+    assert len(computed) == 1  # not computed again
+    assert link.done == [("reply", "long", b"75025"), ("ack", 1), ("cancel",)]
+
+
+def test_a_request_redelivered_after_its_consumer_was_cancelled_joins_its_computation():
+    """RabbitMQ 4.3 cancels the consumer of a quorum queue's delivery held past its
+    consumer timeout, and delivers it again to the next consumer: the worker consumes
+    again, and the redelivery joins the computation in progress, which answers it once
+    and acks it (not as an orphan, replied unacked, with its twin computed again)."""
+    link = FakeLink()
+    handler = Handler()
+    release = threading.Event()
+    computed: list[Any] = []
+    compute = handler.compute
+
+    def held(request: Any) -> Any:
+        computed.append(request)
+        assert release.wait(BOUND)
+        return compute(request)
+
+    handler.compute = held  # type: ignore[method-assign]
+    props = Props(correlation_id="long", type="naive")
+    link.deliver(b"25", props, tag=1)
+    original_turn = link.turn
+
+    def turn() -> None:
+        again = bool(link.reconsumed) and not link.done and not release.is_set()
+        if computed and not link.reconsumed:
+            link.cancel_consumer()  # held past the timeout: the queue cancels the consumer
+        elif again:
+            link.deliver(b"25", props, tag=2, redelivered=True)
+        original_turn()
+        if again:
+            release.set()  # the computation ends after the redelivery came
+
+    link.turn = turn  # type: ignore[method-assign]
+    link.stop_when = lambda link: bool(link.replies())
+    worker = make_worker(link, handler=handler, board=inflight.Board(1))
+    run(worker)
+    assert len(computed) == 1
+    assert link.done == [("reply", "long", b"75025"), ("ack", 2), ("cancel",)]
+    assert worker._in_flight == 0 and not worker._orphans
+
+
 def test_a_broker_that_does_not_confirm_the_consume_is_an_outage_not_a_crash():
     link = FakeLink()
     link.deliver(b"10")
