@@ -40,6 +40,7 @@ _INEQUIVALENT: Final = re.compile(
 )
 _VALUE: Final = re.compile(r"(?:the value )?'(?P<value>[^']*)'(?: of type '[^']*')?")
 _MESSAGE_SIZE: Final = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+_ACK_TIMEOUT: Final = re.compile(r"delivery acknowledgement on channel \d+ timed out")
 _ACCESS: Final = re.compile(
     r"access to (?:queue|exchange) '(?P<name>.*)' in vhost '(?P<vhost>.*)' refused for user "
     r"'(?P<user>.*)'"
@@ -128,6 +129,20 @@ def max_message_size(reply_text: str) -> int | None:
     channel of a publisher that went over it; None for any other text."""
     found = _MESSAGE_SIZE.search(reply_text)
     return int(found[2]) if found is not None else None
+
+
+def ack_timed_out(reply_text: str) -> str | None:
+    """What to do when RabbitMQ closed a worker's channel with ``406 PRECONDITION_FAILED
+    - delivery acknowledgement on channel N timed out``: a computation outlasted the
+    broker's consumer timeout. None for any other text."""
+    if _ACK_TIMEOUT.search(reply_text) is None:
+        return None
+    return (
+        "a computation outlasted RabbitMQ's consumer timeout; the request comes back and "
+        "joins the computation under way, but set consumer_timeout (rabbitmq.conf, in ms) "
+        "or the queue's consumer-timeout policy above the longest computation the server "
+        "allows (docs/operations.md)"
+    )
 
 
 def probe_refused(queue: str, reply_code: int, reply_text: str) -> str:

@@ -278,7 +278,8 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
             if largest is not None:
                 self._limit_replies(largest)  # the reply over the limit is refused later
                 return False
-            log.warning("%s; reconnecting", exc)
+            hint = refusals.ack_timed_out(exc.reply_text)
+            log.warning("%s; reconnecting%s", exc, f": {hint}" if hint else "")
             self._outage_since = time.monotonic()  # that line says it: no second one
             self._charge_unacked(f"{exc.reply_code} {exc.reply_text}")
         except LinkLostError as exc:
@@ -363,8 +364,9 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
         declares and consumes again after a pause (backoff)."""
         if self._resubscribe_at is None:  # just cancelled (not a retry after a 404)
             log.warning(
-                "RabbitMQ cancelled the consumer of %r (the queue was deleted?); declaring "
-                "it again, %d request(s) still held",
+                "RabbitMQ cancelled the consumer of %r (the queue was deleted, or a "
+                "delivery held past a quorum queue's consumer timeout); declaring it "
+                "again, %d request(s) still held",
                 self.settings.queue,
                 self._in_flight,
             )

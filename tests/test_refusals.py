@@ -92,6 +92,20 @@ def test_the_broker_s_largest_message_is_read_from_its_refusal():
     assert refusals.max_message_size(DURABLE) is None
 
 
+#: RabbitMQ 4.0.5, closing the channel of a delivery unacked past consumer_timeout.
+ACK_TIMEOUT = (
+    "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value "
+    "used: 5000 ms. This timeout value can be configured, see consumers doc guide to learn more"
+)
+
+
+def test_a_consumer_timeout_is_told_apart_and_says_what_to_raise():
+    hint = refusals.ack_timed_out(ACK_TIMEOUT)
+    assert hint is not None and "consumer_timeout" in hint and "consumer-timeout" in hint
+    assert refusals.ack_timed_out(SIZE) is None
+    assert refusals.ack_timed_out(DURABLE) is None
+
+
 #: RabbitMQ 4.3.6, a passive declare by a user with no permission on the queue.
 PASSIVE_REFUSED = (
     "ACCESS_REFUSED - configure access to queue 'jobs.v1' in vhost 'fibrpc' refused for user "
