@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from tutorial_client import FibonacciRpcClient
 from fibrpc import Client, RequestError
 from fibrpc.errors import ErrorCode
 from fibrpc.exitcodes import ExitCode
+from fibrpc.numbers import FAST_TABLE
 
 #: Every test here talks to a private RabbitMQ node.
 pytestmark = pytest.mark.broker
@@ -259,3 +261,35 @@ def test_a_quorum_queue_counts_a_killed_consumers_delivery_and_a_nack_only_befor
     broker.basic_reject(method.delivery_tag, requeue=True)
     method, props, _ = broker.basic_get(queue, auto_ack=True)
     assert method is not None and props.headers["x-delivery-count"] == counted + 1
+
+
+def test_a_computation_longer_than_a_quorum_queue_s_consumer_timeout_is_computed_once(
+    serve, queue, rabbitmq4, rabbitmq4_node
+):
+    """From 4.3 a quorum queue cancels the consumer of a delivery held past its
+    ``consumer-timeout`` and delivers it again, every timeout, for as long as it is
+    computed. Each redelivery joins the computation under way: one computation answers
+    the call and is acked (before: each redelivery queued another computation of it)."""
+    if rabbitmq_version(rabbitmq4_node.server_version()) < (4, 3):
+        pytest.skip(
+            "RabbitMQ 4.0 checks consumer timeouts once a minute (it closes the channel); "
+            "measured by hand, docs/operations.md"
+        )
+    policy = f"fibrpc-test-timeout-{queue}"
+    rabbitmq4_node.checked(
+        "set_policy", "--apply-to", "queues", policy, f"^{queue}$", '{"consumer-timeout":1000}'
+    )
+    try:
+        server = serve("--queue-type", "quorum", "--naive-max-n", "45", workers=1)
+        n = 36  # a few seconds of naive recursion: longer than the timeout
+        with Client(rabbitmq4, queue=queue, timeout=90) as client:
+            assert client.call(n, algo="naive") == FAST_TABLE[n]
+        server.stop()
+    finally:
+        rabbitmq4_node.checked("clear_policy", policy)
+    text = server.text
+    held = [int(k) for k in re.findall(r"declaring it again, (\d+) request\(s\) still held", text)]
+    assert held, text[-3000:]  # the timeout did cancel the consumer
+    assert max(held) == 1, text[-3000:]  # no second computation of it was queued
+    assert "came back while this worker still computes it" in text, text[-3000:]
+    assert "served=1," in text, text[-3000:]  # answered once
