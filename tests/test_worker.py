@@ -635,6 +635,22 @@ def test_a_request_held_when_its_queue_is_deleted_is_answered_after_a_reconnect(
     ]
 
 
+def held_handler() -> tuple[Handler, list[Any], threading.Event]:
+    """A handler whose computations each wait for the event, and the requests it began."""
+    handler = Handler()
+    release = threading.Event()
+    computed: list[Any] = []
+    compute = handler.compute
+
+    def held(request: Any) -> Any:
+        computed.append(request)
+        assert release.wait(BOUND)
+        return compute(request)
+
+    handler.compute = held  # type: ignore[method-assign]
+    return handler, computed, release
+
+
 #: RabbitMQ 4.0.5's words when a delivery stays unacked past its consumer_timeout.
 TIMED_OUT = (
     "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value "
@@ -650,17 +666,7 @@ def test_a_request_redelivered_while_still_computed_here_joins_that_computation(
     computation longer than the timeout was never answered. Now the redelivery joins the
     computation in progress, which answers it and acks the new delivery."""
     link = FakeLink()
-    handler = Handler()
-    release = threading.Event()
-    computed: list[Any] = []
-    compute = handler.compute
-
-    def held(request: Any) -> Any:
-        computed.append(request)
-        assert release.wait(BOUND)
-        return compute(request)
-
-    handler.compute = held  # type: ignore[method-assign]
+    handler, computed, release = held_handler()
     props = Props(correlation_id="long", type="naive")
     link.deliver(b"25", props, tag=1)
     original_turn = link.turn
@@ -690,17 +696,7 @@ def test_a_request_redelivered_after_its_consumer_was_cancelled_joins_its_comput
     again, and the redelivery joins the computation in progress, which answers it once
     and acks it (not as an orphan, replied unacked, with its twin computed again)."""
     link = FakeLink()
-    handler = Handler()
-    release = threading.Event()
-    computed: list[Any] = []
-    compute = handler.compute
-
-    def held(request: Any) -> Any:
-        computed.append(request)
-        assert release.wait(BOUND)
-        return compute(request)
-
-    handler.compute = held  # type: ignore[method-assign]
+    handler, computed, release = held_handler()
     props = Props(correlation_id="long", type="naive")
     link.deliver(b"25", props, tag=1)
     original_turn = link.turn
