@@ -46,14 +46,15 @@ case "$cmd" in
     # RabbitMQ, 4.3.6 in December 2026; Debian trixie: 4.0.5).
     scripts/rabbitmq-root.sh sid >/dev/null
     scripts/rabbitmq-root.sh trixie >/dev/null
-    # The runs (times of a fresh clone's CI on the 2-core machine, 24 to 25 min in all with
-    # the set-up; pytest --durations says where they go; docs/design.md):
-    # 1. sid (4.3): the whole suite, on a private node.                        ~15.2 min
+    # The runs (times of a fresh clone's .ci/run on the 2-core machine: 24 min 37 s in all
+    # with the set-up in the CI of 2026-12-05, 27 min 37 s on the slower 2026-12-06, as
+    # below; pytest --durations says where they go; docs/design.md):
+    # 1. sid (4.3): the whole suite, on a private node.                   15.6 to 17.9 min
     # 2. trixie (4.0): what depends on the broker, on a private node: the files
-    #    of $broker below.                                                      ~5 min
+    #    of $broker below.                                                    ~5.2 min
     # 3. the client's and the worker's tests on pika's stock paths, local broker. ~1 min
     # 4. local (3.10): what depends on the broker but the client's files (run 3
-    #    has them), RabbitMQ 4.x itself and network faults.                   ~2.5 min
+    #    has them), RabbitMQ 4.x itself and network faults.                   ~2.8 min
     # Tests marked any_line in those files (a network fault's handling, a stopped
     # worker shown as stuck) prove fibrpc's own behaviour: they run in 1 only.
     # What is the same on any broker (the pure units: kernels, protocol, handler, calls,
