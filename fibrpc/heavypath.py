@@ -50,9 +50,7 @@ class HeavyPath(WorkerParts):
                 # consumer past the timeout): answered with this delivery's ack now,
                 # not as an orphan, and counted in flight once.
                 self._in_flight -= 1
-                self._orphans_held -= 1
-                if not self._orphans_held:
-                    self._orphans.clear()
+                self._orphan_settled()
             log.warning(
                 "request %r came back while this worker still computes it (its channel "
                 "was closed, or its consumer cancelled); the computation under way will "

@@ -414,13 +414,18 @@ class Worker(RequestPath, CoalescedCalls, HeavyPath, Manners):
             if not self.link.is_open():
                 self._deferred.append(finish)
                 return None
-            self._orphans_held -= 1
-            if not self._orphans_held:
-                self._orphans.clear()
+            self._orphan_settled()
             return False
         if generation != self._generation or not self.link.is_open():
             return None
         return True
+
+    def _orphan_settled(self) -> None:
+        """One request held for a cancelled consumer is settled (answered, or joined by
+        its redelivery): the last one ends the orphan generations."""
+        self._orphans_held -= 1
+        if not self._orphans_held:
+            self._orphans.clear()
 
     def _run_deferred(self) -> None:
         """Answer the orphans' results that came while the link had no channel."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from test_refusals import ACK_TIMEOUT  # RabbitMQ 4.0.5's words
 
 from fibrpc import backoff, inflight, protocol
 from fibrpc.errors import BrokerError, BrokerRefusedError, BrokerUnreachableError
@@ -651,13 +652,6 @@ def held_handler() -> tuple[Handler, list[Any], threading.Event]:
     return handler, computed, release
 
 
-#: RabbitMQ 4.0.5's words when a delivery stays unacked past its consumer_timeout.
-TIMED_OUT = (
-    "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value "
-    "used: 5000 ms. This timeout value can be configured, see consumers doc guide to learn more"
-)
-
-
 def test_a_request_redelivered_while_still_computed_here_joins_that_computation():
     """RabbitMQ closes the channel of a delivery unacked past its consumer_timeout (406;
     measured on 4.0.5: once a minute) while the worker still computes it, and delivers
@@ -675,7 +669,7 @@ def test_a_request_redelivered_while_still_computed_here_joins_that_computation(
     def turn() -> None:
         if link.opened == 1 and computed and not link.fail_after_turn:
             # Held past the consumer timeout: the broker closes the channel.
-            link.fail_after_turn = [ChannelClosedError(406, TIMED_OUT)]
+            link.fail_after_turn = [ChannelClosedError(406, ACK_TIMEOUT)]
         elif link.opened == 2 and not redelivered:
             link.deliver(b"25", props, tag=1, redelivered=True)
             redelivered.append(True)
